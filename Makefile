@@ -1,0 +1,40 @@
+# The two set-up commands: `make demo` (the main job) and `make test`.
+# Each creates its own virtual environment(s); nothing is installed outside the checkout.
+
+PYTHON ?= python3
+VENV ?= .venv
+DURATION ?= 60
+LOOP ?= uvloop
+METRICS_PORT ?= 9100
+# Interpreters the suite runs on: every Python from 3.10 to 3.14 found on the machine.
+TEST_PYTHONS ?= $(shell scripts/pythons.sh)
+PIP_FLAGS ?= --quiet --disable-pip-version-check
+
+.PHONY: demo test test-one lint typecheck clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install $(PIP_FLAGS) -e '.[test]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/python -m loopscope.demo --loop $(LOOP) --duration $(DURATION) --metrics-port $(METRICS_PORT)
+
+test:
+	@test -n "$(TEST_PYTHONS)" || { echo "no Python 3.10 to 3.14 found"; exit 1; }
+	@set -e; for py in $(TEST_PYTHONS); do \
+	  $(MAKE) --no-print-directory test-one PYTHON=$$py VENV=.venv-$$($$py -c 'import sys; print("%d.%d" % sys.version_info[:2])'); \
+	done
+
+# One interpreter: `make test-one PYTHON=python3.12 VENV=.venv-3.12`.
+test-one: $(VENV)/.installed
+	@echo "== tests on $$($(VENV)/bin/python --version)"
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/pip install $(PIP_FLAGS) ruff mypy
+	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/mypy
+
+clean:
+	rm -rf .venv .venv-* build src/*.egg-info

@@ -1,0 +1,134 @@
+"""Per-loop counters and histograms, written by the loop thread and read at scrape time.
+
+The loop thread is the only writer of a :class:`LoopStats`; a scrape reads it from another
+thread without a lock.  Histogram buckets are stored per bucket (not cumulative) and the
+count is derived from them at scrape time, so an exposition is always self-consistent.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+__all__ = ["BUCKETS", "Histogram", "LabelSeries", "LoopStats", "SeriesBook"]
+
+#: Upper bounds in seconds, 10 microseconds to 10 seconds in 1-2.5-5 steps.
+BUCKETS: tuple[float, ...] = (
+    0.00001, 0.000025, 0.00005,
+    0.0001, 0.00025, 0.0005,
+    0.001, 0.0025, 0.005,
+    0.01, 0.025, 0.05,
+    0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0,
+    10.0,
+)  # fmt: skip
+
+#: Label value used once the number of distinct values reaches its cap.
+OVERFLOW_LABEL = "other"
+
+
+@dataclass
+class Histogram:
+    """Observations per bucket of :data:`BUCKETS` (the last slot is +Inf) and their sum."""
+
+    counts: list[int] = field(default_factory=lambda: [0] * (len(BUCKETS) + 1))
+    total: float = 0.0
+
+    def add(self, other: Histogram) -> None:
+        """Fold ``other`` into this histogram."""
+        for i, n in enumerate(other.counts):
+            self.counts[i] += n
+        self.total += other.total
+
+    def copy(self) -> Histogram:
+        """A snapshot of this histogram."""
+        return Histogram(list(self.counts), self.total)
+
+
+@dataclass
+class LoopStats:
+    """Everything measured on one loop.  Durations are in seconds."""
+
+    callback_duration: Histogram = field(default_factory=Histogram)
+    schedule_delay: Histogram = field(default_factory=Histogram)
+    lag: Histogram = field(default_factory=Histogram)
+    busy_seconds: float = 0.0
+    task_steps: int = 0
+    slow_callbacks: int = 0
+    blocked_seconds: float = 0.0
+    tasks_created: int = 0
+
+    def add(self, other: LoopStats) -> None:
+        """Fold ``other`` into these figures."""
+        self.callback_duration.add(other.callback_duration)
+        self.schedule_delay.add(other.schedule_delay)
+        self.lag.add(other.lag)
+        self.busy_seconds += other.busy_seconds
+        self.task_steps += other.task_steps
+        self.slow_callbacks += other.slow_callbacks
+        self.blocked_seconds += other.blocked_seconds
+        self.tasks_created += other.tasks_created
+
+    def copy(self) -> LoopStats:
+        """A snapshot of these figures."""
+        return LoopStats(
+            self.callback_duration.copy(),
+            self.schedule_delay.copy(),
+            self.lag.copy(),
+            self.busy_seconds,
+            self.task_steps,
+            self.slow_callbacks,
+            self.blocked_seconds,
+            self.tasks_created,
+        )
+
+
+class LabelSeries:
+    """All loops that share one ``loop`` label value.
+
+    Loops that are still open contribute their live :class:`LoopStats`; a closed loop's
+    figures are folded into ``retired`` so that counters never go backwards and nothing
+    per loop is kept once the loop is gone.
+    """
+
+    def __init__(self, label: str, implementation: str) -> None:
+        self.label = label
+        self.implementations: set[str] = {implementation}
+        self.retired = LoopStats()
+        self.live: dict[int, LoopStats] = {}
+
+    def snapshot(self) -> LoopStats:
+        """The sum over retired and live loops (call with the book's lock held)."""
+        total = self.retired.copy()
+        for stats in list(self.live.values()):
+            total.add(stats)
+        return total
+
+
+class SeriesBook:
+    """The label series of one installation, with a cap on distinct ``loop`` labels."""
+
+    def __init__(self, max_labels: int) -> None:
+        self.max_labels = max_labels
+        self.lock = threading.Lock()
+        self.series: dict[str, LabelSeries] = {}
+
+    def attach(self, label: str, implementation: str, key: int) -> tuple[str, LoopStats]:
+        """Register a loop under ``label``; return the label it got and the stats it writes."""
+        with self.lock:
+            if label not in self.series and len(self.series) >= self.max_labels:
+                label = OVERFLOW_LABEL
+            series = self.series.get(label)
+            if series is None:
+                series = self.series[label] = LabelSeries(label, implementation)
+            series.implementations.add(implementation)
+            stats = LoopStats()
+            series.live[key] = stats
+            return label, stats
+
+    def detach(self, label: str, key: int) -> None:
+        """Fold a finished loop's figures into its series and forget the loop."""
+        with self.lock:
+            series = self.series.get(label)
+            if series is not None and key in series.live:
+                series.retired.add(series.live.pop(key))

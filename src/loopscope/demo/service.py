@@ -1,0 +1,127 @@
+"""A small asyncio HTTP service instrumented by loopscope, with handlers that block.
+
+Endpoints: ``/`` answers at once; ``/block?ms=N`` blocks the loop in ``time.sleep``;
+``/cpu?ms=N`` blocks it with a CPU loop; ``/offload?ms=N`` sleeps in the default executor
+(the right way).  Written on asyncio streams so that it needs nothing beyond loopscope.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import signal
+import sys
+import time
+from collections.abc import Callable
+from urllib.parse import parse_qs, urlsplit
+
+import loopscope
+
+MAX_BLOCK_MS = 10_000
+
+
+def _blocking_sleep(ms: float) -> None:
+    time.sleep(ms / 1000)
+
+
+def _burn_cpu(ms: float) -> int:
+    deadline = time.perf_counter() + ms / 1000
+    spins = 0
+    while time.perf_counter() < deadline:
+        spins += 1
+    return spins
+
+
+async def _answer(path: str) -> tuple[int, dict[str, object]]:
+    url = urlsplit(path)
+    query = parse_qs(url.query)
+    try:
+        ms = float(query.get("ms", ["100"])[0])
+    except ValueError:
+        return 400, {"error": "ms must be a number of milliseconds"}
+    if not 0 <= ms <= MAX_BLOCK_MS:
+        return 400, {"error": f"ms must be from 0 to {MAX_BLOCK_MS}"}
+    if url.path == "/":
+        return 200, {"ok": True}
+    if url.path == "/block":
+        _blocking_sleep(ms)  # the mistake loopscope is there to find
+        return 200, {"blocked_ms": ms}
+    if url.path == "/cpu":
+        return 200, {"spins": _burn_cpu(ms)}
+    if url.path == "/offload":
+        await asyncio.get_running_loop().run_in_executor(None, _blocking_sleep, ms)
+        return 200, {"offloaded_ms": ms}
+    return 404, {"error": "no such endpoint: try /, /block, /cpu or /offload"}
+
+
+async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while True:
+            request_line = await reader.readline()
+            if not request_line:
+                break
+            while (await reader.readline()) not in (b"\r\n", b"\n", b""):
+                pass
+            parts = request_line.decode("latin-1").split()
+            body: dict[str, object]
+            if len(parts) < 2:
+                status, body = 400, {"error": "bad request line"}
+            else:
+                status, body = await _answer(parts[1])
+            payload = json.dumps(body).encode()
+            reason = {200: "OK", 400: "Bad Request", 404: "Not Found"}[status]
+            writer.write(
+                f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(payload)}\r\n\r\n".encode()
+                + payload
+            )
+            await writer.drain()
+    except (ConnectionError, asyncio.IncompleteReadError):
+        pass
+    finally:
+        writer.close()
+
+
+async def serve(host: str, port: int, ready: Callable[[int], None] | None = None) -> None:
+    """Serve until cancelled or until SIGTERM/SIGINT."""
+    server = await asyncio.start_server(_handle, host, port)
+    bound = server.sockets[0].getsockname()[1]
+    stop = asyncio.get_running_loop().create_future()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.cancel)
+    if ready is not None:
+        ready(bound)
+    async with server:
+        with contextlib.suppress(asyncio.CancelledError):
+            await stop
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m loopscope.demo serve``: run the service."""
+    parser = argparse.ArgumentParser(prog="python -m loopscope.demo serve")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8080, help="HTTP port (0: any free one)")
+    parser.add_argument("--metrics-port", type=int, default=9100, help="/metrics port")
+    parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="uvloop")
+    args = parser.parse_args(argv)
+    installation = loopscope.install(port=args.metrics_port)
+
+    def ready(port: int) -> None:
+        print(
+            json.dumps({"event": "demo_ready", "port": port, "metrics_port": installation.port}),
+            flush=True,
+        )
+
+    if args.loop == "uvloop":
+        import uvloop
+
+        uvloop.run(serve(args.host, args.port, ready))
+    else:
+        asyncio.run(serve(args.host, args.port, ready))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Shared fixtures: every behavioural test runs on asyncio's loop and on uvloop."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any, TypeVar
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+import loopscope
+from loopscope import _installation
+
+T = TypeVar("T")
+
+LOOP_KINDS = ["asyncio", "uvloop"]
+
+
+def make_loop(kind: str) -> asyncio.AbstractEventLoop:
+    """A fresh loop of ``kind`` made the way an application makes it."""
+    if kind == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """pytest-asyncio runs every async test once per loop kind."""
+    return {kind: (lambda kind=kind: make_loop(kind)) for kind in LOOP_KINDS}
+
+
+@pytest.fixture(name="loop_kind", params=LOOP_KINDS)
+def fixture_loop_kind(request: pytest.FixtureRequest) -> str:
+    """The loop implementation under test."""
+    return str(request.param)
+
+
+@pytest.fixture(name="registry")
+def fixture_registry() -> CollectorRegistry:
+    """A fresh registry per test."""
+    return CollectorRegistry()
+
+
+@pytest.fixture(name="installed")
+def fixture_installed(registry: CollectorRegistry) -> Iterator[loopscope.Installation]:
+    """loopscope installed on the test's registry, uninstalled afterwards."""
+    installation = loopscope.install(registry=registry)
+    yield installation
+    loopscope.uninstall()
+
+
+@pytest.fixture(autouse=True)
+def _clean_installation(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    for name in list(__import__("os").environ):
+        if name.startswith("LOOPSCOPE_"):
+            monkeypatch.delenv(name)
+    yield
+    loopscope.uninstall()
+    assert _installation.current() is None
+
+
+@pytest.fixture(name="run")
+def fixture_run(loop_kind: str) -> Callable[[Callable[[], Awaitable[T]]], T]:
+    """Run a coroutine function to completion on a new loop of the kind under test."""
+
+    def run(main: Callable[[], Awaitable[T]]) -> T:
+        loop = make_loop(loop_kind)
+        try:
+            return loop.run_until_complete(main())
+        finally:
+            loop.close()
+
+    return run
+
+
+def sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
+    """A sample's value, 0.0 when the series does not exist yet."""
+    value = registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+def loop_label(**extra: Any) -> dict[str, str]:
+    """Labels of the main thread's loop."""
+    return {"loop": "MainThread", **{k: str(v) for k, v in extra.items()}}
