@@ -10,9 +10,9 @@ METRICS_PORT ?= 9100
 TEST_PYTHONS ?= $(shell scripts/pythons.sh)
 PIP_FLAGS ?= --quiet --disable-pip-version-check
 
-.PHONY: demo test test-one lint typecheck clean
+.PHONY: demo test test-one bench bench-quick lint typecheck clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py src/loopscope/_speedups.c
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install $(PIP_FLAGS) -e '.[test]'
 	touch $@
@@ -27,9 +27,22 @@ test:
 	done
 
 # One interpreter: `make test-one PYTHON=python3.12 VENV=.venv-3.12`.
+# The suite runs twice: on the C accelerator (when it was built) and on the pure-Python path.
 test-one: $(VENV)/.installed
-	@echo "== tests on $$($(VENV)/bin/python --version)"
+	@echo "== tests on $$($(VENV)/bin/python --version), C accelerator"
+	@$(VENV)/bin/python -c 'import os, sys; from loopscope import _probe as p; print("hot path:", "C" if p.speedups else "pure Python (C accelerator not built)"); sys.exit(0 if p.speedups or not os.environ.get("CI") else "CI: the C accelerator was not built")'
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+	@echo "== tests on $$($(VENV)/bin/python --version), pure Python (LOOPSCOPE_PURE_PYTHON=1)"
+	LOOPSCOPE_PURE_PYTHON=1 $(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+# Benchmarks (benchmarks/README.md): their own venv with the peers; prints one table.
+bench:
+	benchmarks/setup-venv.sh
+	benchmarks/.venv/bin/python -m benchmarks
+
+bench-quick:
+	benchmarks/setup-venv.sh
+	benchmarks/.venv/bin/python -m benchmarks --quick
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/pip install $(PIP_FLAGS) ruff mypy
@@ -37,4 +50,4 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/mypy
 
 clean:
-	rm -rf .venv .venv-* build src/*.egg-info
+	rm -rf .venv .venv-* build src/*.egg-info src/loopscope/*.so benchmarks/.venv

@@ -12,6 +12,8 @@ from prometheus_client import CollectorRegistry
 import loopscope
 from loopscope import _installation
 
+pytest_plugins = ["pytester"]
+
 T = TypeVar("T")
 
 LOOP_KINDS = ["asyncio", "uvloop"]

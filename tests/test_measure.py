@@ -56,8 +56,10 @@ class TestCallbackDuration:
             await done
 
         run(main)
+        # At least the 20 ms callback lies above 10 ms (a preempted step on a loaded machine
+        # may join it); the sum includes its 20 ms.
         slow_ones = sample(registry, f"{name}_count", **LOOP) - _bucket(registry, name, "0.01")
-        assert slow_ones == 1
+        assert slow_ones >= 1
         assert sample(registry, f"{name}_sum", **LOOP) >= 0.02
 
     def test_count_is_exact(self, run: Run, registry: CollectorRegistry) -> None:

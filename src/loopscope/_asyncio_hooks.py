@@ -2,9 +2,11 @@
 
 Callbacks are timed by the handles themselves: the loop's ``_call_soon`` and ``call_at``
 produce per-loop subclasses of ``asyncio.Handle`` and ``asyncio.TimerHandle`` whose
-``_run`` reads the clock around the original.  The subclasses keep the class names, the
-callback and every slot, so ``repr()``, ``cancel()``, ``when()`` and asyncio's own error
-messages are unchanged.  Busy time is measured around the selector's ``select()``.
+``_run`` reads the clock around the original, and the reader and writer handles that
+``_add_reader``/``_add_writer`` register (the I/O callbacks: a transport's ``_read_ready``
+calls ``Protocol.data_received``) are switched to a timed class too.  The subclasses keep
+the class names, the callback and every slot, so ``repr()``, ``cancel()``, ``when()`` and
+asyncio's own error messages are unchanged.  Busy time is measured around ``select()``.
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ from asyncio import AbstractEventLoop, TimerHandle, events
 from collections.abc import Callable
 from typing import Any
 
+from . import _probe
 from ._probe import LoopProbe
 
 __all__ = ["AsyncioProbe", "TimedSelector"]
 
 _handle_run = events.Handle._run
+_handle_class = events.Handle
 _timer_class = events.TimerHandle
 
 
@@ -45,18 +49,25 @@ class TimedSelector:
         return getattr(self.wrapped, name)
 
 
-def _timed_handle_classes(probe: LoopProbe) -> tuple[type[events.Handle], type[TimerHandle]]:
+def _timed_handle_classes(
+    probe: LoopProbe,
+) -> tuple[type[events.Handle], type[TimerHandle], type[events.Handle]]:
     """Handle classes bound to one probe (a class attribute costs less than a slot)."""
 
     class Handle(events.Handle):
         __slots__ = ("_loopscope_ready",)
-        _loopscope_probe = probe
 
         def _run(self) -> None:
+            handle: Any = self
             clock = probe.clock
             start = clock()
-            _handle_run(self)
-            handle: Any = self
+            probe.current_callback = handle._callback
+            probe.current_start = start
+            try:
+                _handle_run(self)  # re-raises only SystemExit and KeyboardInterrupt
+            finally:
+                probe.current_start = 0.0
+                probe.current_callback = None  # do not keep the step alive
             try:
                 probe.after_step(handle._callback, handle._loopscope_ready, start, clock())
             except Exception as exc:
@@ -64,21 +75,45 @@ def _timed_handle_classes(probe: LoopProbe) -> tuple[type[events.Handle], type[T
 
     class TimerHandle(events.TimerHandle):
         __slots__ = ()
-        _loopscope_probe = probe
 
         def _run(self) -> None:
+            handle: Any = self
             clock = probe.clock
             start = clock()
-            _handle_run(self)
-            handle: Any = self
+            probe.current_callback = handle._callback
+            probe.current_start = start
+            try:
+                _handle_run(self)  # re-raises only SystemExit and KeyboardInterrupt
+            finally:
+                probe.current_start = 0.0
+                probe.current_callback = None  # do not keep the step alive
             try:
                 probe.after_step(handle._callback, handle._when, start, clock())
             except Exception as exc:
                 probe.fault(exc)
 
-    Handle.__qualname__ = events.Handle.__qualname__
-    TimerHandle.__qualname__ = events.TimerHandle.__qualname__
-    return Handle, TimerHandle
+    class IOHandle(events.Handle):
+        __slots__ = ()
+
+        def _run(self) -> None:
+            handle: Any = self
+            clock = probe.clock
+            start = clock()
+            probe.current_callback = handle._callback
+            probe.current_start = start
+            try:
+                _handle_run(self)  # re-raises only SystemExit and KeyboardInterrupt
+            finally:
+                probe.current_start = 0.0
+                probe.current_callback = None  # do not keep the step alive
+            try:
+                probe.after_io(handle._callback, start, clock())
+            except Exception as exc:
+                probe.fault(exc)
+
+    for cls, name in ((Handle, "Handle"), (TimerHandle, "TimerHandle"), (IOHandle, "Handle")):
+        cls.__name__ = cls.__qualname__ = name
+    return Handle, TimerHandle, IOHandle
 
 
 class AsyncioProbe(LoopProbe):
@@ -87,7 +122,7 @@ class AsyncioProbe(LoopProbe):
     implementation = "asyncio"
 
     def install_hooks(self, loop: AbstractEventLoop) -> None:
-        handle_class, timer_class = _timed_handle_classes(self)
+        handle_class, timer_class, io_class = _timed_handle_classes(self)
         clock = self.clock
         base: Any = loop
         ready = base._ready
@@ -104,13 +139,30 @@ class AsyncioProbe(LoopProbe):
             return handle
 
         def call_at(when: float, callback: Any, *args: Any, context: Any = None) -> Any:
-            timer = orig_call_at(when, callback, *args, context=context)
+            timer: Any = orig_call_at(when, callback, *args, context=context)
+            if timer._source_traceback:  # debug mode: drop this wrapper's frame, as asyncio does
+                del timer._source_traceback[-1]
             if timer.__class__ is _timer_class:
                 timer.__class__ = timer_class
             return timer
 
-        self.patch(loop, "_call_soon", _call_soon)
+        hook: Any = _call_soon
+        recorder = self.start_recorder()
+        if recorder is not None:
+            # The same hooks in C (the pure _call_soon stays as the fallback for odd calls).
+            c = _probe.speedups
+            classes: Any = (handle_class, timer_class, io_class)
+            for cls, ready_attr in zip(classes, ("_loopscope_ready", "_when", None), strict=True):
+                cls._run = c.TimedRun(recorder, _handle_run, ready_attr, cls, _replay)
+            hook = c.CallSoon(
+                recorder, handle_class, loop, ready.append, "_loopscope_ready", _call_soon
+            )
+        self.patch(loop, "_call_soon", hook)
         self.patch(loop, "call_at", call_at)
+        for name in ("_add_reader", "_add_writer"):
+            original = getattr(loop, name, None)
+            if original is not None:
+                self.patch(loop, name, _timed_io_registration(original, io_class))
         self.patch_lifecycle(loop)
 
     def wrap_selector(self, loop: AbstractEventLoop) -> None:
@@ -141,3 +193,48 @@ class AsyncioProbe(LoopProbe):
     ) -> TimerHandle:
         # The class's call_at, not the instance's: loopscope's timer is not measured.
         return self.raw_call_at(loop.time() + delay, callback)
+
+
+class _Raise:
+    """Stands in for a handle's context for one call: puts the real context back (3.12+
+    runs the exception handler in it) and raises the exception it carries."""
+
+    __slots__ = ("context", "exc", "handle")
+
+    def __init__(self, handle: Any, exc: BaseException) -> None:
+        self.handle: Any = handle
+        self.context: Any = handle._context
+        self.exc: BaseException | None = exc
+
+    def run(self, *_args: object) -> None:
+        exc, self.exc = self.exc, None
+        self.handle._context, self.handle = self.context, None
+        try:
+            raise exc  # type: ignore[misc]
+        finally:
+            del exc  # no cycle through this frame
+
+
+def _replay(handle: Any, exc: BaseException) -> None:
+    """The C accelerator ran a handle's callback, which raised ``exc``: hand it to asyncio's
+    own ``Handle._run`` (this Python version's message, context and handler call)."""
+    stand_in = _Raise(handle, exc)
+    handle._context = stand_in
+    try:
+        _handle_run(handle)
+    finally:
+        handle._context = stand_in.context
+
+
+def _timed_io_registration(
+    original: Callable[..., Any], io_class: type[events.Handle]
+) -> Callable[..., Any]:
+    """Wrap ``_add_reader``/``_add_writer``: the handle they register becomes timed."""
+
+    def register(fd: Any, callback: Any, *args: Any) -> Any:
+        handle = original(fd, callback, *args)
+        if handle.__class__ is _handle_class:
+            handle.__class__ = io_class
+        return handle
+
+    return register

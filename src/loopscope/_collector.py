@@ -68,7 +68,7 @@ class LoopCollector(Collector):
     def _read(self) -> tuple[dict[str, LoopStats], dict[str, set[str]], dict[str, int]]:
         book = self.installation.book
         with book.lock:
-            snapshots = {label: s.snapshot() for label, s in book.series.items()}
+            snapshots = {label: s.snapshot(book.max_locations) for label, s in book.series.items()}
             implementations = {label: set(s.implementations) for label, s in book.series.items()}
         alive: dict[str, int] = {}
         for probe in self.installation.live_probes():
@@ -135,6 +135,16 @@ class LoopCollector(Collector):
                 counter.add_metric([label], float(getattr(stats, attr)))
             yield counter
 
+        by_location = CounterMetricFamily(
+            "asyncio_loop_slow_callbacks_by_location",
+            "Slow steps by the application line that blocked (capped; overflow is 'other').",
+            labels=["loop", "location"],
+        )
+        for label, stats in snapshots.items():
+            for location, count in sorted(stats.slow_locations.items()):
+                by_location.add_metric([label, location], float(count))
+        yield by_location
+
         gauge = GaugeMetricFamily(
             "asyncio_tasks", "Tasks alive (not done) on the loop now.", labels=labels
         )
@@ -162,3 +172,6 @@ class LoopCollector(Collector):
         switches.add_metric(["voluntary"], float(usage.ru_nvcsw))
         switches.add_metric(["involuntary"], float(usage.ru_nivcsw))
         yield switches
+        from ._executor import executor_families  # asyncio_executor_* families
+
+        yield from executor_families(self.installation)

@@ -25,6 +25,7 @@ from ._options import ConfigError, Options, resolve_options
 from ._probe import LoopProbe
 from ._server import MetricsServer
 from ._stats import SeriesBook
+from ._watchdog import Watchdog, register_for_fork
 
 __all__ = ["Installation", "current", "install", "instrument", "uninstall"]
 
@@ -61,10 +62,11 @@ class Installation:
     def __init__(self, options: Options, clock: Callable[[], float] = time.monotonic) -> None:
         self.options = options
         self.clock = clock
-        self.book = SeriesBook(options.max_loop_labels)
+        self.book = SeriesBook(options.max_loop_labels, options.max_locations)
         self.events = SlowEventLog(options.slow_events)
         self.collector = LoopCollector(self)
         self.server: MetricsServer | None = None
+        self.watchdog = Watchdog(self)
         self.constructors_patched = False
         self._probes: weakref.WeakKeyDictionary[Any, LoopProbe] = weakref.WeakKeyDictionary()
         self._probes_lock = threading.Lock()
@@ -84,7 +86,9 @@ class Installation:
             ) from None
         if self.options.port is not None:
             try:
-                self.server = MetricsServer(self.options.addr, self.options.port, registry)
+                self.server = MetricsServer(
+                    self.options.addr, self.options.port, registry, self.options
+                )
             except OSError as exc:
                 registry.unregister(self.collector)
                 raise ConfigError(
@@ -92,6 +96,13 @@ class Installation:
                     f"{self.options.port} ({exc.strerror or exc}); choose a free port "
                     "from 0 to 65535 (0 picks one) or another addr"
                 ) from None
+        self.watchdog.start()
+        register_for_fork(self.watchdog)
+        if self.options.multiprocess_dir:
+            # Worker processes merge their figures through a shared directory.
+            from ._multiprocess import attach
+
+            attach(self)
 
     def patch_constructors(self) -> None:
         """Instrument every loop created from now on."""
@@ -127,6 +138,7 @@ class Installation:
                 cls.__init__ = previous
         self._patched.clear()
         self.constructors_patched = False
+        self.watchdog.stop()
         for probe in self.live_probes():
             try:
                 probe.remove()

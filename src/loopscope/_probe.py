@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import weakref
-from asyncio import AbstractEventLoop, TimerHandle
+from asyncio import AbstractEventLoop, BaseEventLoop, TimerHandle
 from bisect import bisect_left
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ._describe import TASK_TYPES
-from ._stats import BUCKETS, LoopStats
+from ._stats import BUCKETS, UNKNOWN_LOCATION, LoopStats
 
 if TYPE_CHECKING:
     from ._installation import Installation
@@ -26,6 +27,21 @@ __all__ = ["LoopProbe"]
 
 _fallback = logging.getLogger("loopscope")
 _MISSING = object()
+
+
+def _load_speedups() -> Any:
+    """The C accelerator, or None: not built, or LOOPSCOPE_PURE_PYTHON=1 (read at import)."""
+    if os.environ.get("LOOPSCOPE_PURE_PYTHON", "").strip().lower() in ("1", "true", "yes", "on"):
+        return None
+    try:
+        from . import _speedups
+    except ImportError:
+        return None
+    return _speedups
+
+
+#: ``loopscope._speedups`` when the hot path runs in C, else None (the pure-Python path).
+speedups = _load_speedups()
 
 
 class LoopProbe:
@@ -52,7 +68,16 @@ class LoopProbe:
         self.heartbeat: TimerHandle | None = None
         self.heartbeat_due = 0.0
         self.busy_mark: float | None = None
+        # Read by the watchdog thread: the step running now (0.0 when none) and its callback.
+        self.current_start = 0.0
+        self.current_callback: object = None
+        self.thread_id = threading.get_ident()
+        # Written by the watchdog: (step start, blocking stack, location) taken mid-step.
+        self.sample: tuple[float, list[str], str | None] | None = None
+        self.max_locations = options.max_locations
         self._saved_attrs: dict[str, object] = {}
+        #: The C accelerator's recorder, once the hooks use it (see :meth:`start_recorder`).
+        self.recorder: Any = None
         self._attach(self.fixed_name or threading.current_thread().name)
 
     # --- labels --------------------------------------------------------------------------
@@ -62,6 +87,7 @@ class LoopProbe:
         if self.attached:
             book.detach(self.label, self.key)
         self.label, self.stats = book.attach(name, self.implementation, self.key)
+        self.stats.pending = self.recorder
         self.attached = True
 
     def _detach(self) -> None:
@@ -91,26 +117,42 @@ class LoopProbe:
 
         def create_task(coro: Any, **kwargs: Any) -> Any:
             task = orig_create_task(coro, **kwargs)
+            trace = getattr(task, "_source_traceback", None)
+            if trace:  # debug mode: where the task was created, without this wrapper's frame
+                trace[:] = [frame for frame in trace if frame.filename != __file__]
             probe.stats.tasks_created += 1
             return task
 
         def run_forever() -> None:
             if loop.is_running() or loop.is_closed() or not probe.active:
                 return orig_run_forever()
-            probe.on_run_start(loop)
+            try:
+                probe.on_run_start(loop)
+            except Exception as exc:
+                probe.fault(exc)
+                return orig_run_forever()
             try:
                 return orig_run_forever()
             finally:
-                probe.on_run_stop()
+                try:
+                    probe.on_run_stop()
+                except Exception as exc:
+                    probe.fault(exc)
 
         def close() -> None:
             orig_close()
             if loop.is_closed() and probe.active:
-                probe.on_close()
+                try:
+                    probe.on_close()
+                except Exception as exc:
+                    probe.fault(exc)
 
         self.patch(loop, "create_task", create_task)
         self.patch(loop, "run_forever", run_forever)
         self.patch(loop, "close", close)
+        from ._executor import hook_loop  # run_in_executor and the executor figures
+
+        hook_loop(self, loop)
 
     def unpatch_all(self, loop: AbstractEventLoop) -> None:
         """Undo every :meth:`patch`."""
@@ -123,8 +165,22 @@ class LoopProbe:
 
     # --- hot path ------------------------------------------------------------------------
 
+    def start_recorder(self) -> Any:
+        """With the C accelerator, create the recorder the C hooks write into and return it
+        (call from install_hooks, once ``busy_from_callbacks`` is settled); else None."""
+        if speedups is None or (type(self).after_step, type(self).after_io) != _OWN_RECORDING:
+            return None  # a subclass (or a test) that records its own way keeps Python's hooks
+        self.recorder = speedups.Recorder(
+            self, self.clock, self.threshold, self.busy_from_callbacks, TASK_TYPES
+        )
+        self.stats.pending = self.recorder
+        return self.recorder
+
     def after_step(self, callback: object, ready: float, start: float, end: float) -> None:
         """Record one callback that became runnable at ``ready`` and ran from start to end."""
+        if self.recorder is not None:  # the C path owns these figures
+            self.recorder.record(callback, ready, start, end)
+            return
         stats = self.stats
         duration = end - start
         hist = stats.callback_duration
@@ -144,9 +200,46 @@ class LoopProbe:
         else:
             owner = None
         if duration >= self.threshold:
-            stats.slow_callbacks += 1
-            stats.blocked_seconds += duration
-            self.events.slow_callback(self.label, duration, self.threshold, callback, owner)
+            self.record_slow(callback, owner, start, duration)
+
+    def after_io(self, callback: object, start: float, end: float) -> None:
+        """Record one I/O callback (a reader, writer or protocol method): it has no
+        schedule delay and is not a task step."""
+        if self.recorder is not None:  # the C path owns these figures
+            self.recorder.record_io(callback, start, end)
+            return
+        stats = self.stats
+        duration = end - start
+        hist = stats.callback_duration
+        hist.counts[bisect_left(BUCKETS, duration)] += 1
+        hist.total += duration
+        if self.busy_from_callbacks:
+            stats.busy_seconds += duration
+        if duration >= self.threshold:
+            self.record_slow(callback, None, start, duration)
+
+    def record_slow(self, callback: object, task: object, start: float, duration: float) -> None:
+        """Count a slow step, by location too, and report it with the stack the watchdog
+        took while it ran (if it had the time to)."""
+        stats = self.stats
+        stats.slow_callbacks += 1
+        stats.blocked_seconds += duration
+        sample = self.sample
+        if sample is not None and sample[0] == start:
+            stack, location = sample[1], sample[2]
+        else:
+            stack, location = [], None
+        self.sample = None
+        stats.count_location(location or UNKNOWN_LOCATION, self.max_locations)
+        self.events.slow_callback(
+            self.label,
+            duration,
+            self.threshold,
+            callback,
+            task,
+            blocking_stack=stack,
+            location=location,
+        )
 
     def task_created(self) -> None:
         """Count one task created through ``loop.create_task``."""
@@ -156,6 +249,7 @@ class LoopProbe:
 
     def on_run_start(self, loop: AbstractEventLoop) -> None:
         """The loop starts running in the current thread."""
+        self.thread_id = threading.get_ident()
         if self.fixed_name is None:
             name = threading.current_thread().name
             if name != self.label:
@@ -166,9 +260,19 @@ class LoopProbe:
     def on_run_stop(self) -> None:
         """The loop stops running: time outside run_forever is neither busy nor lag."""
         self.stop_heartbeat()
-        if self.busy_mark is not None and not self.busy_from_callbacks:
-            self.stats.busy_seconds += self.clock() - self.busy_mark
+        self.settle_busy()
         self.busy_mark = None
+
+    def settle_busy(self) -> None:
+        """Add the busy time since ``busy_mark`` (wall time, less any time known to be idle)
+        and move the mark to now.  Called from the loop's thread."""
+        if self.busy_mark is not None and not self.busy_from_callbacks:
+            now = self.clock()
+            self.stats.busy_seconds += now - self.busy_mark
+            self.busy_mark = now
+
+    def on_beat(self) -> None:
+        """Called at each heartbeat, from the loop's thread."""
 
     def schedule_raw(
         self, loop: AbstractEventLoop, delay: float, callback: Callable[[], None]
@@ -179,6 +283,8 @@ class LoopProbe:
     def start_heartbeat(self, loop: AbstractEventLoop) -> None:
         """Arm the lag probe."""
         self.stop_heartbeat()
+        if isinstance(loop, BaseEventLoop) and type(loop).time is not BaseEventLoop.time:
+            return  # a simulated clock (asyncio's test loops): no lag, and no foreign timer
         self.heartbeat_due = loop.time() + self.lag_interval
         self.heartbeat = self.schedule_raw(loop, self.lag_interval, self._beat)
 
@@ -202,6 +308,7 @@ class LoopProbe:
             hist.total += lag
             self.heartbeat_due = now + self.lag_interval
             self.heartbeat = self.schedule_raw(loop, self.lag_interval, self._beat)
+            self.on_beat()
         except Exception as exc:
             self.fault(exc)
 
@@ -238,9 +345,8 @@ class LoopProbe:
                         loop.call_soon_threadsafe(handle.cancel)
                 else:
                     handle.cancel()
-            if self.busy_mark is not None and not self.busy_from_callbacks:
-                self.stats.busy_seconds += self.clock() - self.busy_mark
-                self.busy_mark = None
+            self.settle_busy()
+            self.busy_mark = None
         self._detach()
         self.installation.forget(self)
 
@@ -251,6 +357,10 @@ class LoopProbe:
             self.remove()
         except Exception as second:
             _fallback.error("loopscope: could not remove instrumentation: %r", second)
+
+
+#: LoopProbe's own recording methods: the C path replaces exactly these.
+_OWN_RECORDING = (LoopProbe.after_step, LoopProbe.after_io)
 
 
 def _in_loop_thread(loop: Any) -> bool:

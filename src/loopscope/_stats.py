@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from typing import Protocol
 
 __all__ = ["BUCKETS", "Histogram", "LabelSeries", "LoopStats", "SeriesBook"]
 
@@ -25,6 +26,8 @@ BUCKETS: tuple[float, ...] = (
 
 #: Label value used once the number of distinct values reaches its cap.
 OVERFLOW_LABEL = "other"
+#: Location of a slow step that ended before the watchdog could sample its stack.
+UNKNOWN_LOCATION = "unknown"
 
 
 @dataclass
@@ -45,6 +48,13 @@ class Histogram:
         return Histogram(list(self.counts), self.total)
 
 
+class PendingFigures(Protocol):
+    """Figures kept outside a :class:`LoopStats`: the C accelerator's recorder."""
+
+    def flush(self, stats: LoopStats, /) -> None:
+        """Add the figures kept so far into ``stats`` and reset them."""
+
+
 @dataclass
 class LoopStats:
     """Everything measured on one loop.  Durations are in seconds."""
@@ -57,8 +67,24 @@ class LoopStats:
     slow_callbacks: int = 0
     blocked_seconds: float = 0.0
     tasks_created: int = 0
+    slow_locations: dict[str, int] = field(default_factory=dict)
+    #: With the C accelerator, the recorder whose figures belong here until flushed.
+    pending: PendingFigures | None = field(default=None, compare=False, repr=False)
 
-    def add(self, other: LoopStats) -> None:
+    def sync(self) -> None:
+        """Fold in the figures the C accelerator still keeps (from any thread: flush() runs
+        no Python code, and the C path is the only writer of the fields it folds)."""
+        if self.pending is not None:
+            self.pending.flush(self)
+
+    def count_location(self, location: str, cap: int) -> None:
+        """Count one slow step at ``location``; past ``cap`` distinct ones, as ``other``."""
+        locations = self.slow_locations
+        if location not in locations and len(locations) >= cap:
+            location = OVERFLOW_LABEL
+        locations[location] = locations.get(location, 0) + 1
+
+    def add(self, other: LoopStats, location_cap: int = 1_000_000) -> None:
         """Fold ``other`` into these figures."""
         self.callback_duration.add(other.callback_duration)
         self.schedule_delay.add(other.schedule_delay)
@@ -68,6 +94,10 @@ class LoopStats:
         self.slow_callbacks += other.slow_callbacks
         self.blocked_seconds += other.blocked_seconds
         self.tasks_created += other.tasks_created
+        for location, count in list(other.slow_locations.items()):
+            if location not in self.slow_locations and len(self.slow_locations) >= location_cap:
+                location = OVERFLOW_LABEL
+            self.slow_locations[location] = self.slow_locations.get(location, 0) + count
 
     def copy(self) -> LoopStats:
         """A snapshot of these figures."""
@@ -80,6 +110,7 @@ class LoopStats:
             self.slow_callbacks,
             self.blocked_seconds,
             self.tasks_created,
+            dict(self.slow_locations),
         )
 
 
@@ -97,19 +128,21 @@ class LabelSeries:
         self.retired = LoopStats()
         self.live: dict[int, LoopStats] = {}
 
-    def snapshot(self) -> LoopStats:
+    def snapshot(self, location_cap: int) -> LoopStats:
         """The sum over retired and live loops (call with the book's lock held)."""
         total = self.retired.copy()
         for stats in list(self.live.values()):
-            total.add(stats)
+            stats.sync()
+            total.add(stats, location_cap)
         return total
 
 
 class SeriesBook:
     """The label series of one installation, with a cap on distinct ``loop`` labels."""
 
-    def __init__(self, max_labels: int) -> None:
+    def __init__(self, max_labels: int, max_locations: int) -> None:
         self.max_labels = max_labels
+        self.max_locations = max_locations
         self.lock = threading.Lock()
         self.series: dict[str, LabelSeries] = {}
 
@@ -131,4 +164,6 @@ class SeriesBook:
         with self.lock:
             series = self.series.get(label)
             if series is not None and key in series.live:
-                series.retired.add(series.live.pop(key))
+                stats = series.live.pop(key)
+                stats.sync()
+                series.retired.add(stats, self.max_locations)

@@ -4,6 +4,14 @@ uvloop's handles are Cython objects that cannot be subclassed, so the callback i
 wrapped: :class:`TimedCallback` reads the clock around the user's callback and reports to
 the probe.  Its ``repr()`` is the callback's, so uvloop's "Exception in callback ..."
 messages still name the user's code, and exceptions pass through it unchanged.
+
+uvloop calls I/O callbacks straight from libuv, never through ``call_soon``: reader and
+writer callbacks are wrapped at ``add_reader``/``add_writer``, and protocol methods
+(``data_received``, ``connection_made``, ``datagram_received``, ...) are timed by wrapping
+the protocol factory given to ``create_server``, ``create_connection`` and the like: each
+protocol it makes gets timed instance attributes for those methods, which uvloop then looks
+up (it caches ``data_received`` when the transport is made, after the factory ran).  A
+protocol class with ``__slots__`` and no ``__dict__`` cannot take them and is left as it is.
 uvloop has no selector to wrap: busy time is the sum of the measured callbacks.
 """
 
@@ -13,13 +21,46 @@ from asyncio import AbstractEventLoop, TimerHandle
 from collections.abc import Callable
 from typing import Any
 
+from . import _probe
 from ._probe import LoopProbe
+from ._uvmetrics import idle_time_reader
 
-__all__ = ["TimedCallback", "UvloopProbe"]
+__all__ = ["TimedCallback", "TimedIO", "UvloopProbe"]
+
+#: Protocol methods uvloop calls from libuv callbacks.
+PROTOCOL_METHODS = (
+    "connection_made",
+    "connection_lost",
+    "data_received",
+    "eof_received",
+    "get_buffer",
+    "buffer_updated",
+    "datagram_received",
+    "error_received",
+    "pause_writing",
+    "resume_writing",
+    "pipe_data_received",
+    "pipe_connection_lost",
+    "process_exited",
+)
+
+#: Loop methods whose first argument is a protocol factory.
+FACTORY_METHODS = (
+    "create_server",
+    "create_connection",
+    "create_unix_server",
+    "create_unix_connection",
+    "connect_accepted_socket",
+    "create_datagram_endpoint",
+    "connect_read_pipe",
+    "connect_write_pipe",
+    "subprocess_exec",
+    "subprocess_shell",
+)
 
 
 class TimedCallback:
-    """A callback that measures itself; created per scheduled call."""
+    """A scheduled callback that measures itself; created per scheduled call."""
 
     __slots__ = ("callback", "probe", "ready")
 
@@ -32,9 +73,13 @@ class TimedCallback:
         probe = self.probe
         clock = probe.clock
         start = clock()
+        probe.current_callback = self.callback
+        probe.current_start = start
         try:
             return self.callback(*args)
         finally:
+            probe.current_start = 0.0
+            probe.current_callback = None  # do not keep the step alive
             try:
                 probe.after_step(self.callback, self.ready, start, clock())
             except Exception as exc:
@@ -44,13 +89,70 @@ class TimedCallback:
         return repr(self.callback)
 
 
+class TimedIO:
+    """An I/O callback (reader, writer or protocol method) that measures itself."""
+
+    __slots__ = ("callback", "probe")
+
+    def __init__(self, callback: Callable[..., object], probe: LoopProbe) -> None:
+        self.callback = callback
+        self.probe = probe
+
+    def __call__(self, *args: Any) -> object:
+        probe = self.probe
+        if probe.current_start or not probe.active:
+            # Called from inside a step that is already measured (or after uninstall).
+            return self.callback(*args)
+        clock = probe.clock
+        start = clock()
+        probe.current_callback = self.callback
+        probe.current_start = start
+        try:
+            return self.callback(*args)
+        finally:
+            probe.current_start = 0.0
+            probe.current_callback = None  # do not keep the step alive
+            try:
+                probe.after_io(self.callback, start, clock())
+            except Exception as exc:
+                probe.fault(exc)
+
+    def __repr__(self) -> str:
+        return repr(self.callback)
+
+
+def instrument_protocol(protocol: object, probe: LoopProbe) -> None:
+    """Give ``protocol`` timed instance attributes for the methods uvloop calls."""
+    try:
+        attributes = protocol.__dict__
+    except AttributeError:
+        return  # __slots__ without __dict__
+    for name in PROTOCOL_METHODS:
+        if isinstance(attributes.get(name), TimedIO):
+            continue
+        method = getattr(protocol, name, None)
+        if method is not None and callable(method):
+            attributes[name] = TimedIO(method, probe)
+
+
 class UvloopProbe(LoopProbe):
-    """Probe for ``uvloop.Loop``."""
+    """Probe for ``uvloop.Loop``.
+
+    Busy time is wall time in ``run_forever`` less libuv's own count of the time it spent
+    idle in the kernel's event wait (``uv_metrics_idle_time``), where that can be reached;
+    otherwise the sum of the measured callbacks (a lower bound).
+    """
 
     implementation = "uvloop"
     busy_from_callbacks = True
+    idle_nanoseconds: Callable[[], int] | None = None
+    idle_mark = 0
 
     def install_hooks(self, loop: AbstractEventLoop) -> None:
+        self.idle_nanoseconds = idle_time_reader(loop)
+        if self.idle_nanoseconds is not None:
+            self.busy_from_callbacks = False
+            self.idle_mark = self.idle_nanoseconds()
         probe = self
         clock = self.clock
         loop_time = loop.time
@@ -72,10 +174,71 @@ class UvloopProbe(LoopProbe):
             wrapped = TimedCallback(callback, probe, loop_time() + max(delay, 0.0))
             return orig_call_later(delay, wrapped, *args, context=context)
 
-        self.patch(loop, "call_soon", call_soon)
-        self.patch(loop, "call_soon_threadsafe", call_soon_threadsafe)
-        self.patch(loop, "call_later", call_later)
+        hooks: tuple[Any, Any, Any] = (call_soon, call_soon_threadsafe, call_later)
+        recorder = self.start_recorder()
+        if recorder is not None:
+            # The same three hooks in C; they hand anything unusual to the ones above.
+            intercept = _probe.speedups.Intercept
+            hooks = (
+                intercept("call_soon", recorder, orig_call_soon, call_soon),
+                intercept("call_soon", recorder, orig_call_soon_threadsafe, call_soon_threadsafe),
+                intercept("call_later", recorder, orig_call_later, call_later, loop_time),
+            )
+        self.patch(loop, "call_soon", hooks[0])
+        self.patch(loop, "call_soon_threadsafe", hooks[1])
+        self.patch(loop, "call_later", hooks[2])
+        for name in ("add_reader", "add_writer"):
+            self.patch(loop, name, self._timed_fd_registration(getattr(loop, name)))
+        for name in FACTORY_METHODS:
+            original = getattr(loop, name, None)
+            if original is not None:
+                self.patch(loop, name, self._timed_protocols(original))
         self.patch_lifecycle(loop)
+
+    def on_run_start(self, loop: AbstractEventLoop) -> None:
+        super().on_run_start(loop)
+        if self.idle_nanoseconds is not None:
+            self.idle_mark = self.idle_nanoseconds()
+
+    def settle_busy(self) -> None:
+        reader = self.idle_nanoseconds
+        if reader is None or self.busy_mark is None:
+            return
+        now = self.clock()
+        idle = reader()
+        busy = (now - self.busy_mark) - (idle - self.idle_mark) / 1e9
+        if busy > 0.0:
+            self.stats.busy_seconds += busy
+        self.busy_mark = now
+        self.idle_mark = idle
+
+    def on_beat(self) -> None:
+        self.settle_busy()
+
+    def _timed_fd_registration(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        probe = self
+
+        def register(fd: Any, callback: Any, *args: Any) -> Any:
+            return original(fd, TimedIO(callback, probe), *args)
+
+        return register
+
+    def _timed_protocols(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        probe = self
+
+        async def create(protocol_factory: Any, *args: Any, **kwargs: Any) -> Any:
+            def factory() -> Any:
+                protocol = protocol_factory()
+                if probe.active:
+                    try:
+                        instrument_protocol(protocol, probe)
+                    except Exception as exc:
+                        probe.installation.report_fault("timing a protocol", exc)
+                return protocol
+
+            return await original(factory, *args, **kwargs)
+
+        return create
 
     def schedule_raw(
         self, loop: AbstractEventLoop, delay: float, callback: Callable[[], None]

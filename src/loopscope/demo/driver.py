@@ -109,12 +109,32 @@ class Load:
         conn.close()
 
 
+def describe_event(event: dict[str, object]) -> str:
+    """One line for a slow_callback or loop_blocked event."""
+    what = (
+        f"task {event['task']} ({event.get('coro')})" if "task" in event else event.get("callback")
+    )
+    if event.get("event") == "loop_blocked":
+        so_far = float(str(event["blocked_for"])) * 1000
+        head = f"loop {event.get('loop')} BLOCKED for {so_far:.0f} ms so far"
+    else:
+        head = f"slow step: {float(str(event['duration'])) * 1000:.0f} ms"
+    location = event.get("location") or "(ended before its stack was taken)"
+    return f"  {head} in {what}, blocked at {location}"
+
+
 def _forward_events(stream: object, ready: list[dict[str, object]], got: threading.Event) -> None:
     for raw in iter(stream.readline, ""):  # type: ignore[attr-defined]
         line = raw.rstrip()
-        if '"demo_ready"' in line:
-            ready.append(json.loads(line))
+        try:
+            event = json.loads(line)
+        except ValueError:
+            event = None
+        if isinstance(event, dict) and event.get("event") == "demo_ready":
+            ready.append(event)
             got.set()
+        elif isinstance(event, dict) and event.get("event") in ("slow_callback", "loop_blocked"):
+            print(describe_event(event), flush=True)
         elif line:
             print(f"  service | {line}", flush=True)
 
@@ -142,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             str(args.metrics_port),
             "--loop",
             args.loop,
+            "--json-logs",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -20,6 +20,7 @@ from urllib.parse import parse_qs, urlsplit
 import loopscope
 
 MAX_BLOCK_MS = 10_000
+_open_writers: set[asyncio.StreamWriter] = set()
 
 
 def _blocking_sleep(ms: float) -> None:
@@ -57,6 +58,7 @@ async def _answer(path: str) -> tuple[int, dict[str, object]]:
 
 
 async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    _open_writers.add(writer)
     try:
         while True:
             request_line = await reader.readline()
@@ -81,6 +83,7 @@ async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
     except (ConnectionError, asyncio.IncompleteReadError):
         pass
     finally:
+        _open_writers.discard(writer)
         writer.close()
 
 
@@ -96,6 +99,13 @@ async def serve(host: str, port: int, ready: Callable[[int], None] | None = None
     async with server:
         with contextlib.suppress(asyncio.CancelledError):
             await stop
+        # Close the client connections so that every handler ends on its own, uncancelled.
+        for writer in list(_open_writers):
+            writer.transport.abort()
+        for _ in range(100):
+            if not _open_writers:
+                break
+            await asyncio.sleep(0.01)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,7 +115,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8080, help="HTTP port (0: any free one)")
     parser.add_argument("--metrics-port", type=int, default=9100, help="/metrics port")
     parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="uvloop")
+    parser.add_argument(
+        "--json-logs", action="store_true", help="log events as JSON lines (for the driver)"
+    )
     args = parser.parse_args(argv)
+    if args.json_logs:
+        import structlog
+
+        structlog.configure(
+            processors=[
+                structlog.processors.add_log_level,
+                structlog.processors.TimeStamper(fmt="iso"),
+                structlog.processors.JSONRenderer(),
+            ]
+        )
     installation = loopscope.install(port=args.metrics_port)
 
     def ready(port: int) -> None:

@@ -1,0 +1,1 @@
+"""loopscope's overhead benchmarks: ``python -m benchmarks`` (``--quick`` for a smoke run)."""

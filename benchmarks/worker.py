@@ -1,0 +1,308 @@
+"""One measurement in a fresh process: ``python -m benchmarks.worker '<json spec>'``.
+
+Every variant (the bare loop, loopscope, each peer) runs in its own interpreter so that no
+patch one of them makes survives into the next measurement.  The result is one line,
+``RESULT {...}``, on stdout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+Spec = dict[str, Any]
+
+#: What each variant measures (printed once under the table).
+MEASURES = {
+    "loopscope": "duration + schedule-delay histograms of every callback, lag, busy time, "
+    "task steps, slow-step events with stacks, Prometheus export",
+    "debug": "slow-callback log (>100 ms), un-awaited coroutines, source tracebacks",
+    "aiodebug": "slow-callback log (Handle._run patched)",
+    "aiocop": "slow-task callback, blocking-I/O detection through audit hooks",
+    "pyleak": "blocking detection by a watcher thread (threshold 0.2 s)",
+    "monitored-ioloop": "per-callback duration and loop lag handed to a callback",
+}
+
+
+def _new_loop(kind: str) -> asyncio.AbstractEventLoop:
+    if kind == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
+
+
+def _noop_monitor(_state: object) -> None:
+    return None
+
+
+class Setup:
+    """Prepares one variant: the loop it runs on and what wraps the measured coroutine."""
+
+    def __init__(self, variant: str, kind: str) -> None:
+        self.variant = variant
+        self.kind = kind
+        self.info: dict[str, Any] = {}
+        self.wrap: Callable[[Awaitable[Any]], Awaitable[Any]] | None = None
+        if variant in ("loopscope", "loopscope-pure"):
+            from prometheus_client import CollectorRegistry
+
+            import loopscope
+            from loopscope import _probe
+
+            self.info["path"] = "C" if getattr(_probe, "speedups", None) else "pure"
+            loopscope.install(registry=CollectorRegistry())
+        elif variant == "aiodebug":
+            from aiodebug import log_slow_callbacks
+
+            log_slow_callbacks.enable(0.1)
+        if variant == "monitored-ioloop":
+            if kind == "uvloop":
+                from monitored_ioloop import monitored_uvloop_loop_factory as factory
+            else:
+                from monitored_ioloop import monitored_asyncio_loop_factory as factory
+            self.loop = factory(_noop_monitor)()
+        else:
+            self.loop = _new_loop(kind)
+        if variant == "debug":
+            self.loop.set_debug(True)
+        if variant == "aiocop":
+            import aiocop
+
+            async def arm() -> None:
+                aiocop.patch_audit_functions()
+                aiocop.start_blocking_io_detection()
+                aiocop.detect_slow_tasks(threshold_ms=100, on_slow_task=_noop_monitor)
+                aiocop.activate()
+
+            self.loop.run_until_complete(arm())
+        if variant == "pyleak":
+            from pyleak import no_event_loop_blocking
+
+            async def wrapped(coro: Awaitable[Any]) -> Any:
+                async with no_event_loop_blocking(threshold=0.2):
+                    return await coro
+
+            self.wrap = wrapped
+
+    def run(self, coro: Awaitable[Any]) -> Any:
+        if self.wrap is not None:
+            coro = self.wrap(coro)
+        return self.loop.run_until_complete(coro)  # type: ignore[arg-type]
+
+
+# --- workloads 1 and 2 -------------------------------------------------------------------
+
+
+async def task_storm(tasks: int, steps: int) -> None:
+    async def worker() -> None:
+        for _ in range(steps):
+            await asyncio.sleep(0)
+
+    await asyncio.gather(*(worker() for _ in range(tasks)))
+
+
+async def callback_storm(chains: int, length: int) -> None:
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    left = [chains]
+
+    def step(n: int) -> None:
+        if n:
+            loop.call_soon(step, n - 1)
+            return
+        left[0] -= 1
+        if left[0] == 0:
+            done.set_result(None)
+
+    for _ in range(chains):
+        loop.call_soon(step, length)
+    await done
+
+
+async def timer_storm(chains: int, length: int) -> None:
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    left = [chains]
+
+    def step(n: int) -> None:
+        if n:
+            loop.call_later(0.0, step, n - 1)
+            return
+        left[0] -= 1
+        if left[0] == 0:
+            done.set_result(None)
+
+    for _ in range(chains):
+        loop.call_later(0.0, step, length)
+    await done
+
+
+STORMS: dict[str, Callable[[int, int], Awaitable[None]]] = {
+    "tasks": task_storm,
+    "callbacks": callback_storm,
+    "timers": timer_storm,
+}
+
+
+def measure_storm(spec: Spec) -> dict[str, Any]:
+    setup = Setup(spec["variant"], spec["loop"])
+    storm = STORMS[spec["storm"]]
+    width, length = spec["width"], spec["length"]
+    budget = spec.get("budget", 2.0)
+    warm = max(length // 10, 1)
+    t0 = time.perf_counter()
+    setup.run(storm(width, warm))  # warm-up
+    projected = (time.perf_counter() - t0) * length / warm
+    if projected > budget:  # a very slow variant (debug mode): fewer steps, same per-step cost
+        length = max(int(length * budget / projected), 20)
+    samples: list[float] = []
+    began = time.perf_counter()
+    gc.collect()
+    wall: list[float] = []
+    while len(samples) < spec["reps"]:
+        # CPU time of the whole process (every thread, so a watcher thread's cost counts):
+        # on a shared machine it is far steadier than wall time, which is also recorded.
+        c0, t0 = time.process_time(), time.perf_counter()
+        setup.run(storm(width, length))
+        samples.append((time.process_time() - c0) / (width * length) * 1e9)
+        wall.append((time.perf_counter() - t0) / (width * length) * 1e9)
+        if time.perf_counter() - began > budget:
+            break
+    setup.loop.close()
+    return {
+        "length": length,
+        "ns_per_step": statistics.median(samples),
+        "wall_ns_per_step": statistics.median(wall),
+        "samples": samples,
+        **setup.info,
+    }
+
+
+# --- workload 5: accuracy -----------------------------------------------------------------
+
+
+def measure_accuracy(spec: Spec) -> dict[str, Any]:
+    from prometheus_client import CollectorRegistry
+    from structlog.testing import capture_logs
+
+    import loopscope
+
+    registry = CollectorRegistry()
+    loopscope.install(registry=registry, slow_threshold=0.002, loop_name="accuracy")
+    loop = _new_loop(spec["loop"])
+    rows = []
+    for block_ms in spec["blocks_ms"]:
+        for _ in range(spec["reps"]):
+            actual: list[float] = []
+
+            def block(ms: float = block_ms, out: list[float] = actual) -> None:
+                t0 = time.perf_counter()
+                time.sleep(ms / 1000)
+                out.append(time.perf_counter() - t0)
+
+            def blocked() -> float:
+                value = registry.get_sample_value(
+                    "asyncio_loop_blocked_seconds_total", {"loop": "accuracy"}
+                )
+                return value or 0.0
+
+            async def main() -> None:
+                asyncio.get_running_loop().call_soon(block)
+                await asyncio.sleep(0.001)
+
+            before = blocked()
+            with capture_logs() as logs:
+                loop.run_until_complete(main())
+            after = blocked()
+            events = [e for e in logs if e.get("event") == "slow_callback"]
+            rows.append(
+                {
+                    "block_ms": block_ms,
+                    "actual_ms": actual[0] * 1000,
+                    "counter_ms": (after - before) * 1000,
+                    "event_ms": events[0]["duration"] * 1000 if events else None,
+                }
+            )
+    loop.close()
+    return {"rows": rows}
+
+
+# --- workload 6: scrape cost and memory ---------------------------------------------------
+
+
+def measure_scrape(spec: Spec) -> dict[str, Any]:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    import loopscope
+
+    registry = CollectorRegistry()
+    loopscope.install(registry=registry)
+    me = threading.current_thread()
+    name = me.name
+    loops = []
+    for i in range(spec["loops"]):
+        me.name = f"bench-loop-{i:03d}"
+        loop = _new_loop(spec["loop"])
+        loop.run_until_complete(task_storm(2, 5))
+        loops.append(loop)
+    me.name = name
+    samples = []
+    generate_latest(registry)
+    for _ in range(spec["reps"]):
+        t0 = time.perf_counter()
+        body = generate_latest(registry)
+        samples.append((time.perf_counter() - t0) * 1e6)
+    for loop in loops:
+        loop.close()
+    return {"us": statistics.median(samples), "bytes": len(body)}
+
+
+def _rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def measure_memory(spec: Spec) -> dict[str, Any]:
+    from prometheus_client import CollectorRegistry
+
+    import loopscope
+
+    loopscope.install(registry=CollectorRegistry())
+    loop = _new_loop(spec["loop"])
+    batches, per_batch = spec["batches"], spec["per_batch"]
+    rss = []
+    for _ in range(batches):
+        loop.run_until_complete(callback_storm(100, per_batch // 100))
+        gc.collect()
+        rss.append(_rss_kib())
+    loop.close()
+    return {"rss_kib": rss, "callbacks": batches * per_batch}
+
+
+MEASUREMENTS: dict[str, Callable[[Spec], dict[str, Any]]] = {
+    "storm": measure_storm,
+    "accuracy": measure_accuracy,
+    "scrape": measure_scrape,
+    "memory": measure_memory,
+}
+
+
+def main() -> None:
+    spec = json.loads(sys.argv[1])
+    result = MEASUREMENTS[spec["kind"]](spec)
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

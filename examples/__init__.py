@@ -1,0 +1,1 @@
+"""Runnable examples of loopscope (each one is exercised by tests/test_examples.py)."""

@@ -1,0 +1,396 @@
+"""Several worker processes, one set of totals: snapshots merged through a shared directory.
+
+With ``multiprocess_dir`` (``LOOPSCOPE_MULTIPROCESS_DIR``) set, every process that installs
+loopscope writes what its own collector would export to ``loopscope-<pid>-<token>.json`` in
+that directory: once a second from a daemon thread, at exit, and on every scrape it answers.
+Whatever process answers a scrape (a gunicorn or uvicorn supervisor under ``loopscope run
+--port``, or any worker through the app's own ``/metrics`` route) merges every file:
+
+- counters and histograms are summed over every process that ever wrote a file, including
+  workers that have died, so a dead worker's last figures stay and totals never go
+  backwards when a worker is replaced;
+- gauges (tasks alive, busy and maximum executor workers) are summed over the processes
+  still alive only; ``*_info`` gauges take the maximum (they are 1 or absent);
+- the files of dead processes are folded into ``loopscope-retired.json`` (under an
+  ``flock``), so that worker churn does not grow the directory.
+
+A process writes its file before it answers a scrape, so nothing ever exported is missing
+from the directory if that process dies next.  The ``loop`` label keeps its meaning and
+there is no per-process label: a fleet of workers whose loops are all named ``MainThread``
+exports one ``MainThread`` series, the sum over the workers, with no series per pid that
+worker churn would multiply.  The directory must be local to the machine and should be
+emptied when the service (re)starts, as with prometheus_client's multiprocess mode.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import os
+import threading
+import uuid
+import weakref
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from ._installation import Installation
+
+__all__ = ["MergedCollector", "ProcessFiles", "attach", "merge_directory"]
+
+PREFIX = "loopscope-"
+RETIRED = "loopscope-retired.json"
+LOCK = ".loopscope.lock"
+#: Seconds between two writes of a process's file by its writer thread.
+WRITE_INTERVAL = 1.0
+
+_attach_lock = threading.Lock()
+_attached: weakref.WeakKeyDictionary[Any, ProcessFiles] = weakref.WeakKeyDictionary()
+_fork_hook_registered = False
+
+# A snapshot: family name -> {"type", "help", "samples": [[name, labels, value], ...]}.
+Snapshot = dict[str, dict[str, Any]]
+
+
+def _families_to_snapshot(families: Iterable[Metric]) -> Snapshot:
+    out: Snapshot = {}
+    for family in families:
+        entry = out.setdefault(
+            family.name, {"type": family.type, "help": family.documentation, "samples": []}
+        )
+        for s in family.samples:
+            entry["samples"].append([s.name, dict(s.labels), float(s.value)])
+    return out
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def _write_json(path: str, payload: object) -> None:
+    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(payload, fh, separators=(",", ":"))
+    os.replace(tmp, path)
+
+
+def _read_json(path: str) -> dict[str, Any] | None:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _is_gauge(entry: dict[str, Any]) -> bool:
+    return entry.get("type") in ("gauge", "info", "stateset", "unknown")
+
+
+class _Merger:
+    """Sums snapshots sample by sample."""
+
+    def __init__(self) -> None:
+        self.meta: dict[str, tuple[str, str]] = {}
+        self.values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+
+    def add(self, snapshot: Snapshot, *, alive: bool, cumulative_only: bool = False) -> None:
+        for name, entry in snapshot.items():
+            if not isinstance(entry, dict):
+                continue
+            gauge = _is_gauge(entry)
+            if gauge and (cumulative_only or not alive):
+                continue
+            self.meta.setdefault(name, (str(entry.get("type")), str(entry.get("help", ""))))
+            bucket = self.values.setdefault(name, {})
+            use_max = gauge and name.endswith("_info")
+            for sample_name, labels, value in entry.get("samples", []):
+                key = (str(sample_name), tuple(sorted((str(k), str(v)) for k, v in labels.items())))
+                if use_max:
+                    bucket[key] = max(bucket.get(key, value), value)
+                else:
+                    bucket[key] = bucket.get(key, 0.0) + float(value)
+
+    def snapshot(self) -> Snapshot:
+        """The merged figures as a snapshot (what the retired file stores)."""
+        out: Snapshot = {}
+        for name, (typ, doc) in self.meta.items():
+            out[name] = {
+                "type": typ,
+                "help": doc,
+                "samples": [[s, dict(labels), v] for (s, labels), v in self.values[name].items()],
+            }
+        return out
+
+    def families(self) -> Iterator[Metric]:
+        for name, (typ, doc) in self.meta.items():
+            family = Metric(name, doc, typ)
+            for (sample_name, labels), value in sorted(self.values[name].items()):
+                family.add_sample(sample_name, dict(labels), value)
+            yield family
+
+
+class ProcessFiles:
+    """This process's file in the shared directory and the thread that keeps it current."""
+
+    def __init__(self, installation: Installation, local: Collector, directory: str) -> None:
+        self.installation = installation
+        self.local = local
+        self.directory = directory
+        self.pid = os.getpid()
+        self.path = os.path.join(directory, f"{PREFIX}{self.pid}-{uuid.uuid4().hex[:12]}.json")
+        self.lock = threading.Lock()
+        self.stopped = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Write the file now and every :data:`WRITE_INTERVAL` seconds from now on."""
+        self.write()
+        self.thread = threading.Thread(target=self._run, name="loopscope-multiprocess", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        from ._installation import current
+
+        while not self.stopped.wait(WRITE_INTERVAL):
+            if current() is not self.installation or os.getpid() != self.pid:
+                return  # uninstalled, or the copy of this object in a forked child
+            self.write()
+
+    def write(self) -> Snapshot:
+        """Snapshot this process's figures, write them, and return them."""
+        with self.lock:
+            snapshot = _families_to_snapshot(self.local.collect())
+            try:
+                _write_json(self.path, {"pid": self.pid, "families": snapshot})
+            except OSError as exc:
+                self.installation.report_fault("writing the multiprocess file", exc)
+            return snapshot
+
+    def at_exit(self) -> None:
+        """Last write when the interpreter exits normally, if still installed."""
+        from ._installation import current
+
+        if os.getpid() == self.pid and current() is self.installation:
+            self.stopped.set()
+            with contextlib.suppress(Exception):
+                self.write()
+
+
+def merge_directory(directory: str, own: tuple[str, Snapshot] | None = None) -> _Merger:
+    """Merge every process file of ``directory`` (``own``: this process's path and its
+    fresh snapshot, used instead of reading it back), folding dead processes' files into
+    the retired file."""
+    merger = _Merger()
+    lock_path = os.path.join(directory, LOCK)
+    with open(lock_path, "a+b") as lock_file:
+        _flock(lock_file)
+        try:
+            retired_data = _read_json(os.path.join(directory, RETIRED)) or {}
+            retired: Snapshot = retired_data.get("families", {})
+            absorbed: set[str] = set(retired_data.get("absorbed", []))
+            merger.add(retired, alive=False, cumulative_only=True)
+            dead: list[tuple[str, Snapshot]] = []
+            for entry in sorted(os.listdir(directory)):
+                if not entry.startswith(PREFIX) or not entry.endswith(".json"):
+                    continue
+                if entry == RETIRED or entry in absorbed:
+                    continue
+                path = os.path.join(directory, entry)
+                if own is not None and path == own[0]:
+                    merger.add(own[1], alive=True)
+                    continue
+                data = _read_json(path)
+                if data is None:
+                    continue
+                pid = data.get("pid")
+                families = data.get("families", {})
+                alive = isinstance(pid, int) and _pid_alive(pid)
+                merger.add(families, alive=alive)
+                if not alive:
+                    dead.append((entry, families))
+            if dead:
+                _retire(directory, retired, absorbed, dead)
+        finally:
+            _funlock(lock_file)
+    return merger
+
+
+def _retire(
+    directory: str, retired: Snapshot, absorbed: set[str], dead: list[tuple[str, Snapshot]]
+) -> None:
+    """Fold dead processes' counters into the retired file, then remove their files.  The
+    retired file names what it absorbed, so a crash between the two steps counts nothing
+    twice."""
+    folded = _Merger()
+    folded.add(retired, alive=False, cumulative_only=True)
+    for _entry, families in dead:
+        folded.add(families, alive=False, cumulative_only=True)
+    still_there = {name for name in absorbed if os.path.exists(os.path.join(directory, name))}
+    names = still_there | {entry for entry, _ in dead}
+    try:
+        _write_json(
+            os.path.join(directory, RETIRED),
+            {"families": folded.snapshot(), "absorbed": sorted(names)},
+        )
+    except OSError:
+        return
+    for entry, _ in dead:
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(directory, entry))
+
+
+def _flock(fh: Any) -> None:
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        return
+    fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+
+
+def _funlock(fh: Any) -> None:
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        return
+    fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+class MergedCollector(Collector):
+    """Registered in place of the installation's collector: the merged figures of every
+    process writing to the shared directory."""
+
+    def __init__(self, local: Collector, files: ProcessFiles) -> None:
+        self.local = local
+        self.files = files
+
+    def describe(self) -> Iterable[Metric]:
+        describe = getattr(self.local, "describe", None)
+        return list(describe()) if describe is not None else []
+
+    def collect(self) -> Iterable[Metric]:
+        files = self.files
+        try:
+            own = files.write()
+            merger = merge_directory(files.directory, (files.path, own))
+            return list(merger.families())
+        except Exception as exc:
+            files.installation.report_fault("merging the multiprocess directory", exc)
+            return []
+
+
+def attach(installation: Installation) -> ProcessFiles | None:
+    """Switch ``installation`` to the shared directory of its ``multiprocess_dir`` option
+    (once per process); None when the option is not set."""
+    directory = getattr(installation.options, "multiprocess_dir", None)
+    if not directory:
+        return None
+    with _attach_lock:
+        files = _attached.get(installation)
+        if files is not None and files.pid == os.getpid():
+            return files
+        _register_fork_hook()
+        local: Collector = installation.collector
+        if isinstance(local, MergedCollector):
+            local = local.local
+        files = ProcessFiles(installation, local, directory)
+        merged = MergedCollector(local, files)
+        registry = installation.options.registry
+        with contextlib.suppress(KeyError):
+            registry.unregister(installation.collector)
+        registry.register(merged)
+        installation.collector = merged  # type: ignore[assignment]
+        _attached[installation] = files
+        files.start()
+        atexit.register(files.at_exit)
+        return files
+
+
+def _register_fork_hook() -> None:
+    global _fork_hook_registered
+    if _fork_hook_registered or not hasattr(os, "register_at_fork"):
+        return
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+    _fork_hook_registered = True
+
+
+def _after_fork_in_child() -> None:
+    """A forked worker (gunicorn's): it must not reuse its parent's file, endpoint or
+    figures, and its writer thread did not survive the fork."""
+    global _attach_lock
+    _attach_lock = threading.Lock()
+    try:
+        from ._installation import current
+
+        installation = current()
+        if installation is None or installation not in _attached:
+            return
+        old = _attached[installation]
+        old.stopped.set()
+        server = installation.server
+        if server is not None:
+            # The serving thread stayed in the parent: close the inherited socket only
+            # (shutdown() would wait for that thread forever).
+            with contextlib.suppress(Exception):
+                server.httpd.socket.close()
+            installation.server = None
+        registry = installation.options.registry
+        if isinstance(getattr(registry, "_lock", None), type(threading.Lock())):
+            # A scrape in a thread of the parent may have held it at the fork.
+            registry._lock = threading.Lock()
+        try:
+            _reset_figures(installation)
+        except Exception as exc:
+            installation.report_fault("resetting a forked worker's figures", exc)
+        files = ProcessFiles(installation, old.local, old.directory)
+        merged = installation.collector
+        if isinstance(merged, MergedCollector):
+            merged.files = files
+        _attached[installation] = files
+        files.start()
+        atexit.register(files.at_exit)
+    except Exception as exc:
+        with contextlib.suppress(Exception):
+            from ._installation import current
+
+            inst = current()
+            if inst is not None:
+                inst.report_fault("setting up a forked worker", exc)
+
+
+def _reset_figures(installation: Installation) -> None:
+    """The parent's figures are in the parent's file: the child starts from zero."""
+    from . import _executor
+
+    book = installation.book
+    # A thread of the parent may have held these locks at the fork.
+    book.lock = threading.Lock()
+    with contextlib.suppress(AttributeError):
+        installation._probes_lock = threading.Lock()
+    with book.lock:
+        for series in book.series.values():
+            series.retired = type(series.retired)()
+            for key in list(series.live):
+                series.live[key] = type(series.live[key])()
+    for probe in installation.live_probes():
+        owner = book.series.get(probe.label)
+        if owner is not None and probe.key in owner.live:
+            probe.stats = owner.live[probe.key]
+    _executor._books_lock = threading.Lock()
+    old = _executor._books.get(installation)
+    if old is not None:
+        _executor._books[installation] = _executor.ExecutorBook(old.max_labels)

@@ -1,0 +1,1 @@
+"""Holds loopscope's ``sitecustomize`` module, which ``loopscope run`` puts first on PYTHONPATH."""

@@ -1,0 +1,146 @@
+"""The watchdog: one thread per process that notices a loop stuck in one step, takes the
+loop thread's stack while it is still stuck, and reports blocks that go on.
+
+It wakes every quarter of the slow threshold and reads one attribute per loop
+(``current_start``, written by the hooks around every step); only a step that has run for
+half the threshold costs it more: one ``sys._current_frames()`` and the formatting of one
+stack.  A step that ends up slow is then reported with that stack; a step still running at
+the threshold, and at twice, four times... the threshold after that, is reported as
+``loop_blocked``, so a hang that never ends is still seen.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import weakref
+from typing import TYPE_CHECKING
+
+from ._describe import TASK_TYPES
+from ._stacks import application_location, format_stack
+
+if TYPE_CHECKING:
+    from ._installation import Installation
+    from ._probe import LoopProbe
+
+__all__ = ["Watchdog"]
+
+#: Reports of one ongoing block stop doubling at this interval (seconds).
+MAX_REPORT_INTERVAL = 60.0
+
+
+class Watchdog:
+    """Watches every instrumented loop of one installation."""
+
+    def __init__(self, installation: Installation) -> None:
+        self.installation_ref = weakref.ref(installation)
+        threshold = installation.options.slow_threshold
+        self.threshold = threshold
+        self.sample_after = threshold / 2
+        self.interval = threshold / 4
+        self.clock = installation.clock
+        self.stopped = threading.Event()
+        self.thread: threading.Thread | None = None
+        # Per probe: (start of the step last reported, elapsed time of the next report).
+        self.next_report: weakref.WeakKeyDictionary[LoopProbe, tuple[float, float]] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def start(self) -> None:
+        """Start the thread (again, after a fork)."""
+        self.stopped.clear()
+        self.thread = threading.Thread(target=self._run, name="loopscope-watchdog", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        """Stop the thread and wait for it."""
+        self.stopped.set()
+        thread, self.thread = self.thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=5)
+
+    def alive(self) -> bool:
+        """Whether the thread runs."""
+        return self.thread is not None and self.thread.is_alive()
+
+    def _run(self) -> None:
+        try:
+            while not self.stopped.wait(self.interval):
+                installation = self.installation_ref()
+                if installation is None:
+                    return
+                self.check(installation)
+        except BaseException as exc:
+            installation = self.installation_ref()
+            if installation is not None:
+                installation.report_fault("watching for blocked loops (the watchdog)", exc)
+
+    def check(self, installation: Installation) -> None:
+        """One round: sample the stack of every loop that has been in one step too long."""
+        frames = None
+        now = self.clock()
+        for probe in installation.live_probes():
+            start = probe.current_start
+            if not start:
+                continue
+            elapsed = now - start
+            if elapsed < self.sample_after:
+                continue
+            if frames is None:
+                frames = sys._current_frames()
+            frame = frames.get(probe.thread_id)
+            callback = probe.current_callback
+            if probe.current_start != start or frame is None:
+                continue  # the step ended while we looked
+            stack = format_stack(frame)
+            location = application_location(stack)
+            sample = probe.sample
+            if sample is None or sample[0] != start:
+                probe.sample = (start, stack, location)
+            self._maybe_report(probe, start, elapsed, callback, stack, location)
+
+    def _maybe_report(
+        self,
+        probe: LoopProbe,
+        start: float,
+        elapsed: float,
+        callback: object,
+        stack: list[str],
+        location: str | None,
+    ) -> None:
+        reported_start, due = self.next_report.get(probe, (0.0, 0.0))
+        if reported_start != start:
+            due = self.threshold
+        if elapsed < due:
+            return
+        self.next_report[probe] = (start, min(max(due * 2, elapsed), due + MAX_REPORT_INTERVAL))
+        owner = getattr(callback, "__self__", None)
+        task = owner if isinstance(owner, TASK_TYPES) else None
+        probe.events.loop_blocked(
+            probe.label,
+            elapsed,
+            self.threshold,
+            callback,
+            task,
+            blocking_stack=stack,
+            location=location,
+        )
+
+
+_watchdogs: weakref.WeakSet[Watchdog] = weakref.WeakSet()
+
+
+def register_for_fork(watchdog: Watchdog) -> None:
+    """Restart ``watchdog`` in a child process after ``os.fork()`` (gunicorn --preload)."""
+    _watchdogs.add(watchdog)
+
+
+def _restart_after_fork() -> None:
+    for watchdog in list(_watchdogs):
+        if not watchdog.stopped.is_set():
+            watchdog.start()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_restart_after_fork)

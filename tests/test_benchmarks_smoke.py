@@ -1,0 +1,38 @@
+"""The benchmark's quick mode runs to its table (a smoke test: no figure is checked)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.skipif(not (ROOT / "benchmarks" / "__main__.py").exists(), reason="no benchmarks/")
+def test_quick_mode_prints_the_table() -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks",
+            "--quick",
+            "--only",
+            "storm,accuracy,scrape",
+            "--python",
+            sys.executable,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    assert "| workload" in out and "| loop" in out, out
+    assert "task-step storm" in out and "uninstrumented" in out, out
+    assert "accuracy" in out and "scrape" in out, out
+    assert "targets:" in out, out

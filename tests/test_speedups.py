@@ -1,0 +1,428 @@
+"""The optional C accelerator (loopscope._speedups) against the pure-Python path.
+
+Both paths run in this one process: ``_probe.speedups`` is what new loops' hooks use, so
+each test picks a path by setting it before the loop is made.  These tests need the
+extension built; the rest of the suite runs on whichever path the process selected
+(``LOOPSCOPE_PURE_PYTHON=1`` forces the pure one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+from structlog.testing import capture_logs
+
+import loopscope
+from loopscope import _installation, _probe
+from loopscope._stats import LoopStats
+
+from .conftest import make_loop
+
+speedups = pytest.importorskip("loopscope._speedups")
+
+PATHS = ["c", "pure"]
+HIST = "asyncio_loop_callback_duration_seconds"
+
+
+@pytest.fixture(name="path", params=PATHS)
+def fixture_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Select the C or the pure-Python hooks for loops made in this test."""
+    monkeypatch.setattr(_probe, "speedups", speedups if request.param == "c" else None)
+    return str(request.param)
+
+
+def _figures(registry: CollectorRegistry, label: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for name in (
+        "asyncio_loop_task_steps_total",
+        "asyncio_loop_slow_callbacks_total",
+        "asyncio_tasks_created_total",
+    ):
+        out[name] = registry.get_sample_value(name, {"loop": label}) or 0.0
+    out["callbacks"] = registry.get_sample_value(HIST + "_count", {"loop": label}) or 0.0
+    out["delays"] = (
+        registry.get_sample_value("asyncio_loop_schedule_delay_seconds_count", {"loop": label})
+        or 0.0
+    )
+    return out
+
+
+def _workload(loop_kind: str, registry: CollectorRegistry) -> tuple[dict[str, float], list[Any]]:
+    loopscope.install(registry=registry, loop_name="w", slow_threshold=0.02)
+    loop = make_loop(loop_kind)
+    ran: list[int] = []
+
+    async def worker(n: int) -> None:
+        for _ in range(n):
+            await asyncio.sleep(0)
+
+    def plain(i: int) -> None:
+        ran.append(i)
+
+    def slow() -> None:
+        time.sleep(0.03)
+
+    async def main() -> None:
+        running = asyncio.get_running_loop()
+        for i in range(50):
+            running.call_soon(plain, i)
+        running.call_later(0.001, plain, -1)
+        running.call_at(running.time() + 0.001, plain, -2)
+        running.call_soon(slow)
+        await asyncio.gather(*(worker(20) for _ in range(10)))
+        await asyncio.sleep(0.01)
+
+    try:
+        with capture_logs() as logs:
+            loop.run_until_complete(main())
+        figures = _figures(registry, "w")
+    finally:
+        loop.close()
+        loopscope.uninstall()
+    assert len(ran) == 52
+    events = [
+        {k: v for k, v in e.items() if k not in ("duration", "blocking_stack", "location")}
+        for e in logs
+        if e.get("event") == "slow_callback"
+    ]
+    return figures, events
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_same_figures_and_events_on_both_paths(
+    loop_kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    results = {}
+    for path in PATHS:
+        monkeypatch.setattr(_probe, "speedups", speedups if path == "c" else None)
+        results[path] = _workload(loop_kind, CollectorRegistry())
+    c_figures, c_events = results["c"]
+    pure_figures, pure_events = results["pure"]
+    assert c_figures == pure_figures
+    assert c_figures["asyncio_loop_task_steps_total"] >= 200
+    assert c_figures["asyncio_loop_slow_callbacks_total"] == 1
+    assert c_events == pure_events and len(c_events) == 1
+
+
+def test_hooks_are_the_c_ones(path: str, loop_kind: str, registry: CollectorRegistry) -> None:
+    loopscope.install(registry=registry)
+    loop = make_loop(loop_kind)
+    try:
+        name = "call_soon" if loop_kind == "uvloop" else "_call_soon"
+        hook = loop.__dict__[name]
+        kinds = (speedups.Intercept, speedups.CallSoon)
+        assert isinstance(hook, kinds) == (path == "c")
+    finally:
+        loop.close()
+
+
+def test_recorder_matches_after_step() -> None:
+    """Recorder.record + flush gives the figures LoopProbe.after_step writes."""
+
+    class FakeProbe:
+        pass
+
+    task_types = (asyncio.Task,)
+    recorder = speedups.Recorder(FakeProbe(), time.monotonic, 100.0, True, task_types)
+    stats = LoopStats()
+    expected = LoopStats()
+    samples = [0.0, 0.00001, 0.0000100001, 0.003, 0.5, 10.0, 11.0, 2e-7]
+    from bisect import bisect_left
+
+    from loopscope._stats import BUCKETS
+
+    for i, duration in enumerate(samples):
+        ready, start = 100.0 + i, 100.5 + i
+        end = start + duration
+        recorder.record(print, ready, start, end)
+        duration = end - start
+        expected.callback_duration.counts[bisect_left(BUCKETS, duration)] += 1
+        expected.callback_duration.total += duration
+        expected.schedule_delay.counts[bisect_left(BUCKETS, 0.5)] += 1
+        expected.schedule_delay.total += 0.5
+        expected.busy_seconds += duration
+    assert recorder.pending()
+    recorder.flush(stats)
+    assert not recorder.pending()
+    assert stats.callback_duration.counts == expected.callback_duration.counts
+    assert stats.schedule_delay.counts == expected.schedule_delay.counts
+    assert stats.callback_duration.total == pytest.approx(expected.callback_duration.total)
+    assert stats.busy_seconds == pytest.approx(expected.busy_seconds)
+    assert stats.task_steps == 0
+
+
+def test_step_markers(path: str, loop_kind: str, registry: CollectorRegistry) -> None:
+    """The watchdog's markers: current_start/current_callback during a step, 0.0 after."""
+    loopscope.install(registry=registry)
+    loop = make_loop(loop_kind)
+    seen: list[tuple[float, object]] = []
+
+    def callback() -> None:
+        probe = _installation.current().probe_for(loop)  # type: ignore[union-attr]
+        assert probe is not None
+        seen.append((probe.current_start, probe.current_callback))
+
+    async def main() -> None:
+        asyncio.get_running_loop().call_soon(callback)
+        await asyncio.sleep(0)
+
+    try:
+        loop.run_until_complete(main())
+        probe = _installation.current().probe_for(loop)  # type: ignore[union-attr]
+        assert probe is not None
+        assert seen and seen[0][0] > 0.0 and seen[0][1] is callback
+        assert probe.current_start == 0.0 and probe.current_callback is None
+    finally:
+        loop.close()
+
+
+def test_exceptions_and_repr_reach_the_app(
+    path: str, loop_kind: str, registry: CollectorRegistry
+) -> None:
+    loopscope.install(registry=registry)
+    loop = make_loop(loop_kind)
+    caught: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: caught.append(context))
+    error = ValueError("boom")
+
+    def fails() -> None:
+        raise error
+
+    async def main() -> None:
+        asyncio.get_running_loop().call_soon(fails)
+        await asyncio.sleep(0.001)
+
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+    assert len(caught) == 1 and caught[0]["exception"] is error
+    assert "fails" in repr(caught[0]["handle"])
+    if path == "c" and loop_kind == "uvloop":
+        wrapped = speedups.TimedCallback(fails, _any_recorder(), 0.0)
+        assert repr(wrapped) == repr(fails)
+
+
+def _any_recorder() -> Any:
+    class FakeProbe:
+        pass
+
+    return speedups.Recorder(FakeProbe(), time.monotonic, 1.0, False, (asyncio.Task,))
+
+
+def test_odd_calls_raise_what_the_pure_path_raises(
+    loop_kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    messages: dict[str, list[str]] = {}
+    for path in PATHS:
+        monkeypatch.setattr(_probe, "speedups", speedups if path == "c" else None)
+        loopscope.install(registry=CollectorRegistry())
+        loop = make_loop(loop_kind)
+        got = messages[path] = []
+        calls: list[Callable[[Any], object]] = [
+            lambda lp: lp.call_soon(),
+            lambda lp: lp.call_soon(print, 1, bogus=2),
+            lambda lp: lp.call_later("soon", print),
+            lambda lp: lp.call_later(None, print),
+        ]
+        for call in calls:
+            try:
+                call(loop)
+                got.append("ok")
+            except Exception as exc:
+                got.append(f"{type(exc).__name__}: {exc}")
+        loop.close()
+        loopscope.uninstall()
+    assert messages["c"] == messages["pure"]
+
+
+def test_call_soon_threadsafe_from_threads(
+    path: str, loop_kind: str, registry: CollectorRegistry
+) -> None:
+    loopscope.install(registry=registry, loop_name="t")
+    loop = make_loop(loop_kind)
+    per_thread, threads = 2000, 4
+    hits: list[int] = []
+
+    async def main() -> None:
+        done = asyncio.get_running_loop().create_future()
+
+        def hit() -> None:
+            hits.append(1)
+            if len(hits) == per_thread * threads and not done.done():
+                done.set_result(None)
+
+        def feed() -> None:
+            for _ in range(per_thread):
+                loop.call_soon_threadsafe(hit)
+
+        workers = [threading.Thread(target=feed) for _ in range(threads)]
+        for w in workers:
+            w.start()
+        await done
+        for w in workers:
+            w.join()
+
+    # the schedule-delay histogram counts scheduled callbacks only (not the self-pipe's
+    # I/O callbacks that each wake-up from another thread runs)
+    delays = "asyncio_loop_schedule_delay_seconds_count"
+    before = registry.get_sample_value(delays, {"loop": "t"}) or 0.0
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+    after = registry.get_sample_value(delays, {"loop": "t"}) or 0.0
+    assert len(hits) == per_thread * threads
+    # every one of them was timed, plus the few steps of main() and the loop's own
+    assert per_thread * threads <= after - before <= per_thread * threads + 20
+
+
+def test_scrape_from_another_thread_while_running(
+    path: str, loop_kind: str, registry: CollectorRegistry
+) -> None:
+    """Scrapes during the run (which fold the C figures in) lose and double nothing."""
+    loopscope.install(registry=registry, loop_name="s")
+    loop = make_loop(loop_kind)
+    stop = threading.Event()
+    seen: list[float] = []
+
+    def scraper() -> None:
+        while not stop.is_set():
+            seen.append(
+                registry.get_sample_value("asyncio_loop_task_steps_total", {"loop": "s"}) or 0.0
+            )
+
+    async def worker() -> None:
+        for _ in range(2000):
+            await asyncio.sleep(0)
+
+    async def storm() -> None:
+        await asyncio.gather(*(worker() for _ in range(10)))
+
+    thread = threading.Thread(target=scraper)
+    thread.start()
+    try:
+        loop.run_until_complete(storm())
+    finally:
+        stop.set()
+        thread.join()
+        loop.close()
+    assert seen == sorted(seen)
+    total = registry.get_sample_value("asyncio_loop_task_steps_total", {"loop": "s"})
+    assert total == 10 * 2001 + 2  # the workers' steps and storm()'s two
+
+
+def _refcount_workload(loop: asyncio.AbstractEventLoop, callback: Any, arg: Any, n: int) -> None:
+    async def main() -> None:
+        running = asyncio.get_running_loop()
+        for _ in range(n):
+            running.call_soon(callback, arg)
+            running.call_later(0.0, callback, arg)
+        threading.Thread(
+            target=lambda: [loop.call_soon_threadsafe(callback, arg) for _ in range(n)]
+        ).start()
+        while callback.calls < 3 * n:
+            await asyncio.sleep(0.001)
+
+    loop.run_until_complete(main())
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_no_reference_leaks(
+    loop_kind: str, monkeypatch: pytest.MonkeyPatch, registry: CollectorRegistry
+) -> None:
+    monkeypatch.setattr(_probe, "speedups", speedups)
+    loopscope.install(registry=registry)
+    loop = make_loop(loop_kind)
+    loop.set_exception_handler(lambda _l, _c: None)
+
+    class Callback:
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def __call__(self, arg: object) -> None:
+            self.calls += 1
+            if self.calls % 7 == 0:
+                raise KeyError(arg)  # the exception path must not leak either
+
+    arg = object()
+    try:
+        warm = Callback()
+        _refcount_workload(loop, warm, arg, 200)
+        gc.collect()
+        callback = Callback()
+        counts = (sys.getrefcount(callback), sys.getrefcount(arg))
+        objects = len(gc.get_objects())
+        _refcount_workload(loop, callback, arg, 3000)
+        gc.collect()
+        assert (sys.getrefcount(callback), sys.getrefcount(arg)) == counts
+        assert len(gc.get_objects()) - objects < 1000  # 9000 callbacks ran
+        total = getattr(sys, "gettotalrefcount", None)
+        if total is not None:  # debug builds of CPython
+            before = total()
+            _refcount_workload(loop, callback, arg, 3000)
+            gc.collect()
+            assert total() - before < 200
+    finally:
+        loop.close()
+
+
+def test_c_objects_are_collected(path: str, loop_kind: str, registry: CollectorRegistry) -> None:
+    """A closed, dropped loop takes its C hooks and recorder with it (they are GC-aware)."""
+    import weakref
+
+    loopscope.install(registry=registry)
+    loop = make_loop(loop_kind)
+    loop.run_until_complete(asyncio.sleep(0))
+    probe = _installation.current().probe_for(loop)  # type: ignore[union-attr]
+    ref = weakref.ref(probe)
+    loop.close()
+    del loop, probe
+    gc.collect()
+    assert ref() is None
+
+
+@pytest.mark.parametrize("value", ["1", "true"])
+def test_pure_python_forced_by_the_variable(value: str) -> None:
+    code = "from loopscope import _probe; print(_probe.speedups is None)"
+    env = dict(os.environ, LOOPSCOPE_PURE_PYTHON=value)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "True"
+    env.pop("LOOPSCOPE_PURE_PYTHON")
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "False"
+
+
+def test_debug_source_traceback_ends_at_the_caller(
+    path: str, loop_kind: str, registry: CollectorRegistry
+) -> None:
+    """In debug mode a handle's _source_traceback ends at the line that called call_soon."""
+    if loop_kind == "uvloop":
+        pytest.skip("uvloop's handles keep no Python source traceback here")
+    loopscope.install(registry=registry)
+    loop = make_loop(loop_kind)
+    loop.set_debug(True)
+    try:
+
+        def schedule_here() -> Any:
+            return loop.call_soon(print)
+
+        handle = schedule_here()
+        assert handle._source_traceback[-1][2] == "schedule_here"
+        handle.cancel()
+    finally:
+        loop.close()
