@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
@@ -39,6 +40,16 @@ def pytest_asyncio_loop_factories(
 def fixture_loop_kind(request: pytest.FixtureRequest) -> str:
     """The loop implementation under test."""
     return str(request.param)
+
+
+@pytest.fixture(name="busy_port")
+def fixture_busy_port() -> Iterator[int]:
+    """A loopback port that is already taken."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    yield sock.getsockname()[1]
+    sock.close()
 
 
 @pytest.fixture(name="registry")

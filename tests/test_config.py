@@ -4,8 +4,6 @@ half-installed."""
 from __future__ import annotations
 
 import asyncio
-import socket
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -19,16 +17,6 @@ def _assert_nothing_installed(registry: CollectorRegistry, init: Any) -> None:
     assert _installation.current() is None
     assert asyncio.BaseEventLoop.__dict__["__init__"] is init
     assert list(registry.collect()) == []
-
-
-@pytest.fixture(name="busy_port")
-def fixture_busy_port() -> Iterator[int]:
-    """A loopback port that is already taken."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen()
-    yield sock.getsockname()[1]
-    sock.close()
 
 
 class TestBadKeywords:

@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 import yaml
 
+from .promql import metric_names
+
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARDS_DIR = ROOT / "grafana" / "dashboards"
 PROVISIONING_DIR = ROOT / "grafana" / "provisioning"
@@ -61,28 +63,6 @@ SAMPLE_VARIABLES = {
     "$executor": "default",
 }
 PANEL_TYPES = {"row", "timeseries", "stat", "table", "heatmap", "bargauge", "gauge", "text"}
-_KEYWORDS = {
-    "by", "without", "on", "ignoring", "group_left", "group_right", "bool",
-    "and", "or", "unless", "offset", "inf", "nan",
-}  # fmt: skip
-
-
-def metric_names(expr: str) -> set[str]:
-    """Names of the series a PromQL expression selects (function names and labels left out)."""
-    text = re.sub(r"#[^\n]*", " ", expr)
-    text = re.sub(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`', '""', text)
-    text = re.sub(r"\{[^{}]*\}", " ", text)
-    text = re.sub(r"\[[^\]]*\]", " ", text)
-    text = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^()]*\)", " ", text)
-    text = re.sub(r"\boffset\s+-?[0-9a-z]+", " ", text)
-    text = re.sub(r"(?<![\w:])\d[\w.]*(?:[eE][+-]?\d+)?", " ", text)
-    names = set()
-    for match in re.finditer(r"[A-Za-z_:][\w:]*", text):
-        name = match.group()
-        if name.lower() in _KEYWORDS or text[match.end() :].lstrip().startswith("("):
-            continue
-        names.add(name)
-    return names
 
 
 def selectors(expr: str) -> Iterator[tuple[str, str]]:

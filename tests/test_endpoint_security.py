@@ -40,22 +40,53 @@ class Pki:
         self.client_key, self.client_cert = root / "client.key", root / "client.pem"
         self.other_ca_cert = root / "other-ca.pem"
         # Extensions that strict X.509 verification (Python 3.13's default) requires.
-        ca_ext = ["-addext", "basicConstraints=critical,CA:TRUE",
-                  "-addext", "keyUsage=critical,keyCertSign,cRLSign",
-                  "-addext", "subjectKeyIdentifier=hash"]
-        self._openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-                      "-subj", "/CN=loopscope test CA", *ca_ext, "-keyout", self.ca_key,
-                      "-out", self.ca_cert)
-        self._openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-                      "-subj", "/CN=unrelated CA", *ca_ext, "-keyout", root / "other-ca.key",
-                      "-out", self.other_ca_cert)
-        self._leaf("server", "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
-                             "extendedKeyUsage=serverAuth")
+        ca_ext = [
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+            "-addext",
+            "subjectKeyIdentifier=hash",
+        ]
+        self._openssl(
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=loopscope test CA",
+            *ca_ext,
+            "-keyout",
+            self.ca_key,
+            "-out",
+            self.ca_cert,
+        )
+        self._openssl(
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=unrelated CA",
+            *ca_ext,
+            "-keyout",
+            root / "other-ca.key",
+            "-out",
+            self.other_ca_cert,
+        )
+        self._leaf(
+            "server", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth"
+        )
         self._leaf("client", "extendedKeyUsage=clientAuth")
 
     def _openssl(self, *args: object) -> None:
-        subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True,
-                       timeout=60)
+        subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True, timeout=60)
 
     def _leaf(self, name: str, extension: str) -> None:
         key, csr, cert = (self.root / f"{name}.{ext}" for ext in ("key", "csr", "pem"))
@@ -65,10 +96,35 @@ class Pki:
             "keyUsage=critical,digitalSignature,keyEncipherment\n"
             "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid,issuer\n"
         )
-        self._openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
-                      "-keyout", key, "-out", csr)
-        self._openssl("x509", "-req", "-in", csr, "-CA", self.ca_cert, "-CAkey", self.ca_key,
-                      "-CAcreateserial", "-days", "2", "-extfile", ext_file, "-out", cert)
+        self._openssl(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            f"/CN={name}",
+            "-keyout",
+            key,
+            "-out",
+            csr,
+        )
+        self._openssl(
+            "x509",
+            "-req",
+            "-in",
+            csr,
+            "-CA",
+            self.ca_cert,
+            "-CAkey",
+            self.ca_key,
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            ext_file,
+            "-out",
+            cert,
+        )
 
     def client_context(self, with_cert: bool = False) -> ssl.SSLContext:
         """A client context that trusts the test CA (and presents the client certificate)."""
@@ -189,8 +245,10 @@ class TestTls:
     def test_https_scrape(self, registry: CollectorRegistry, run: Run, pki: Pki) -> None:
         """A client that trusts the CA scrapes over HTTPS."""
         installation = loopscope.install(
-            registry=registry, port=0,
-            tls_certfile=str(pki.server_cert), tls_keyfile=str(pki.server_key),
+            registry=registry,
+            port=0,
+            tls_certfile=str(pki.server_cert),
+            tls_keyfile=str(pki.server_key),
         )
         run(_some_work)
         assert installation.port is not None
@@ -200,8 +258,10 @@ class TestTls:
     def test_plain_http_gets_no_metrics(self, registry: CollectorRegistry, pki: Pki) -> None:
         """A plain-HTTP request to the TLS endpoint is refused without any metric."""
         installation = loopscope.install(
-            registry=registry, port=0,
-            tls_certfile=str(pki.server_cert), tls_keyfile=str(pki.server_key),
+            registry=registry,
+            port=0,
+            tls_certfile=str(pki.server_cert),
+            tls_keyfile=str(pki.server_key),
         )
         assert installation.port is not None
         with socket.create_connection(("127.0.0.1", installation.port), timeout=TIMEOUT) as raw:
@@ -229,8 +289,10 @@ class TestTls:
     def test_silent_client_blocks_nobody(self, registry: CollectorRegistry, pki: Pki) -> None:
         """A connection that never starts its handshake does not hold up other scrapers."""
         installation = loopscope.install(
-            registry=registry, port=0,
-            tls_certfile=str(pki.server_cert), tls_keyfile=str(pki.server_key),
+            registry=registry,
+            port=0,
+            tls_certfile=str(pki.server_cert),
+            tls_keyfile=str(pki.server_key),
         )
         assert installation.port is not None
         with socket.create_connection(("127.0.0.1", installation.port), timeout=TIMEOUT):
@@ -240,8 +302,10 @@ class TestTls:
     def test_client_certificate_required(self, registry: CollectorRegistry, pki: Pki) -> None:
         """With tls_client_cafile, only clients with a certificate from that CA get in."""
         installation = loopscope.install(
-            registry=registry, port=0,
-            tls_certfile=str(pki.server_cert), tls_keyfile=str(pki.server_key),
+            registry=registry,
+            port=0,
+            tls_certfile=str(pki.server_cert),
+            tls_keyfile=str(pki.server_key),
             tls_client_cafile=str(pki.ca_cert),
         )
         assert installation.port is not None
@@ -253,8 +317,10 @@ class TestTls:
     def test_client_from_other_ca_refused(self, registry: CollectorRegistry, pki: Pki) -> None:
         """A client certificate the configured CA did not sign is refused."""
         installation = loopscope.install(
-            registry=registry, port=0,
-            tls_certfile=str(pki.server_cert), tls_keyfile=str(pki.server_key),
+            registry=registry,
+            port=0,
+            tls_certfile=str(pki.server_cert),
+            tls_keyfile=str(pki.server_key),
             tls_client_cafile=str(pki.other_ca_cert),
         )
         assert installation.port is not None
@@ -276,39 +342,70 @@ class TestTlsOptionErrors:
         junk = tmp_path / "junk.pem"
         junk.write_text("not a certificate\n")
         with pytest.raises(loopscope.ConfigError, match="tls_certfile"):
-            loopscope.install(registry=registry, port=0, tls_certfile=str(junk),
-                              tls_keyfile=str(pki.server_key))
+            loopscope.install(
+                registry=registry, port=0, tls_certfile=str(junk), tls_keyfile=str(pki.server_key)
+            )
         assert _nothing_installed(registry)
 
     def test_key_does_not_match(self, registry: CollectorRegistry, pki: Pki) -> None:
         """A key of another certificate is refused."""
         with pytest.raises(loopscope.ConfigError, match="tls_keyfile"):
-            loopscope.install(registry=registry, port=0, tls_certfile=str(pki.server_cert),
-                              tls_keyfile=str(pki.client_key))
+            loopscope.install(
+                registry=registry,
+                port=0,
+                tls_certfile=str(pki.server_cert),
+                tls_keyfile=str(pki.client_key),
+            )
         assert _nothing_installed(registry)
 
     def test_encrypted_key(self, registry: CollectorRegistry, pki: Pki, tmp_path: Path) -> None:
         """A passphrase-protected key is refused at once, without prompting for it."""
         key, cert = tmp_path / "enc.key", tmp_path / "enc.pem"
         subprocess.run(
-            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-passout", "pass:secret",
-             "-days", "1", "-subj", "/CN=enc", "-keyout", str(key), "-out", str(cert)],
-            check=True, capture_output=True, timeout=60, stdin=subprocess.DEVNULL,
+            [
+                "openssl",
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-passout",
+                "pass:secret",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=enc",
+                "-keyout",
+                str(key),
+                "-out",
+                str(cert),
+            ],
+            check=True,
+            capture_output=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
         )
         with pytest.raises(loopscope.ConfigError, match="encrypted"):
-            loopscope.install(registry=registry, port=0, tls_certfile=str(cert),
-                              tls_keyfile=str(key))
+            loopscope.install(
+                registry=registry, port=0, tls_certfile=str(cert), tls_keyfile=str(key)
+            )
         assert _nothing_installed(registry)
 
     def test_missing_file_from_environment(
-        self, registry: CollectorRegistry, pki: Pki, monkeypatch: pytest.MonkeyPatch,
+        self,
+        registry: CollectorRegistry,
+        pki: Pki,
+        monkeypatch: pytest.MonkeyPatch,
         tmp_path: Path,
     ) -> None:
         """A variable naming a missing file is reported by its variable name."""
         monkeypatch.setenv("LOOPSCOPE_TLS_CLIENT_CAFILE", str(tmp_path / "absent.pem"))
         with pytest.raises(loopscope.ConfigError, match="LOOPSCOPE_TLS_CLIENT_CAFILE"):
-            loopscope.install(registry=registry, port=0, tls_certfile=str(pki.server_cert),
-                              tls_keyfile=str(pki.server_key))
+            loopscope.install(
+                registry=registry,
+                port=0,
+                tls_certfile=str(pki.server_cert),
+                tls_keyfile=str(pki.server_key),
+            )
         assert _nothing_installed(registry)
 
     def test_bad_client_ca(self, registry: CollectorRegistry, pki: Pki, tmp_path: Path) -> None:
@@ -316,8 +413,13 @@ class TestTlsOptionErrors:
         junk = tmp_path / "ca.pem"
         junk.write_text("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
         with pytest.raises(loopscope.ConfigError, match="tls_client_cafile"):
-            loopscope.install(registry=registry, port=0, tls_certfile=str(pki.server_cert),
-                              tls_keyfile=str(pki.server_key), tls_client_cafile=str(junk))
+            loopscope.install(
+                registry=registry,
+                port=0,
+                tls_certfile=str(pki.server_cert),
+                tls_keyfile=str(pki.server_key),
+                tls_client_cafile=str(junk),
+            )
         assert _nothing_installed(registry)
 
     def test_client_ca_without_tls(self, registry: CollectorRegistry, pki: Pki) -> None:
@@ -334,8 +436,10 @@ class TestBasicAuth:
     def fixture_port(self, registry: CollectorRegistry, run: Run) -> int:
         """An endpoint that wants user "prom" with password "s3cret:with colon"."""
         installation = loopscope.install(
-            registry=registry, port=0,
-            basic_auth_username="prom", basic_auth_password="s3cret:with colon",
+            registry=registry,
+            port=0,
+            basic_auth_username="prom",
+            basic_auth_password="s3cret:with colon",
         )
         run(_some_work)
         assert installation.port is not None
@@ -390,9 +494,12 @@ class TestBasicAuth:
     def test_with_tls(self, registry: CollectorRegistry, pki: Pki) -> None:
         """Basic authentication and TLS work together."""
         installation = loopscope.install(
-            registry=registry, port=0,
-            tls_certfile=str(pki.server_cert), tls_keyfile=str(pki.server_key),
-            basic_auth_username="prom", basic_auth_password="pw",
+            registry=registry,
+            port=0,
+            tls_certfile=str(pki.server_cert),
+            tls_keyfile=str(pki.server_key),
+            basic_auth_username="prom",
+            basic_auth_password="pw",
         )
         assert installation.port is not None
         context = pki.client_context()

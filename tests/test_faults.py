@@ -7,8 +7,7 @@ import asyncio
 import http.client
 import io
 import logging
-import socket
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import pytest
@@ -60,16 +59,6 @@ class RaisingCollector(Collector):
         raise Broken("collector of another library")
 
 
-@pytest.fixture(name="busy_port")
-def fixture_busy_port() -> Iterator[int]:
-    """A loopback port that is already taken."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen()
-    yield sock.getsockname()[1]
-    sock.close()
-
-
 class TestRegistryAndCollectorFaults:
     """A failing scrape fails alone."""
 
@@ -100,7 +89,10 @@ class TestRegistryAndCollectorFaults:
         assert status == 200 and b"asyncio_loop_task_steps_total" in body
 
     def test_loopscope_collector_fault(
-        self, registry: CollectorRegistry, run: Run, caplog: pytest.LogCaptureFixture,
+        self,
+        registry: CollectorRegistry,
+        run: Run,
+        caplog: pytest.LogCaptureFixture,
         monkeypatch: pytest.MonkeyPatch,
     ) -> None:
         """loopscope's own collector failing leaves the rest of the exposition served."""
@@ -177,7 +169,10 @@ class TestHookFaults:
     """Faults in loopscope's per-loop bookkeeping switch that loop's measurement off."""
 
     def test_heartbeat_fault(
-        self, registry: CollectorRegistry, run: Run, caplog: pytest.LogCaptureFixture,
+        self,
+        registry: CollectorRegistry,
+        run: Run,
+        caplog: pytest.LogCaptureFixture,
         monkeypatch: pytest.MonkeyPatch,
     ) -> None:
         """A heartbeat that cannot re-arm is reported once; the program's results are intact."""
@@ -210,8 +205,12 @@ class TestHookFaults:
 
     @pytest.mark.parametrize("where", ["on_run_start", "on_run_stop"])
     def test_run_bookkeeping_fault(
-        self, registry: CollectorRegistry, loop_kind: str, caplog: pytest.LogCaptureFixture,
-        monkeypatch: pytest.MonkeyPatch, where: str,
+        self,
+        registry: CollectorRegistry,
+        loop_kind: str,
+        caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch,
+        where: str,
     ) -> None:
         """A fault when the loop starts or stops running never reaches run_until_complete."""
         loopscope.install(registry=registry)
@@ -234,7 +233,10 @@ class TestHookFaults:
         assert len(_loopscope_errors(caplog)) == 1
 
     def test_close_bookkeeping_fault(
-        self, registry: CollectorRegistry, loop_kind: str, caplog: pytest.LogCaptureFixture,
+        self,
+        registry: CollectorRegistry,
+        loop_kind: str,
+        caplog: pytest.LogCaptureFixture,
         monkeypatch: pytest.MonkeyPatch,
     ) -> None:
         """A fault while folding a closed loop's figures never reaches loop.close()."""
@@ -256,14 +258,16 @@ class TestWatchdogFaults:
     """The watchdog thread dying is logged once; loops go on and slow steps are still counted."""
 
     def test_watchdog_dies(
-        self, registry: CollectorRegistry, run: Run, caplog: pytest.LogCaptureFixture,
+        self,
+        registry: CollectorRegistry,
+        run: Run,
+        caplog: pytest.LogCaptureFixture,
         monkeypatch: pytest.MonkeyPatch,
     ) -> None:
         """A watchdog round that raises ends the thread with one error; counting goes on."""
         import time
 
-        installation = loopscope.install(registry=registry, slow_threshold=0.02,
-                                         slow_events=False)
+        installation = loopscope.install(registry=registry, slow_threshold=0.02, slow_events=False)
         watchdog = getattr(installation, "watchdog", None)
         if watchdog is None:
             pytest.skip("this build has no watchdog")

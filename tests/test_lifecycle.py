@@ -193,8 +193,16 @@ class TestUninstallWhileRunning:
         thread.join(TIMEOUT)
         assert not thread.is_alive()
         assert len(result) == 1 and result[0] >= sum(range(100))
-        assert not {"run_forever", "close", "create_task", "call_at", "_call_soon",
-                    "call_soon", "call_later", "call_soon_threadsafe"} & set(loop.__dict__)
+        assert not {
+            "run_forever",
+            "close",
+            "create_task",
+            "call_at",
+            "_call_soon",
+            "call_soon",
+            "call_later",
+            "call_soon_threadsafe",
+        } & set(loop.__dict__)
         selector = getattr(loop, "_selector", None)
         assert selector is None or type(selector).__name__ != "TimedSelector"
         loop.close()
@@ -214,8 +222,7 @@ def _series(registry: CollectorRegistry) -> list[tuple[str, tuple[tuple[str, str
 class TestBoundedMemory:
     """Many callbacks leave traced memory flat."""
 
-    def test_callbacks_leave_memory_flat(self, registry: CollectorRegistry, loop_kind: str
-                                         ) -> None:
+    def test_callbacks_leave_memory_flat(self, registry: CollectorRegistry, loop_kind: str) -> None:
         """50,000 callbacks after a warm-up grow traced memory by less than 64 KiB."""
         loopscope.install(registry=registry)
         loop = make_loop(loop_kind)
@@ -273,8 +280,7 @@ class TestBoundedCardinality:
         loops = {dict(labels).get("loop") for _name, labels in _series(registry)} - {None}
         assert len(loops) <= 6 and "other" in loops
 
-    def test_task_names_are_not_labels(self, registry: CollectorRegistry, loop_kind: str
-                                       ) -> None:
+    def test_task_names_are_not_labels(self, registry: CollectorRegistry, loop_kind: str) -> None:
         """Slow tasks named after request paths add no series, however many paths there are."""
         import time
 
@@ -306,8 +312,9 @@ class TestBoundedCardinality:
 
     def test_locations_capped(self, registry: CollectorRegistry, loop_kind: str) -> None:
         """Slow steps at 12 distinct code locations give at most max_locations + 1 values."""
-        loopscope.install(registry=registry, slow_threshold=0.03, slow_events=False,
-                          max_locations=3)
+        loopscope.install(
+            registry=registry, slow_threshold=0.03, slow_events=False, max_locations=3
+        )
         handlers = []
         for i in range(12):
             namespace: dict[str, Any] = {}

@@ -31,9 +31,13 @@ SETTINGS = settings(
 )
 
 _objects = st.one_of(
-    st.none(), st.booleans(), st.lists(st.integers(), max_size=2), st.dictionaries(
-        st.text(max_size=2), st.integers(), max_size=1
-    ), st.builds(object), st.binary(max_size=4), st.complex_numbers(allow_nan=False),
+    st.none(),
+    st.booleans(),
+    st.lists(st.integers(), max_size=2),
+    st.dictionaries(st.text(max_size=2), st.integers(), max_size=1),
+    st.builds(object),
+    st.binary(max_size=4),
+    st.complex_numbers(allow_nan=False),
 )
 
 
@@ -47,8 +51,11 @@ def _float_ok(text: str, upper: float) -> bool:
 
 def _seconds(upper: float) -> tuple[st.SearchStrategy[Any], st.SearchStrategy[str]]:
     bad_numbers = st.one_of(
-        st.floats(max_value=0.0), st.floats(min_value=upper, exclude_min=True),
-        st.just(math.nan), st.integers(max_value=0), st.integers(min_value=int(upper) + 1),
+        st.floats(max_value=0.0),
+        st.floats(min_value=upper, exclude_min=True),
+        st.just(math.nan),
+        st.integers(max_value=0),
+        st.integers(min_value=int(upper) + 1),
     )
     bad_text = st.text(max_size=12).filter(lambda t: not _float_ok(t, upper))
     return st.one_of(bad_numbers, bad_text, _objects.filter(lambda v: v is not None)), bad_text
@@ -57,15 +64,18 @@ def _seconds(upper: float) -> tuple[st.SearchStrategy[Any], st.SearchStrategy[st
 def _port_text_ok(text: str) -> bool:
     stripped = text.strip()
     return stripped == "" or (
-        stripped.isascii() and stripped.isdigit() and len(stripped) <= 5
-        and int(stripped) <= 65535
+        stripped.isascii() and stripped.isdigit() and len(stripped) <= 5 and int(stripped) <= 65535
     )
 
 
 def _cap_text_ok(text: str) -> bool:
     stripped = text.strip()
-    return (stripped.isascii() and stripped.isdigit() and len(stripped) <= 5
-            and 1 <= int(stripped) <= 10_000)
+    return (
+        stripped.isascii()
+        and stripped.isdigit()
+        and len(stripped) <= 5
+        and 1 <= int(stripped) <= 10_000
+    )
 
 
 _BOOL_WORDS = {"1", "0", "true", "false", "yes", "no", "on", "off"}
@@ -75,8 +85,14 @@ _missing_path = st.text(string.ascii_letters, min_size=1, max_size=10).map(
 _unprintable = st.text(min_size=1, max_size=5).map(lambda t: t + "\x07")
 
 _CAP = (
-    st.one_of(st.integers(max_value=0), st.integers(min_value=10_001), st.booleans(),
-              st.floats(), st.none(), st.text(max_size=7).filter(lambda t: not _cap_text_ok(t))),
+    st.one_of(
+        st.integers(max_value=0),
+        st.integers(min_value=10_001),
+        st.booleans(),
+        st.floats(),
+        st.none(),
+        st.text(max_size=7).filter(lambda t: not _cap_text_ok(t)),
+    ),
     st.text(max_size=7).filter(lambda t: not _cap_text_ok(t)),
 )
 
@@ -86,26 +102,41 @@ INVALID: dict[str, tuple[st.SearchStrategy[Any], st.SearchStrategy[str] | None]]
     "lag_interval": _seconds(60.0),
     "port": (
         st.one_of(
-            st.integers(max_value=-1), st.integers(min_value=65536), st.floats(),
-            st.booleans(), st.text(max_size=8).filter(lambda t: not _port_text_ok(t)),
+            st.integers(max_value=-1),
+            st.integers(min_value=65536),
+            st.floats(),
+            st.booleans(),
+            st.text(max_size=8).filter(lambda t: not _port_text_ok(t)),
         ),
         st.text(max_size=8).filter(lambda t: not _port_text_ok(t)),
     ),
     "addr": (
         st.one_of(
-            st.just(""), st.text(" \t\n", min_size=1, max_size=3),
-            st.text(max_size=5).map(lambda t: f"{t} x"), st.integers(), st.none(),
+            st.just(""),
+            st.text(" \t\n", min_size=1, max_size=3),
+            st.text(max_size=5).map(lambda t: f"{t} x"),
+            st.integers(),
+            st.none(),
         ),
         st.one_of(st.just(""), st.text(min_size=1, max_size=5).map(lambda t: f"a {t}")),
     ),
     "loop_name": (
-        st.one_of(st.just(""), st.text(min_size=129, max_size=140), _unprintable,
-                  st.integers(), st.booleans()),
+        st.one_of(
+            st.just(""),
+            st.text(min_size=129, max_size=140),
+            _unprintable,
+            st.integers(),
+            st.booleans(),
+        ),
         st.one_of(st.just(""), st.text(min_size=129, max_size=140), _unprintable),
     ),
     "slow_events": (
-        st.one_of(st.integers(), st.none(), st.floats(),
-                  st.text(max_size=6).filter(lambda t: t.strip().lower() not in _BOOL_WORDS)),
+        st.one_of(
+            st.integers(),
+            st.none(),
+            st.floats(),
+            st.text(max_size=6).filter(lambda t: t.strip().lower() not in _BOOL_WORDS),
+        ),
         st.text(max_size=6).filter(lambda t: t.strip().lower() not in _BOOL_WORDS),
     ),
     "max_loop_labels": _CAP,
@@ -119,11 +150,16 @@ INVALID: dict[str, tuple[st.SearchStrategy[Any], st.SearchStrategy[str] | None]]
     "tls_certfile": (st.one_of(_missing_path, st.integers(), st.just("a\x00b")), _missing_path),
     "tls_keyfile": (st.one_of(_missing_path, st.integers(), st.just("a\x00b")), _missing_path),
     "tls_client_cafile": (
-        st.one_of(_missing_path, st.integers(), st.just("a\x00b")), _missing_path
+        st.one_of(_missing_path, st.integers(), st.just("a\x00b")),
+        _missing_path,
     ),
     "basic_auth_username": (
-        st.one_of(st.text(max_size=5).map(lambda t: t + ":"), _unprintable,
-                  st.text(min_size=257, max_size=260), st.integers()),
+        st.one_of(
+            st.text(max_size=5).map(lambda t: t + ":"),
+            _unprintable,
+            st.text(min_size=257, max_size=260),
+            st.integers(),
+        ),
         st.one_of(st.text(max_size=5).map(lambda t: t + ":"), _unprintable),
     ),
     "basic_auth_password": (
@@ -231,13 +267,21 @@ class TestValidValues:
         as_text=st.booleans(),
     )
     def test_accepted(
-        self, loop_kind: str, slow: float, lag: float, cap: int, name: str | None,
-        events: str, as_text: bool,
+        self,
+        loop_kind: str,
+        slow: float,
+        lag: float,
+        cap: int,
+        name: str | None,
+        events: str,
+        as_text: bool,
     ) -> None:
         """Keyword and variable forms give the same Options; the loop runs measured."""
         env = {
-            "LOOPSCOPE_SLOW_THRESHOLD": repr(slow), "LOOPSCOPE_LAG_INTERVAL": repr(lag),
-            "LOOPSCOPE_MAX_LOOP_LABELS": f" {cap} ", "LOOPSCOPE_SLOW_EVENTS": events,
+            "LOOPSCOPE_SLOW_THRESHOLD": repr(slow),
+            "LOOPSCOPE_LAG_INTERVAL": repr(lag),
+            "LOOPSCOPE_MAX_LOOP_LABELS": f" {cap} ",
+            "LOOPSCOPE_SLOW_EVENTS": events,
         }
         if name is not None:
             env["LOOPSCOPE_LOOP_NAME"] = name
@@ -247,8 +291,11 @@ class TestValidValues:
                 installation = loopscope.install(registry=registry)
             else:
                 installation = loopscope.install(
-                    registry=registry, slow_threshold=slow, lag_interval=lag,
-                    max_loop_labels=cap, loop_name=name,
+                    registry=registry,
+                    slow_threshold=slow,
+                    lag_interval=lag,
+                    max_loop_labels=cap,
+                    loop_name=name,
                     slow_events=events.strip().lower() in {"1", "true", "yes", "on"},
                 )
             try:
@@ -261,9 +308,7 @@ class TestValidValues:
                 finally:
                     loop.close()
                 label = name if name is not None else threading.current_thread().name
-                steps = registry.get_sample_value(
-                    "asyncio_loop_task_steps_total", {"loop": label}
-                )
+                steps = registry.get_sample_value("asyncio_loop_task_steps_total", {"loop": label})
                 assert steps is not None and steps >= 1
             finally:
                 loopscope.uninstall()

@@ -13,6 +13,8 @@ from typing import Any
 import pytest
 import yaml
 
+from .promql import metric_names
+
 ROOT = Path(__file__).resolve().parent.parent
 RULES_DIR = ROOT / "prometheus" / "rules"
 RULE_TESTS_DIR = ROOT / "prometheus" / "tests"
@@ -57,28 +59,6 @@ _LEVEL_NAME = re.compile(
     r"^(?P<level>[a-z][a-z_]*):(?P<metric>[a-z][a-z0-9_]*):(?P<ops>[a-z0-9_]+)$"
 )
 _CAMEL_CASE = re.compile(r"^(?:[A-Z][a-z0-9]+)+$")
-_KEYWORDS = {
-    "by", "without", "on", "ignoring", "group_left", "group_right", "bool",
-    "and", "or", "unless", "offset", "inf", "nan",
-}  # fmt: skip
-
-
-def metric_names(expr: str) -> set[str]:
-    """Names of the series a PromQL expression selects (function names and labels left out)."""
-    text = re.sub(r"#[^\n]*", " ", expr)
-    text = re.sub(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`', '""', text)
-    text = re.sub(r"\{[^{}]*\}", " ", text)
-    text = re.sub(r"\[[^\]]*\]", " ", text)
-    text = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^()]*\)", " ", text)
-    text = re.sub(r"\boffset\s+-?[0-9a-z]+", " ", text)
-    text = re.sub(r"(?<![\w:])\d[\w.]*(?:[eE][+-]?\d+)?", " ", text)
-    names = set()
-    for match in re.finditer(r"[A-Za-z_:][\w:]*", text):
-        name = match.group()
-        if name.lower() in _KEYWORDS or text[match.end() :].lstrip().startswith("("):
-            continue
-        names.add(name)
-    return names
 
 
 def github_anchor(heading: str) -> str:

@@ -97,8 +97,9 @@ class TestThreadsafeScheduling:
         # main's first step, then exactly one observation per scheduled callback.
         assert counts[1] - counts[0] == 1 + THREADS * PER_THREAD
 
-    def test_scrape_and_loop_do_not_deadlock(self, loop_kind: str, registry: CollectorRegistry
-                                             ) -> None:
+    def test_scrape_and_loop_do_not_deadlock(
+        self, loop_kind: str, registry: CollectorRegistry
+    ) -> None:
         """Loops created, run and closed in 4 threads while scrapes run: all finish."""
         results: list[int] = []
         lock = threading.Lock()

@@ -31,7 +31,8 @@ __all__ = ["LoopCollector"]
 _BUCKET_NAMES: list[str] = [floatToGoString(b) for b in BUCKETS]  # type: ignore[no-untyped-call]
 
 
-def _buckets(hist: Histogram) -> list[tuple[str, float]]:
+def bucket_samples(hist: Histogram) -> list[tuple[str, float]]:
+    """Cumulative ``(le, count)`` pairs of ``hist``, +Inf last, for a HistogramMetricFamily."""
     out: list[tuple[str, float]] = []
     running = 0
     for name, count in zip(_BUCKET_NAMES, hist.counts, strict=False):
@@ -107,7 +108,7 @@ class LoopCollector(Collector):
             family = HistogramMetricFamily(name, doc, labels=labels)
             for label, stats in snapshots.items():
                 hist: Histogram = getattr(stats, attr)
-                family.add_metric([label], _buckets(hist), hist.total)
+                family.add_metric([label], bucket_samples(hist), hist.total)
             yield family
 
         counters = {

@@ -31,8 +31,8 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
-from prometheus_client.utils import floatToGoString
 
+from ._collector import bucket_samples
 from ._stats import BUCKETS, OVERFLOW_LABEL, Histogram
 
 if TYPE_CHECKING:
@@ -66,7 +66,6 @@ MAX_EXECUTOR_LABELS = 20
 # ThreadPoolExecutor names its threads "ThreadPoolExecutor-<n>" when given no prefix: a
 # counter per instance, which must not become a label value.
 _GENERATED_PREFIX = re.compile(r"ThreadPoolExecutor-\d+\Z")
-_BUCKET_NAMES: list[str] = [floatToGoString(b) for b in BUCKETS]  # type: ignore[no-untyped-call]
 
 
 class ExecutorStats:
@@ -309,17 +308,6 @@ def hook_loop(probe: LoopProbe, loop: asyncio.AbstractEventLoop) -> None:
     probe.patch(loop, "set_default_executor", set_default_executor)
 
 
-def _buckets(hist: Histogram) -> list[tuple[str, float]]:
-    out: list[tuple[str, float]] = []
-    running = 0
-    for name, count in zip(_BUCKET_NAMES, hist.counts, strict=False):
-        running += count
-        out.append((name, float(running)))
-    running += hist.counts[-1]
-    out.append(("+Inf", float(running)))
-    return out
-
-
 def executor_families(installation: Installation) -> Iterator[Metric]:
     """The ``asyncio_executor_*`` families of ``installation`` (read at scrape time)."""
     labels = ["loop", "executor"]
@@ -345,8 +333,8 @@ def executor_families(installation: Installation) -> Iterator[Metric]:
     )
     for (loop_label, executor), stats in book_for(installation).items():
         delay_hist, run_hist, busy_now, max_now = stats.snapshot()
-        queue_delay.add_metric([loop_label, executor], _buckets(delay_hist), delay_hist.total)
-        run_duration.add_metric([loop_label, executor], _buckets(run_hist), run_hist.total)
+        queue_delay.add_metric([loop_label, executor], bucket_samples(delay_hist), delay_hist.total)
+        run_duration.add_metric([loop_label, executor], bucket_samples(run_hist), run_hist.total)
         busy.add_metric([loop_label, executor], float(busy_now))
         maximum.add_metric([loop_label, executor], float(max_now))
     yield queue_delay

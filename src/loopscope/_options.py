@@ -164,9 +164,7 @@ def _parse_username(name: str, raw: object) -> str | None:
     if raw is None or raw == "":
         return None
     if not isinstance(raw, str) or len(raw) > 256 or ":" in raw or not raw.isprintable():
-        raise ConfigError(
-            f"{name} must be 1 to 256 printable characters without ':'; got {raw!r}"
-        )
+        raise ConfigError(f"{name} must be 1 to 256 printable characters without ':'; got {raw!r}")
     return raw
 
 
@@ -271,8 +269,7 @@ def _check_endpoint(options: Options, sources: Mapping[str, str]) -> None:
         )
     if (options.basic_auth_username is None) != (options.basic_auth_password is None):
         missing = (
-            "basic_auth_password" if options.basic_auth_password is None
-            else "basic_auth_username"
+            "basic_auth_password" if options.basic_auth_password is None else "basic_auth_username"
         )
         raise ConfigError(
             f"{source(missing)} is required: basic authentication needs both "

@@ -60,8 +60,9 @@ class _ThreadingServer(ThreadingMixIn, WSGIServer):
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A broken connection or failed handshake concerns that scraper only: not printed."""
-        _fallback.debug("loopscope: /metrics connection from %s failed", client_address,
-                        exc_info=True)
+        _fallback.debug(
+            "loopscope: /metrics connection from %s failed", client_address, exc_info=True
+        )
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -131,7 +132,8 @@ def _metrics_wsgi(
             if not failures:
                 _fallback.error(
                     "loopscope: building the /metrics exposition failed; answering 500 "
-                    "(logged once)", exc_info=(type(exc), exc, exc.__traceback__),
+                    "(logged once)",
+                    exc_info=(type(exc), exc, exc.__traceback__),
                 )
             failures.append(1)
             del failures[1:]
@@ -178,8 +180,7 @@ class MetricsServer:
                 except ConfigError as exc:  # the files changed since validation
                     raise OSError(str(exc)) from None
             if options.basic_auth_username is not None and options.basic_auth_password is not None:
-                credentials = _credentials(options.basic_auth_username,
-                                           options.basic_auth_password)
+                credentials = _credentials(options.basic_auth_username, options.basic_auth_password)
         self.httpd = make_server(
             addr,
             port,
