@@ -26,3 +26,26 @@ def metric_names(expr: str) -> set[str]:
             continue
         names.add(name)
     return names
+
+
+#: Series loopscope exports (histograms by their sample names); see the README's metric table.
+_HISTOGRAMS = (
+    "asyncio_loop_callback_duration_seconds",
+    "asyncio_loop_schedule_delay_seconds",
+    "asyncio_loop_lag_seconds",
+    "asyncio_executor_queue_delay_seconds",
+    "asyncio_executor_run_duration_seconds",
+)
+EXPORTED = {f"{h}{suffix}" for h in _HISTOGRAMS for suffix in ("_bucket", "_sum", "_count")} | {
+    "asyncio_loop_busy_seconds_total",
+    "asyncio_loop_task_steps_total",
+    "asyncio_loop_slow_callbacks_total",
+    "asyncio_loop_blocked_seconds_total",
+    "asyncio_loop_slow_callbacks_by_location_total",
+    "asyncio_tasks_created_total",
+    "asyncio_tasks",
+    "asyncio_loop_info",
+    "process_context_switches_total",
+    "asyncio_executor_workers_busy",
+    "asyncio_executor_workers_max",
+}

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from .promql import metric_names
+from .promql import EXPORTED, metric_names
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES_DIR = ROOT / "prometheus" / "rules"
@@ -33,27 +33,6 @@ REQUIRED_ALERTS = {
     "AsyncioExecutorSaturated",  # busy workers == max workers
 }
 
-#: Series loopscope exports (histograms by their sample names); see the README's metric table.
-_HISTOGRAMS = (
-    "asyncio_loop_callback_duration_seconds",
-    "asyncio_loop_schedule_delay_seconds",
-    "asyncio_loop_lag_seconds",
-    "asyncio_executor_queue_delay_seconds",
-    "asyncio_executor_run_duration_seconds",
-)
-EXPORTED = {f"{h}{suffix}" for h in _HISTOGRAMS for suffix in ("_bucket", "_sum", "_count")} | {
-    "asyncio_loop_busy_seconds_total",
-    "asyncio_loop_task_steps_total",
-    "asyncio_loop_slow_callbacks_total",
-    "asyncio_loop_blocked_seconds_total",
-    "asyncio_loop_slow_callbacks_by_location_total",
-    "asyncio_tasks_created_total",
-    "asyncio_tasks",
-    "asyncio_loop_info",
-    "process_context_switches_total",
-    "asyncio_executor_workers_busy",
-    "asyncio_executor_workers_max",
-}
 
 _LEVEL_NAME = re.compile(
     r"^(?P<level>[a-z][a-z_]*):(?P<metric>[a-z][a-z0-9_]*):(?P<ops>[a-z0-9_]+)$"
