@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
 import loopscope
-from loopscope import _installation, _probe
+from loopscope import _installation, _probe, _uvloop_hooks
 from loopscope._stats import LoopStats
 
 from .conftest import make_loop
@@ -126,6 +126,45 @@ def test_hooks_are_the_c_ones(path: str, loop_kind: str, registry: CollectorRegi
         loop.close()
 
 
+def test_uvloop_io_is_timed_in_c(path: str, registry: CollectorRegistry) -> None:
+    """On uvloop, protocol methods get the C I/O wrapper on the C path; on both paths a
+    slow data_received, which libuv calls directly, is measured as one slow step."""
+    loopscope.install(registry=registry, slow_threshold=0.02, slow_events=False)
+    loop = make_loop("uvloop")
+    seen: list[object] = []
+
+    class Echo(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport: Any = transport
+
+        def data_received(self, data: bytes) -> None:
+            seen.append(type(self.__dict__["data_received"]))
+            time.sleep(0.03)
+            self.transport.write(data)
+
+    async def main() -> None:
+        server = await loop.create_server(Echo, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"ping")
+        assert await reader.readexactly(4) == b"ping"
+        writer.close()
+        server.close()
+        await server.wait_closed()
+
+    try:
+        probe = _installation.current().probe_for(loop)  # type: ignore[union-attr]
+        assert probe is not None
+        loop.run_until_complete(main())
+        kind = speedups.TimedIO if path == "c" else _uvloop_hooks.TimedIO
+        assert seen == [kind]
+        assert probe.stats.slow_callbacks == 1
+        assert probe.stats.blocked_seconds >= 0.03
+        assert probe.marks.current_start == 0.0
+    finally:
+        loop.close()
+
+
 def test_recorder_matches_after_step() -> None:
     """Recorder.record + flush gives the figures LoopProbe.after_step writes."""
 
@@ -161,6 +200,27 @@ def test_recorder_matches_after_step() -> None:
     assert stats.task_steps == 0
 
 
+def test_recorder_markers_are_attributes() -> None:
+    """The recorder's step markers read and write like the probe's own attributes."""
+
+    class FakeProbe:
+        pass
+
+    recorder = speedups.Recorder(FakeProbe(), time.monotonic, 0.1, False, (asyncio.Task,))
+    assert recorder.current_start == 0.0 and recorder.current_callback is None
+    step = object()
+    before = sys.getrefcount(step)
+    recorder.current_start, recorder.current_callback = 12.5, step
+    assert recorder.current_start == 12.5 and recorder.current_callback is step
+    recorder.current_start, recorder.current_callback = 0.0, None
+    assert recorder.current_callback is None and sys.getrefcount(step) == before
+    with pytest.raises(TypeError):
+        recorder.current_start = "soon"
+    with pytest.raises(AttributeError):
+        del recorder.current_start
+    assert recorder.current_start == 0.0
+
+
 def test_step_markers(path: str, loop_kind: str, registry: CollectorRegistry) -> None:
     """The watchdog's markers: current_start/current_callback during a step, 0.0 after."""
     loopscope.install(registry=registry)
@@ -170,7 +230,7 @@ def test_step_markers(path: str, loop_kind: str, registry: CollectorRegistry) ->
     def callback() -> None:
         probe = _installation.current().probe_for(loop)  # type: ignore[union-attr]
         assert probe is not None
-        seen.append((probe.current_start, probe.current_callback))
+        seen.append((probe.marks.current_start, probe.marks.current_callback))
 
     async def main() -> None:
         asyncio.get_running_loop().call_soon(callback)
@@ -181,7 +241,9 @@ def test_step_markers(path: str, loop_kind: str, registry: CollectorRegistry) ->
         probe = _installation.current().probe_for(loop)  # type: ignore[union-attr]
         assert probe is not None
         assert seen and seen[0][0] > 0.0 and seen[0][1] is callback
-        assert probe.current_start == 0.0 and probe.current_callback is None
+        assert probe.marks.current_start == 0.0 and probe.marks.current_callback is None
+        # on the C path the markers are the recorder's, and the probe's own stay unused
+        assert (probe.marks is probe.recorder) == (path == "c")
     finally:
         loop.close()
 

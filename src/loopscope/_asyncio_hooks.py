@@ -55,7 +55,9 @@ def _timed_handle_classes(
     """Handle classes bound to one probe (a class attribute costs less than a slot).
 
     The three ``_run`` bodies are written out rather than shared through a helper: this is
-    the pure-Python hot path, and a shared helper would add a call to every step."""
+    the pure-Python hot path, and a shared helper would add a call to every step.  They run
+    only on that path (the C accelerator replaces ``_run``), where the watchdog's markers
+    are the probe's own attributes (``probe.marks is probe``)."""
 
     class Handle(events.Handle):
         __slots__ = ("_loopscope_ready",)

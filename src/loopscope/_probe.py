@@ -69,8 +69,11 @@ class LoopProbe:
         self.heartbeat_due = 0.0
         self.busy_mark: float | None = None
         # Read by the watchdog thread: the step running now (0.0 when none) and its callback.
+        # They are attributes of ``marks``: the probe itself on the pure-Python path, the C
+        # recorder once the C hooks run (start_recorder), so both paths write one place.
         self.current_start = 0.0
         self.current_callback: object = None
+        self.marks: Any = self
         self.thread_id = threading.get_ident()
         # Written by the watchdog: (step start, blocking stack, location) taken mid-step.
         self.sample: tuple[float, list[str], str | None] | None = None
@@ -174,6 +177,7 @@ class LoopProbe:
             self, self.clock, self.threshold, self.busy_from_callbacks, TASK_TYPES
         )
         self.stats.pending = self.recorder
+        self.marks = self.recorder
         return self.recorder
 
     def after_step(self, callback: object, ready: float, start: float, end: float) -> None:

@@ -10,6 +10,7 @@
  *                  and when a loop's figures are retired).  The slow path (the structlog
  *                  event) calls back into Python exactly as the pure path does.
  *   TimedCallback  uvloop: the wrapper around each scheduled callback (repr delegates).
+ *   TimedIO        uvloop: the wrapper around reader/writer callbacks and protocol methods.
  *   Intercept      uvloop: the call_soon / call_soon_threadsafe / call_later instance
  *                  attributes; anything unusual is handed to the pure-Python function, so
  *                  argument errors are the same.
@@ -41,10 +42,10 @@ static const double BUCKETS[NBUCKETS - 1] = {
 static PyObject *s_callback_duration, *s_schedule_delay, *s_counts, *s_total;
 static PyObject *s_busy_seconds, *s_task_steps;
 static PyObject *s_self, *s_callback;
-static PyObject *s_fault, *s_context, *s_record_slow, *s_current_start, *s_current_callback;
+static PyObject *s_fault, *s_context, *s_record_slow, *s_active;
 static PyObject *s_context_slot, *s_args, *s_run;
-static PyObject *zero_float; /* 0.0, what probe.current_start holds between steps */
 static PyObject *seen_context; /* a "context" keyword name object seen from callers */
+static PyObject *empty_tuple;
 
 /* Where getattr(callback, "__self__") is a getset of an immutable type (asyncio's C task
  * step wrapper), that getter is called directly: same result, a tenth of the work. */
@@ -126,7 +127,10 @@ typedef struct {
     PyObject *probe;
     PyObject *clock;       /* the probe's clock callable */
     PyObject *task_types;  /* tuple of task classes */
-    PyObject *probe_dict;  /* probe.__dict__: the step markers are written straight into it */
+    /* The watchdog's step markers (see mark_start): read by the watchdog thread through
+     * the current_start / current_callback attributes, always with the GIL held. */
+    double current_start;
+    PyObject *current_callback; /* strong reference while a step runs, else NULL */
     int native_clock;      /* clock is time.monotonic: read it here */
     int busy_from_callbacks;
     double threshold;
@@ -173,25 +177,18 @@ static inline int read_clock(Recorder *r, double *out) {
     return 0;
 }
 
-/* The watchdog's step markers, as the pure path writes them: before a step
- * probe.current_callback = callback; probe.current_start = start, and after it
- * probe.current_start = 0.0; probe.current_callback = None.  The watchdog thread reads
- * them. */
-static inline int mark_start(Recorder *r, PyObject *callback, double start) {
-    PyObject *value = PyFloat_FromDouble(start);
-    if (value == NULL)
-        return -1;
-    int rc = PyDict_SetItem(r->probe_dict, s_current_callback, callback);
-    if (rc == 0)
-        rc = PyDict_SetItem(r->probe_dict, s_current_start, value);
-    Py_DECREF(value);
-    return rc;
+/* The watchdog's step markers: the start of the step running now (0.0 between steps) and
+ * its callback.  They live here rather than in the probe's __dict__ because four dict
+ * stores and a float per step were about half of what the C path added on uvloop; the
+ * pure-Python hooks write the same two attributes of the recorder (probe.marks). */
+static inline void mark_start(Recorder *r, PyObject *callback, double start) {
+    r->current_start = start;
+    Py_XSETREF(r->current_callback, Py_NewRef(callback));
 }
 
-static inline int mark_end(Recorder *r) {
-    if (PyDict_SetItem(r->probe_dict, s_current_start, zero_float) < 0)
-        return -1;
-    return PyDict_SetItem(r->probe_dict, s_current_callback, Py_None); /* drop the step */
+static inline void mark_end(Recorder *r) {
+    r->current_start = 0.0;
+    Py_CLEAR(r->current_callback); /* the caller still holds the callback: no dealloc here */
 }
 
 /* probe.record_slow(callback, task, start, duration) */
@@ -337,15 +334,6 @@ static int Recorder_init(Recorder *self, PyObject *args, PyObject *kwds) {
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOdpO!:Recorder", kwlist, &probe, &clock,
                                      &threshold, &busy, &PyTuple_Type, &task_types))
         return -1;
-    PyObject *probe_dict = PyObject_GenericGetDict(probe, NULL);
-    if (probe_dict == NULL)
-        return -1;
-    if (!PyDict_Check(probe_dict)) {
-        Py_DECREF(probe_dict);
-        PyErr_SetString(PyExc_TypeError, "the probe's __dict__ must be a dict");
-        return -1;
-    }
-    Py_XSETREF(self->probe_dict, probe_dict);
     Py_XSETREF(self->probe, Py_NewRef(probe));
     Py_XSETREF(self->clock, Py_NewRef(clock));
     Py_XSETREF(self->task_types, Py_NewRef(task_types));
@@ -360,7 +348,7 @@ static int Recorder_init(Recorder *self, PyObject *args, PyObject *kwds) {
 
 static int Recorder_traverse(Recorder *self, visitproc visit, void *arg) {
     Py_VISIT(self->probe);
-    Py_VISIT(self->probe_dict);
+    Py_VISIT(self->current_callback);
     Py_VISIT(self->clock);
     Py_VISIT(self->task_types);
     return 0;
@@ -370,7 +358,7 @@ static int Recorder_clear(Recorder *self) {
     Py_CLEAR(self->probe);
     Py_CLEAR(self->clock);
     Py_CLEAR(self->task_types);
-    Py_CLEAR(self->probe_dict);
+    Py_CLEAR(self->current_callback);
     return 0;
 }
 
@@ -542,6 +530,41 @@ static PyMethodDef Recorder_methods[] = {
      "True if figures are waiting for flush()."},
     {NULL}};
 
+static PyObject *Recorder_get_current_start(Recorder *self, void *Py_UNUSED(closure)) {
+    return PyFloat_FromDouble(self->current_start);
+}
+
+static int Recorder_set_current_start(Recorder *self, PyObject *value, void *Py_UNUSED(c)) {
+    if (value == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "current_start cannot be deleted");
+        return -1;
+    }
+    double start = PyFloat_AsDouble(value);
+    if (start == -1.0 && PyErr_Occurred())
+        return -1;
+    self->current_start = start;
+    return 0;
+}
+
+static PyObject *Recorder_get_current_callback(Recorder *self, void *Py_UNUSED(closure)) {
+    return Py_NewRef(self->current_callback != NULL ? self->current_callback : Py_None);
+}
+
+static int Recorder_set_current_callback(Recorder *self, PyObject *value,
+                                         void *Py_UNUSED(closure)) {
+    Py_XSETREF(self->current_callback, value == NULL || value == Py_None ? NULL
+                                                                        : Py_NewRef(value));
+    return 0;
+}
+
+static PyGetSetDef Recorder_getset[] = {
+    {"current_start", (getter)Recorder_get_current_start, (setter)Recorder_set_current_start,
+     "Start of the step running now (the probe's clock), 0.0 between steps.", NULL},
+    {"current_callback", (getter)Recorder_get_current_callback,
+     (setter)Recorder_set_current_callback, "The callback of the step running now, or None.",
+     NULL},
+    {NULL}};
+
 static PyMemberDef Recorder_members[] = {
     {"probe", T_OBJECT, offsetof(Recorder, probe), READONLY, NULL},
     {"threshold", T_DOUBLE, offsetof(Recorder, threshold), READONLY, NULL},
@@ -562,6 +585,7 @@ static PyTypeObject Recorder_Type = {
     .tp_clear = (inquiry)Recorder_clear,
     .tp_methods = Recorder_methods,
     .tp_members = Recorder_members,
+    .tp_getset = Recorder_getset,
 };
 
 /* ---------------------------------------------------------------------------------------
@@ -577,6 +601,25 @@ typedef struct {
 
 static PyTypeObject TimedCallback_Type;
 
+/* callback(*args): a callable without vectorcall (asyncio's C task step wrapper) called
+ * with no arguments goes straight to its tp_call with the empty tuple, as uvloop's own
+ * handles call it, rather than through the generic path that would build the tuple. */
+static inline PyObject *call_callback(PyObject *callback, PyObject *const *args, size_t nargsf,
+                                      PyObject *kwnames) {
+    ternaryfunc call = Py_TYPE(callback)->tp_call;
+    if (PyVectorcall_NARGS(nargsf) == 0 && kwnames == NULL && call != NULL &&
+        PyVectorcall_Function(callback) == NULL) {
+        if (Py_EnterRecursiveCall(" while calling a Python object"))
+            return NULL;
+        PyObject *result = call(callback, empty_tuple, NULL);
+        Py_LeaveRecursiveCall();
+        if (result == NULL && !PyErr_Occurred())
+            PyErr_SetString(PyExc_SystemError, "a callback returned NULL without an exception");
+        return result;
+    }
+    return PyObject_Vectorcall(callback, args, nargsf, kwnames);
+}
+
 static PyObject *TimedCallback_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf,
                                           PyObject *kwnames) {
     TimedCallback *self = (TimedCallback *)op;
@@ -588,14 +631,14 @@ static PyObject *TimedCallback_vectorcall(PyObject *op, PyObject *const *args, s
     }
     /* keep the callback alive for the bookkeeping even if it drops itself */
     PyObject *callback = Py_NewRef(self->callback);
-    if (mark_start(r, callback, start) < 0)
-        report_fault(r);
-    PyObject *result = PyObject_Vectorcall(callback, args, nargsf, kwnames);
+    mark_start(r, callback, start);
+    PyObject *result = call_callback(callback, args, nargsf, kwnames);
     /* finally: (the callback's exception, if any, is kept aside and restored) */
-    saved_exc saved;
+    saved_exc saved = {0};
     if (result == NULL)
         exc_save(&saved);
-    if (mark_end(r) < 0 || read_clock(r, &end) < 0 ||
+    mark_end(r);
+    if (read_clock(r, &end) < 0 ||
         record(r, callback, self->ready, start, end) < 0)
         report_fault(r);
     if (result == NULL)
@@ -604,10 +647,33 @@ static PyObject *TimedCallback_vectorcall(PyObject *op, PyObject *const *args, s
     return result;
 }
 
+/* One TimedCallback is made and dropped per scheduled callback: keep a few dropped ones
+ * for reuse, as CPython does for its own small objects (the GIL guards the list; builds
+ * without a GIL or with reference tracing do without it). */
+#if !defined(Py_GIL_DISABLED) && !defined(Py_TRACE_REFS)
+#define TC_FREELIST 256
+#else
+#define TC_FREELIST 0
+#endif
+#if TC_FREELIST > 0
+static TimedCallback *tc_free[TC_FREELIST];
+static int tc_free_count;
+#endif
+
 static TimedCallback *TimedCallback_create(PyObject *callback, Recorder *recorder, double ready) {
-    TimedCallback *self = PyObject_GC_New(TimedCallback, &TimedCallback_Type);
-    if (self == NULL)
-        return NULL;
+    TimedCallback *self;
+#if TC_FREELIST > 0
+    if (tc_free_count > 0) {
+        self = tc_free[--tc_free_count];
+        PyObject_Init((PyObject *)self, &TimedCallback_Type);
+    }
+    else
+#endif
+    {
+        self = PyObject_GC_New(TimedCallback, &TimedCallback_Type);
+        if (self == NULL)
+            return NULL;
+    }
     self->callback = Py_NewRef(callback);
     self->recorder = (Recorder *)Py_NewRef((PyObject *)recorder);
     self->ready = ready;
@@ -643,6 +709,12 @@ static int TimedCallback_clear(TimedCallback *self) {
 static void TimedCallback_dealloc(TimedCallback *self) {
     PyObject_GC_UnTrack(self);
     TimedCallback_clear(self);
+#if TC_FREELIST > 0
+    if (tc_free_count < TC_FREELIST && Py_IS_TYPE(self, &TimedCallback_Type)) {
+        tc_free[tc_free_count++] = self;
+        return;
+    }
+#endif
     PyObject_GC_Del(self);
 }
 
@@ -685,6 +757,134 @@ static PyTypeObject TimedCallback_Type = {
 };
 
 /* ---------------------------------------------------------------------------------------
+ * TimedIO (uvloop): _uvloop_hooks.TimedIO in C.  Made once per reader, writer or protocol
+ * method, called by libuv's callbacks; it has no schedule delay and is not a task step.
+ */
+typedef struct {
+    PyObject_HEAD
+    PyObject *callback;
+    Recorder *recorder;
+    vectorcallfunc vectorcall;
+} TimedIO;
+
+static PyTypeObject TimedIO_Type;
+
+/* Whether this call is measured: not when it runs inside a step that already is (a
+ * protocol method called from a timed callback), nor once the probe is no longer active
+ * (after uninstall() the protocol keeps its attributes). */
+static int io_is_timed(Recorder *r) {
+    if (r->current_start != 0.0)
+        return 0;
+    PyObject *active = PyObject_GetAttr(r->probe, s_active);
+    int timed = active == NULL ? -1 : PyObject_IsTrue(active);
+    Py_XDECREF(active);
+    if (timed < 0) {
+        report_fault(r);
+        return 0;
+    }
+    return timed;
+}
+
+static PyObject *TimedIO_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf,
+                                    PyObject *kwnames) {
+    TimedIO *self = (TimedIO *)op;
+    Recorder *r = self->recorder;
+    PyObject *callback = Py_NewRef(self->callback);
+    double start, end;
+    if (!io_is_timed(r) || read_clock(r, &start) < 0) {
+        if (PyErr_Occurred())
+            report_fault(r);
+        PyObject *result = PyObject_Vectorcall(callback, args, nargsf, kwnames);
+        Py_DECREF(callback);
+        return result;
+    }
+    mark_start(r, callback, start);
+    PyObject *result = PyObject_Vectorcall(callback, args, nargsf, kwnames);
+    saved_exc saved = {0};
+    if (result == NULL)
+        exc_save(&saved);
+    mark_end(r);
+    if (read_clock(r, &end) < 0 || record_io(r, callback, start, end) < 0)
+        report_fault(r);
+    if (result == NULL)
+        exc_restore(&saved);
+    Py_DECREF(callback);
+    return result;
+}
+
+static PyObject *TimedIO_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    PyObject *callback, *recorder;
+    static char *kwlist[] = {"callback", "recorder", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO!:TimedIO", kwlist, &callback,
+                                     &Recorder_Type, &recorder))
+        return NULL;
+    if (ready_recorder((Recorder *)recorder) < 0)
+        return NULL;
+    TimedIO *self = (TimedIO *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    self->callback = Py_NewRef(callback);
+    self->recorder = (Recorder *)Py_NewRef(recorder);
+    self->vectorcall = TimedIO_vectorcall;
+    return (PyObject *)self;
+}
+
+static int TimedIO_traverse(TimedIO *self, visitproc visit, void *arg) {
+    Py_VISIT(self->callback);
+    Py_VISIT(self->recorder);
+    return 0;
+}
+
+static int TimedIO_clear(TimedIO *self) {
+    Py_CLEAR(self->callback);
+    Py_CLEAR(self->recorder);
+    return 0;
+}
+
+static void TimedIO_dealloc(TimedIO *self) {
+    PyObject_GC_UnTrack(self);
+    TimedIO_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *TimedIO_repr(TimedIO *self) {
+    if (self->callback == NULL)
+        return PyUnicode_FromString("<TimedIO (cleared)>");
+    return PyObject_Repr(self->callback);
+}
+
+static PyObject *TimedIO_get_probe(TimedIO *self, void *Py_UNUSED(closure)) {
+    if (self->recorder == NULL || self->recorder->probe == NULL)
+        Py_RETURN_NONE;
+    return Py_NewRef(self->recorder->probe);
+}
+
+static PyGetSetDef TimedIO_getset[] = {
+    {"probe", (getter)TimedIO_get_probe, NULL, NULL, NULL}, {NULL}};
+
+static PyMemberDef TimedIO_members[] = {
+    {"callback", T_OBJECT, offsetof(TimedIO, callback), READONLY, NULL},
+    {"__vectorcalloffset__", T_PYSSIZET, offsetof(TimedIO, vectorcall), READONLY, NULL},
+    {NULL}};
+
+static PyTypeObject TimedIO_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "loopscope._speedups.TimedIO",
+    .tp_basicsize = sizeof(TimedIO),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "An I/O callback that measures itself (uvloop); repr() is the callback's.",
+    .tp_new = TimedIO_new,
+    .tp_dealloc = (destructor)TimedIO_dealloc,
+    .tp_traverse = (traverseproc)TimedIO_traverse,
+    .tp_clear = (inquiry)TimedIO_clear,
+    .tp_repr = (reprfunc)TimedIO_repr,
+    .tp_call = PyVectorcall_Call,
+    .tp_vectorcall_offset = offsetof(TimedIO, vectorcall),
+    .tp_getset = TimedIO_getset,
+    .tp_members = TimedIO_members,
+};
+
+/* ---------------------------------------------------------------------------------------
  * Intercept (uvloop's call_soon, call_soon_threadsafe, call_later)
  */
 enum { KIND_SOON = 0, KIND_LATER = 1 };
@@ -695,6 +895,8 @@ typedef struct {
     int kind;
     Recorder *recorder;
     PyObject *original;  /* the loop's own bound method */
+    PyObject *function;  /* what is called: original, or its function when it is a method */
+    PyObject *bound;     /* the method's self (the loop) passed first to function, or NULL */
     PyObject *fallback;  /* the pure-Python replacement: used for anything unusual */
     PyObject *loop_time; /* loop.time (call_later only) */
 } Intercept;
@@ -752,12 +954,20 @@ static PyObject *Intercept_vectorcall(PyObject *op, PyObject *const *args, size_
         TimedCallback *wrapped = TimedCallback_create(args[cb_index], self->recorder, ready);
         if (wrapped == NULL)
             return NULL;
-        PyObject *stack[STACK_ARGS + 1];
+        /* stack[0] is free for the callee (PY_VECTORCALL_ARGUMENTS_OFFSET); a bound method
+         * is called as its function with the loop first, as asyncio's C task calls the
+         * loop's method when nothing shadows it (no method object in between). */
+        PyObject *stack[STACK_ARGS + 2];
+        PyObject **call = stack + 1;
+        Py_ssize_t first = 0;
+        if (self->bound != NULL)
+            call[first++] = self->bound;
         for (Py_ssize_t i = 0; i < nargs + nkw; i++)
-            stack[i + 1] = args[i];
-        stack[cb_index + 1] = (PyObject *)wrapped;
-        PyObject *result = PyObject_Vectorcall(self->original, stack + 1,
-                                               nargs | PY_VECTORCALL_ARGUMENTS_OFFSET, kwnames);
+            call[first + i] = args[i];
+        call[first + cb_index] = (PyObject *)wrapped;
+        PyObject *result = PyObject_Vectorcall(
+            self->function, call, (size_t)(first + nargs) | PY_VECTORCALL_ARGUMENTS_OFFSET,
+            kwnames);
         Py_DECREF(wrapped);
         return result;
     }
@@ -795,6 +1005,14 @@ static PyObject *Intercept_new(PyTypeObject *type, PyObject *args, PyObject *kwd
     self->kind = k;
     self->recorder = (Recorder *)Py_NewRef(recorder);
     self->original = Py_NewRef(original);
+    if (PyMethod_Check(original)) {
+        self->function = Py_NewRef(PyMethod_GET_FUNCTION(original));
+        self->bound = Py_NewRef(PyMethod_GET_SELF(original));
+    }
+    else {
+        self->function = Py_NewRef(original);
+        self->bound = NULL;
+    }
     self->fallback = Py_NewRef(fallback);
     self->loop_time = Py_NewRef(loop_time);
     return (PyObject *)self;
@@ -803,6 +1021,8 @@ static PyObject *Intercept_new(PyTypeObject *type, PyObject *args, PyObject *kwd
 static int Intercept_traverse(Intercept *self, visitproc visit, void *arg) {
     Py_VISIT(self->recorder);
     Py_VISIT(self->original);
+    Py_VISIT(self->function);
+    Py_VISIT(self->bound);
     Py_VISIT(self->fallback);
     Py_VISIT(self->loop_time);
     return 0;
@@ -811,6 +1031,8 @@ static int Intercept_traverse(Intercept *self, visitproc visit, void *arg) {
 static int Intercept_clear(Intercept *self) {
     Py_CLEAR(self->recorder);
     Py_CLEAR(self->original);
+    Py_CLEAR(self->function);
+    Py_CLEAR(self->bound);
     Py_CLEAR(self->fallback);
     Py_CLEAR(self->loop_time);
     return 0;
@@ -1062,21 +1284,14 @@ static PyObject *TimedRun_vectorcall(PyObject *op, PyObject *const *args, size_t
     PyObject *callback = get_slot(handle, self->cls, self->callback_offset, s_callback);
     if (callback == NULL)
         return NULL;
-    if (mark_start(r, callback, start) < 0) {
-        Py_DECREF(callback);
-        return NULL;
-    }
+    mark_start(r, callback, start);
     PyObject *result = run_handle(self, handle);
     if (result == NULL) {
         /* SystemExit / KeyboardInterrupt: the pure path stops there too */
         Py_DECREF(callback);
         return NULL;
     }
-    if (mark_end(r) < 0) {
-        Py_DECREF(callback);
-        Py_DECREF(result);
-        return NULL;
-    }
+    mark_end(r);
     /* try: probe.after_step(...) except Exception as exc: probe.fault(exc) */
     Py_DECREF(callback);
     callback = get_slot(handle, self->cls, self->callback_offset, s_callback);
@@ -1219,14 +1434,12 @@ PyMODINIT_FUNC PyInit__speedups(void) {
         intern(&s_task_steps, "task_steps") < 0 || intern(&s_self, "__self__") < 0 ||
         intern(&s_callback, "_callback") < 0 ||
         intern(&s_fault, "fault") < 0 || intern(&s_context, "context") < 0 ||
-        intern(&s_record_slow, "record_slow") < 0 ||
-        intern(&s_current_start, "current_start") < 0 ||
-        intern(&s_current_callback, "current_callback") < 0 ||
+        intern(&s_record_slow, "record_slow") < 0 || intern(&s_active, "active") < 0 ||
         intern(&s_context_slot, "_context") < 0 || intern(&s_args, "_args") < 0 ||
         intern(&s_run, "run") < 0)
         return NULL;
-    zero_float = PyFloat_FromDouble(0.0);
-    if (zero_float == NULL)
+    empty_tuple = PyTuple_New(0);
+    if (empty_tuple == NULL)
         return NULL;
     PyObject *time_module = PyImport_ImportModule("time");
     if (time_module == NULL)
@@ -1236,9 +1449,10 @@ PyMODINIT_FUNC PyInit__speedups(void) {
     if (time_monotonic == NULL)
         return NULL;
 
-    PyTypeObject *types[] = {&Recorder_Type, &TimedCallback_Type, &Intercept_Type,
-                             &CallSoon_Type, &TimedRun_Type};
-    const char *names[] = {"Recorder", "TimedCallback", "Intercept", "CallSoon", "TimedRun"};
+    PyTypeObject *types[] = {&Recorder_Type, &TimedCallback_Type, &TimedIO_Type,
+                             &Intercept_Type, &CallSoon_Type, &TimedRun_Type};
+    const char *names[] = {"Recorder", "TimedCallback", "TimedIO", "Intercept", "CallSoon",
+                           "TimedRun"};
     PyObject *module = PyModule_Create(&speedups_module);
     if (module == NULL)
         return NULL;

@@ -71,15 +71,16 @@ class TimedCallback:
 
     def __call__(self, *args: Any) -> object:
         probe = self.probe
+        marks = probe.marks  # the C recorder when this runs as the C hooks' fallback
         clock = probe.clock
         start = clock()
-        probe.current_callback = self.callback
-        probe.current_start = start
+        marks.current_callback = self.callback
+        marks.current_start = start
         try:
             return self.callback(*args)
         finally:
-            probe.current_start = 0.0
-            probe.current_callback = None  # do not keep the step alive
+            marks.current_start = 0.0
+            marks.current_callback = None  # do not keep the step alive
             try:
                 probe.after_step(self.callback, self.ready, start, clock())
             except Exception as exc:
@@ -100,18 +101,19 @@ class TimedIO:
 
     def __call__(self, *args: Any) -> object:
         probe = self.probe
-        if probe.current_start or not probe.active:
+        marks = probe.marks  # the C recorder on the C path
+        if marks.current_start or not probe.active:
             # Called from inside a step that is already measured (or after uninstall).
             return self.callback(*args)
         clock = probe.clock
         start = clock()
-        probe.current_callback = self.callback
-        probe.current_start = start
+        marks.current_callback = self.callback
+        marks.current_start = start
         try:
             return self.callback(*args)
         finally:
-            probe.current_start = 0.0
-            probe.current_callback = None  # do not keep the step alive
+            marks.current_start = 0.0
+            marks.current_callback = None  # do not keep the step alive
             try:
                 probe.after_io(self.callback, start, clock())
             except Exception as exc:
@@ -121,6 +123,20 @@ class TimedIO:
         return repr(self.callback)
 
 
+def timed_io(callback: Callable[..., object], probe: LoopProbe) -> Callable[..., object]:
+    """``callback`` wrapped to measure itself: in C when the probe's hooks run in C."""
+    if probe.recorder is not None:
+        wrapper: Callable[..., object] = _probe.speedups.TimedIO(callback, probe.recorder)
+        return wrapper
+    return TimedIO(callback, probe)
+
+
+def is_timed_io(value: object) -> bool:
+    """Whether ``value`` is already one of the I/O wrappers."""
+    c_path = _probe.speedups
+    return isinstance(value, TimedIO) or (c_path is not None and isinstance(value, c_path.TimedIO))
+
+
 def instrument_protocol(protocol: object, probe: LoopProbe) -> None:
     """Give ``protocol`` timed instance attributes for the methods uvloop calls."""
     try:
@@ -128,11 +144,11 @@ def instrument_protocol(protocol: object, probe: LoopProbe) -> None:
     except AttributeError:
         return  # __slots__ without __dict__
     for name in PROTOCOL_METHODS:
-        if isinstance(attributes.get(name), TimedIO):
+        if is_timed_io(attributes.get(name)):
             continue
         method = getattr(protocol, name, None)
         if method is not None and callable(method):
-            attributes[name] = TimedIO(method, probe)
+            attributes[name] = timed_io(method, probe)
 
 
 class UvloopProbe(LoopProbe):
@@ -219,7 +235,7 @@ class UvloopProbe(LoopProbe):
         probe = self
 
         def register(fd: Any, callback: Any, *args: Any) -> Any:
-            return original(fd, TimedIO(callback, probe), *args)
+            return original(fd, timed_io(callback, probe), *args)
 
         return register
 

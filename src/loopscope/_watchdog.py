@@ -81,7 +81,8 @@ class Watchdog:
         frames = None
         now = self.clock()
         for probe in installation.live_probes():
-            start = probe.current_start
+            marks = probe.marks  # where the hooks write them (the probe, or its C recorder)
+            start = marks.current_start
             if not start:
                 continue
             elapsed = now - start
@@ -90,8 +91,8 @@ class Watchdog:
             if frames is None:
                 frames = sys._current_frames()
             frame = frames.get(probe.thread_id)
-            callback = probe.current_callback
-            if probe.current_start != start or frame is None:
+            callback = marks.current_callback
+            if marks.current_start != start or frame is None:
                 continue  # the step ended while we looked
             stack = format_stack(frame)
             location = application_location(stack)
