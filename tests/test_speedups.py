@@ -469,6 +469,19 @@ def test_pure_python_forced_by_the_variable(value: str) -> None:
     assert out.stdout.strip() == "False"
 
 
+def test_a_stale_build_is_not_used(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An accelerator built from other sources (another INTERFACE) is refused, with a
+    warning that says so, and the pure-Python hooks run."""
+    monkeypatch.delenv("LOOPSCOPE_PURE_PYTHON", raising=False)
+    assert _probe._load_speedups() is speedups
+    monkeypatch.setattr(speedups, "INTERFACE", _probe.SPEEDUPS_INTERFACE - 1)
+    with caplog.at_level("WARNING", logger="loopscope"):
+        assert _probe._load_speedups() is None
+    assert "built from other sources" in caplog.text
+
+
 def test_debug_source_traceback_ends_at_the_caller(
     path: str, loop_kind: str, registry: CollectorRegistry
 ) -> None:

@@ -29,13 +29,28 @@ _fallback = logging.getLogger("loopscope")
 _MISSING = object()
 
 
+#: The C accelerator's interface this Python code was written against (its INTERFACE).
+SPEEDUPS_INTERFACE = 2
+
+
 def _load_speedups() -> Any:
-    """The C accelerator, or None: not built, or LOOPSCOPE_PURE_PYTHON=1 (read at import)."""
+    """The C accelerator, or None: not built, built from other sources than these (a stale
+    build left in a checkout), or LOOPSCOPE_PURE_PYTHON=1 (read at import)."""
     if os.environ.get("LOOPSCOPE_PURE_PYTHON", "").strip().lower() in ("1", "true", "yes", "on"):
         return None
     try:
         from . import _speedups
     except ImportError:
+        return None
+    if getattr(_speedups, "INTERFACE", None) != SPEEDUPS_INTERFACE:
+        _fallback.warning(
+            "loopscope: the C accelerator %s was built from other sources than this "
+            "loopscope (interface %r, expected %r); using the pure-Python hooks; rebuild "
+            "it with `pip install .`",
+            getattr(_speedups, "__file__", "?"),
+            getattr(_speedups, "INTERFACE", None),
+            SPEEDUPS_INTERFACE,
+        )
         return None
     return _speedups
 

@@ -27,6 +27,9 @@
 #include <time.h>
 
 #define NBUCKETS 20 /* 19 bounds + the +Inf slot */
+/* What the Python side expects of this module (_probe.SPEEDUPS_INTERFACE): raised whenever
+ * the two change together, so that a module built from older sources is not used. */
+#define SPEEDUPS_INTERFACE 2
 
 static const double BUCKETS[NBUCKETS - 1] = {
     0.00001, 0.000025, 0.00005,
@@ -1463,7 +1466,8 @@ PyMODINIT_FUNC PyInit__speedups(void) {
             return NULL;
         }
     }
-    if (PyModule_AddIntConstant(module, "NBUCKETS", NBUCKETS) < 0) {
+    if (PyModule_AddIntConstant(module, "NBUCKETS", NBUCKETS) < 0 ||
+        PyModule_AddIntConstant(module, "INTERFACE", SPEEDUPS_INTERFACE) < 0) {
         Py_DECREF(module);
         return NULL;
     }
