@@ -4,25 +4,36 @@ while the loop is blocked; plus helpers that mount /metrics into an ASGI or aioh
 The endpoint serves nothing but the exposition: ``GET``/``HEAD`` on ``/metrics`` (and ``/``).
 It binds 127.0.0.1 unless told otherwise, can serve HTTPS (``tls_certfile``/``tls_keyfile``),
 require client certificates (``tls_client_cafile``) and HTTP basic authentication
-(``basic_auth_username``/``basic_auth_password``).  The TLS handshake runs in the
-connection's own thread with a timeout, so a client that never completes it holds up
-nobody else.
+(``basic_auth_username``/``basic_auth_password``).
+
+Every Python instruction the endpoint runs holds the GIL, which the busy loop then waits for,
+and every blocking call it makes lets the loop run again and has to win the GIL back (up to
+``sys.getswitchinterval()`` later, by interrupting the loop).  So the server is one thread
+with one ``selectors`` loop over non-blocking sockets, not a thread per connection: a scrape
+costs an accept, a receive, a send and a close, with a few lines of request parsing in
+between, and the response (status line, headers and exposition) is kept as one ``bytes``
+object for as long as the exposition is reused.  TLS handshakes are driven non-blocking by
+the same loop, so a client that never completes one holds up nobody else; a connection that
+has not sent its request within ``CONNECTION_TIMEOUT`` of being accepted, or that stalls for
+that long while its answer is written, is dropped.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
+import email.utils
 import hmac
 import logging
+import selectors
 import socket
 import ssl
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable
-from socketserver import ThreadingMixIn
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from urllib.parse import unquote
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import REGISTRY, CollectorRegistry
@@ -33,43 +44,27 @@ if TYPE_CHECKING:
 __all__ = ["MetricsServer", "aiohttp_metrics_handler", "metrics_asgi_app"]
 
 METRICS_PATHS = frozenset({"/metrics", "/"})
-#: Seconds a connection may stay silent (TLS handshake included) before it is dropped.
+#: Seconds a client has to send its request (TLS handshake included) once accepted, and
+#: seconds a connection may stall while its answer is written, before it is dropped.
 CONNECTION_TIMEOUT = 10.0
-#: Scrapes within this many seconds of the last exposition built get that one again.
-REUSE_SECONDS = 0.05
-_TEXT = ("Content-Type", "text/plain; charset=utf-8")
+#: Scrapes within this many seconds of the last exposition built get that one again: at
+#: most four builds a second however many scrapers there are (a build holds the GIL for
+#: about a millisecond with one loop label, tens of milliseconds with a hundred), while one
+#: Prometheus scraping every second or more slowly always gets a fresh one.
+REUSE_SECONDS = 0.25
+#: Largest request head (request line and headers) read; a longer one is answered 431.
+MAX_REQUEST_HEAD = 16384
+#: Connections open at once; further ones are closed as soon as they are accepted, so that
+#: clients that connect and stay silent cannot use up the application's file descriptors.
+MAX_CONNECTIONS = 256
+#: Listen backlog: bursts of scrapers wait in the kernel rather than see a refused or
+#: dropped connection (socketserver's default of 5 made a burst's clients retry after 1 s).
+BACKLOG = 128
+_TEXT = "text/plain; charset=utf-8"
+#: Plain connections stay in blocking mode and are read and written with this flag: one
+#: ioctl (and one GIL hand-off) less per connection than setblocking(False).
+_DONTWAIT: int = getattr(socket, "MSG_DONTWAIT", 0)
 _fallback = logging.getLogger("loopscope")
-
-
-class _ThreadingServer(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-    allow_reuse_address = False
-    tls: ssl.SSLContext | None = None
-
-    def finish_request(self, request: Any, client_address: Any) -> None:
-        """Runs in the connection's thread: the TLS handshake happens here, not in accept()."""
-        request.settimeout(CONNECTION_TIMEOUT)
-        if self.tls is None:
-            super().finish_request(request, client_address)
-            return
-        wrapped = self.tls.wrap_socket(request, server_side=True)
-        try:
-            super().finish_request(wrapped, client_address)
-        finally:
-            wrapped.close()
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        """A broken connection or failed handshake concerns that scraper only: not printed."""
-        _fallback.debug(
-            "loopscope: /metrics connection from %s failed", client_address, exc_info=True
-        )
-
-
-class _QuietHandler(WSGIRequestHandler):
-    timeout = CONNECTION_TIMEOUT
-
-    def log_message(self, format: str, *args: Any) -> None:
-        """Scrapes are not logged."""
 
 
 def _credentials(username: str, password: str) -> bytes:
@@ -87,76 +82,340 @@ def _authorized(header: str, expected: bytes) -> bool:
     return hmac.compare_digest(given, expected)
 
 
-def _metrics_wsgi(
-    registry: CollectorRegistry, credentials: bytes | None = None
-) -> Callable[..., Iterable[bytes]]:
-    failures: list[int] = []
-    building = threading.Lock()
-    latest: list[Any] = [float("-inf"), b""]  # when the last exposition was built, and it
+def _response(status: str, headers: list[tuple[str, str]], body: bytes, date: str) -> bytes:
+    lines = [f"HTTP/1.1 {status}", f"Date: {date}", *(f"{k}: {v}" for k, v in headers)]
+    lines += [f"Content-Length: {len(body)}", "Connection: close", "", ""]
+    return "\r\n".join(lines).encode("latin-1") + body
 
-    def exposition() -> bytes:
-        # One build at a time; scrapes arriving while one is built, or within
-        # REUSE_SECONDS of it, get that build.  Building costs CPU under the GIL, so
-        # a burst of scrapes must not take the loop's time; a failed build is not reused.
-        with building:
-            if time.monotonic() - latest[0] < REUSE_SECONDS:
-                body: bytes = latest[1]
-                return body
-            body = generate_latest(registry)
-            latest[0], latest[1] = time.monotonic(), body
-            return body
 
-    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        path = environ.get("PATH_INFO", "")
-        method = environ.get("REQUEST_METHOD", "GET")
-        # Authentication first: an unauthenticated client learns nothing, not even the paths.
-        if credentials is not None and not _authorized(
-            environ.get("HTTP_AUTHORIZATION", ""), credentials
-        ):
-            start_response(
-                "401 Unauthorized",
-                [_TEXT, ("WWW-Authenticate", 'Basic realm="loopscope", charset="UTF-8"')],
-            )
-            return [b"authentication required\n"]
-        if path not in METRICS_PATHS:
-            start_response("404 Not Found", [_TEXT])
-            return [b"loopscope serves only /metrics\n"]
-        if method not in ("GET", "HEAD"):
-            start_response("405 Method Not Allowed", [_TEXT, ("Allow", "GET, HEAD")])
-            return [b"only GET and HEAD are allowed on /metrics\n"]
+class _Request:
+    """The parts of a request head the endpoint looks at."""
+
+    __slots__ = ("authorization", "method", "path")
+
+    def __init__(self, method: str, path: str, authorization: str | None) -> None:
+        self.method = method
+        self.path = path
+        self.authorization = authorization
+
+
+def _parse(head: bytes) -> _Request | None:
+    """The request line and the Authorization header of ``head`` (up to the blank line),
+    or None when it is not an HTTP/1.x request.  An Authorization header sent more than once
+    counts as none."""
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split()
+    if len(parts) != 3 or not parts[2].startswith("HTTP/1.") or not parts[1]:
+        return None
+    method, target = parts[0], parts[1]
+    path = unquote(target.partition("?")[0], "latin-1")
+    if path.startswith("//"):  # as http.server does: no scheme-relative paths
+        path = "/" + path.lstrip("/")
+    authorization: str | None = None
+    seen = 0
+    for line in lines[1:]:
+        name, colon, value = line.partition(":")
+        if not colon:
+            continue
+        if name.strip().lower() == "authorization":
+            seen += 1
+            authorization = value.strip()
+    return _Request(method, path, authorization if seen == 1 else None)
+
+
+class _Exposition:
+    """The exposition, built at most once per ``REUSE_SECONDS``, and the whole ``200``
+    responses to GET and HEAD around it, rebuilt when the exposition or the second of the
+    ``Date`` header changes.  Used from the server thread only."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.built_at = float("-inf")
+        self.body: bytes | None = None
+        self.second = -1
+        self.date = ""
+        self.answers: tuple[bytes, bytes] = (b"", b"")
+        self.answers_body: bytes | None = None  # the exposition self.answers hold
+        self.answers_second = -1  # and the second of their Date header
+        self.failures = 0
+
+    def now(self) -> str:
+        """The ``Date`` header's value, formatted once a second."""
+        second = int(time.time())
+        if second != self.second:
+            self.second, self.date = second, email.utils.formatdate(second, usegmt=True)
+        return self.date
+
+    def answer(self, head_only: bool) -> bytes:
+        """The ``200`` response; raises what a collector raised."""
+        if time.monotonic() - self.built_at >= REUSE_SECONDS or self.body is None:
+            # A failed build is not kept: the next scrape tries again.
+            self.body = None
+            self.body = generate_latest(self.registry)
+            self.built_at = time.monotonic()
+        date = self.now()
+        if self.answers_body is not self.body or self.answers_second != self.second:
+            headers = [("Content-Type", CONTENT_TYPE_LATEST)]
+            full = _response("200 OK", headers, self.body, date)
+            head = full[: len(full) - len(self.body)]
+            self.answers = (full, head)
+            self.answers_body, self.answers_second = self.body, self.second
+        return self.answers[1] if head_only else self.answers[0]
+
+
+class _Connection:
+    __slots__ = ("deadline", "flags", "handshaking", "inbox", "outbox", "sock", "watching")
+
+    def __init__(self, sock: socket.socket, deadline: float, tls: bool) -> None:
+        self.sock = sock
+        self.deadline = deadline
+        self.handshaking = tls
+        self.flags = 0 if tls else _DONTWAIT  # a TLS socket is non-blocking and takes none
+        self.inbox = b""
+        self.outbox: memoryview | None = None
+        self.watching = 0  # the selector events registered, 0 when not registered
+
+
+class _Endpoint:
+    """The listening socket and the thread that serves it.
+
+    ``socket``, ``server_address`` and ``server_port`` are named as on ``socketserver``'s
+    servers, which the endpoint used to be built on."""
+
+    def __init__(
+        self,
+        addr: str,
+        port: int,
+        registry: CollectorRegistry,
+        tls: ssl.SSLContext | None,
+        credentials: bytes | None,
+    ) -> None:
+        # An IPv6 literal (``::1``, ``::``) binds IPv6; anything else (an IPv4 address or a
+        # host name) binds IPv4.
+        family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+        listener = socket.socket(family, socket.SOCK_STREAM)
         try:
-            output = exposition()
+            listener.bind((addr, port))
+            listener.listen(BACKLOG)
+            listener.setblocking(False)
+        except BaseException:
+            listener.close()
+            raise
+        self.socket = listener
+        self.server_address: tuple[Any, ...] = listener.getsockname()
+        self.server_port: int = self.server_address[1]
+        self.tls = tls
+        self.credentials = credentials
+        self.exposition = _Exposition(registry)
+        self.selector = selectors.DefaultSelector()
+        self.connections: dict[socket.socket, _Connection] = {}
+        self.stopping = False
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self.selector.register(listener, selectors.EVENT_READ, None)
+        self.selector.register(self._wake_r, selectors.EVENT_READ, self._wake_r)
+
+    # --- the thread ----------------------------------------------------------------------
+
+    def serve_forever(self) -> None:
+        try:
+            while not self.stopping:
+                timeout = None
+                if self.connections:
+                    earliest = min(c.deadline for c in self.connections.values())
+                    timeout = max(0.0, earliest - time.monotonic())
+                for key, _mask in self.selector.select(timeout):
+                    if key.data is None:
+                        self._accept()
+                    elif isinstance(key.data, _Connection):
+                        self._progress(key.data)
+                    else:  # woken by shutdown(), here or in a forked child: drain
+                        with contextlib.suppress(OSError):
+                            self._wake_r.recv(64)
+                if self.connections:
+                    now = time.monotonic()
+                    for conn in [c for c in self.connections.values() if c.deadline <= now]:
+                        self._close(conn)
+        finally:
+            for conn in list(self.connections.values()):
+                self._close(conn)
+            self.selector.close()
+            self.socket.close()
+            self._wake_r.close()
+
+    def shutdown(self) -> None:
+        """Ask the thread to stop (it closes every socket on its way out)."""
+        self.stopping = True
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"x")
+
+    def server_close(self) -> None:
+        """Free the port, also where the thread is not running (a forked child) or is
+        stuck (in a collector that never returns)."""
+        self.socket.close()
+        self._wake_w.close()
+
+    # --- connections ---------------------------------------------------------------------
+
+    def _accept(self) -> None:
+        # One connection per wake-up: a further one in the backlog keeps the listener
+        # readable, and an accept() that finds nothing would be one more GIL hand-off.
+        try:
+            sock, _addr = self.socket.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            _fallback.debug("loopscope: accepting a /metrics connection failed", exc_info=True)
+            return
+        if len(self.connections) >= MAX_CONNECTIONS:
+            sock.close()
+            return
+        try:
+            if self.tls is not None or not _DONTWAIT:
+                sock.setblocking(False)
+            if self.tls is not None:
+                sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        except (OSError, ValueError):
+            sock.close()
+            return
+        conn = _Connection(sock, time.monotonic() + CONNECTION_TIMEOUT, self.tls is not None)
+        self.connections[sock] = conn
+        # The request is usually there already: no round through select() for it.
+        self._progress(conn)
+
+    def _progress(self, conn: _Connection) -> None:
+        """Move ``conn`` on as far as it goes without blocking."""
+        try:
+            if conn.handshaking:
+                assert isinstance(conn.sock, ssl.SSLSocket)
+                try:
+                    conn.sock.do_handshake()
+                except ssl.SSLWantReadError:
+                    self._watch(conn, selectors.EVENT_READ)
+                    return
+                except ssl.SSLWantWriteError:
+                    self._watch(conn, selectors.EVENT_WRITE)
+                    return
+                conn.handshaking = False
+            if conn.outbox is None and not self._read(conn):
+                return
+            self._write(conn)
+        except (OSError, ValueError):
+            # A broken connection, a failed handshake or a refused client certificate
+            # concerns that client only: not printed.
+            _fallback.debug("loopscope: a /metrics connection failed", exc_info=True)
+            self._close(conn)
+        except Exception:
+            # A fault of the endpoint itself: that connection is dropped, the server goes on.
+            _fallback.exception("loopscope: answering a /metrics connection failed")
+            self._close(conn)
+
+    def _read(self, conn: _Connection) -> bool:
+        """Read what has come; True once the answer is ready to be written."""
+        sock = conn.sock
+        while True:
+            try:
+                chunk = sock.recv(65536, conn.flags)
+            except (BlockingIOError, InterruptedError, ssl.SSLWantReadError):
+                self._watch(conn, selectors.EVENT_READ)
+                return False
+            except ssl.SSLWantWriteError:
+                self._watch(conn, selectors.EVENT_WRITE)
+                return False
+            if not chunk:  # the client went away before its request was complete
+                self._close(conn)
+                return False
+            conn.inbox += chunk
+            end = conn.inbox.find(b"\r\n\r\n")
+            if end >= 0:
+                answer = self._answer(conn.inbox[:end])
+                break
+            if len(conn.inbox) > MAX_REQUEST_HEAD:
+                answer = self._error("431 Request Header Fields Too Large", "request too large")
+                break
+        conn.outbox = memoryview(answer)
+        conn.inbox = b""
+        conn.deadline = time.monotonic() + CONNECTION_TIMEOUT
+        return True
+
+    def _write(self, conn: _Connection) -> None:
+        outbox = conn.outbox
+        assert outbox is not None
+        while outbox:
+            try:
+                sent = conn.sock.send(outbox, conn.flags)
+            except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError):
+                self._watch(conn, selectors.EVENT_WRITE)
+                conn.outbox = outbox
+                return
+            except ssl.SSLWantReadError:
+                self._watch(conn, selectors.EVENT_READ)
+                conn.outbox = outbox
+                return
+            outbox = outbox[sent:]
+            conn.deadline = time.monotonic() + CONNECTION_TIMEOUT
+        self._close(conn)
+
+    def _watch(self, conn: _Connection, events: int) -> None:
+        if conn.watching == events:
+            return
+        if conn.watching:
+            self.selector.modify(conn.sock, events, conn)
+        else:
+            self.selector.register(conn.sock, events, conn)
+        conn.watching = events
+
+    def _close(self, conn: _Connection) -> None:
+        if self.connections.pop(conn.sock, None) is None:
+            return
+        if conn.watching:
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                self.selector.unregister(conn.sock)
+        with contextlib.suppress(OSError):
+            conn.sock.close()
+
+    # --- answers -------------------------------------------------------------------------
+
+    def _error(self, status: str, text: str, headers: tuple[tuple[str, str], ...] = ()) -> bytes:
+        body = text.encode() + b"\n"
+        return _response(status, [("Content-Type", _TEXT), *headers], body, self.exposition.now())
+
+    def _answer(self, head: bytes) -> bytes:
+        request = _parse(head)
+        if request is None:
+            return self._error("400 Bad Request", "not an HTTP/1.x request")
+        # Authentication first: an unauthenticated client learns nothing, not even the paths.
+        if self.credentials is not None and not (
+            request.authorization is not None
+            and _authorized(request.authorization, self.credentials)
+        ):
+            return self._error(
+                "401 Unauthorized",
+                "authentication required",
+                (("WWW-Authenticate", 'Basic realm="loopscope", charset="UTF-8"'),),
+            )
+        if request.path not in METRICS_PATHS:
+            return self._error("404 Not Found", "loopscope serves only /metrics")
+        if request.method not in ("GET", "HEAD"):
+            return self._error(
+                "405 Method Not Allowed",
+                "only GET and HEAD are allowed on /metrics",
+                (("Allow", "GET, HEAD"),),
+            )
+        exposition = self.exposition
+        try:
+            return exposition.answer(head_only=request.method == "HEAD")
         except Exception as exc:
             # A collector of the registry (loopscope's or another) raised: this scrape fails
             # with 500, the server thread and the application go on.
-            if not failures:
+            if not exposition.failures:
                 _fallback.error(
                     "loopscope: building the /metrics exposition failed; answering 500 "
                     "(logged once)",
                     exc_info=(type(exc), exc, exc.__traceback__),
                 )
-            failures.append(1)
-            del failures[1:]
-            start_response("500 Internal Server Error", [_TEXT])
-            return [b"the metrics could not be collected\n"]
-        start_response(
-            "200 OK",
-            [("Content-Type", CONTENT_TYPE_LATEST), ("Content-Length", str(len(output)))],
-        )
-        return [b"" if method == "HEAD" else output]
-
-    return app
-
-
-def _server_class(addr: str) -> type[_ThreadingServer]:
-    """A server class of the address family of ``addr``: an IPv6 literal (``::1``, ``::``)
-    binds IPv6; anything else (an IPv4 address or a host name) binds IPv4 as before."""
-    family = socket.AF_INET6 if ":" in addr else socket.AF_INET
-
-    class Server(_ThreadingServer):
-        address_family = family
-
-    return Server
+            exposition.failures = 1
+            return self._error("500 Internal Server Error", "the metrics could not be collected")
 
 
 class MetricsServer:
@@ -181,15 +440,7 @@ class MetricsServer:
                     raise OSError(str(exc)) from None
             if options.basic_auth_username is not None and options.basic_auth_password is not None:
                 credentials = _credentials(options.basic_auth_username, options.basic_auth_password)
-        self.httpd = make_server(
-            addr,
-            port,
-            _metrics_wsgi(registry, credentials),
-            server_class=_server_class(addr),
-            handler_class=_QuietHandler,
-        )
-        assert isinstance(self.httpd, _ThreadingServer)
-        self.httpd.tls = tls
+        self.httpd = _Endpoint(addr, port, registry, tls, credentials)
         self.port: int = self.httpd.server_port
         self.addr = addr
         self.scheme = "https" if tls is not None else "http"
@@ -201,8 +452,8 @@ class MetricsServer:
     def close(self) -> None:
         """Stop serving and free the port."""
         self.httpd.shutdown()
-        self.httpd.server_close()
         self.thread.join(timeout=5)
+        self.httpd.server_close()
 
 
 def metrics_asgi_app(registry: CollectorRegistry | None = None) -> Any:
