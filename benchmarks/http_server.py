@@ -1,6 +1,13 @@
 """The HTTP service of workload 3: aiohttp on uvloop, with loopscope installed or not.
 
 ``python -m benchmarks.http_server PORT {none,loopscope}``; prints READY when listening.
+
+``python -m benchmarks.http_server PORT alternate`` serves uninstrumented first and then
+reads ``none`` or ``loopscope`` lines on its standard input: each closes the listening site,
+installs or uninstalls loopscope from inside the running loop (which instruments or restores
+that loop), opens a new site on the same port (so every connection after the switch gets the
+protocol of the variant now in force) and prints READY again.  Both variants are then
+measured in one process, whose memory layout no longer tells them apart.
 """
 
 from __future__ import annotations
@@ -17,26 +24,50 @@ async def hello(request: web.Request) -> web.Response:
     return web.Response(text="hello, world\n")
 
 
-async def serve(port: int) -> None:
+def install() -> None:
+    from prometheus_client import CollectorRegistry
+
+    import loopscope
+
+    loopscope.install(registry=CollectorRegistry())
+
+
+async def open_site(runner: web.AppRunner, port: int) -> web.TCPSite:
+    site = web.TCPSite(runner, "127.0.0.1", port, backlog=1024)
+    await site.start()
+    print("READY", flush=True)
+    return site
+
+
+async def serve(port: int, alternate: bool) -> None:
     app = web.Application()
     app.router.add_get("/", hello)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", port, backlog=1024)
-    await site.start()
-    print("READY", flush=True)
-    await asyncio.Event().wait()
+    site = await open_site(runner, port)
+    if not alternate:
+        await asyncio.Event().wait()
+    import loopscope
+
+    loop = asyncio.get_running_loop()
+    while True:
+        line = await loop.run_in_executor(None, sys.stdin.readline)
+        variant = line.strip()
+        if not variant:
+            return  # standard input closed: the benchmark is done
+        await site.stop()
+        if variant == "loopscope":
+            install()
+        else:
+            loopscope.uninstall()
+        site = await open_site(runner, port)
 
 
 def main() -> None:
-    port = int(sys.argv[1])
-    if sys.argv[2] == "loopscope":
-        from prometheus_client import CollectorRegistry
-
-        import loopscope
-
-        loopscope.install(registry=CollectorRegistry())
-    uvloop.run(serve(port))
+    port, mode = int(sys.argv[1]), sys.argv[2]
+    if mode == "loopscope":
+        install()
+    uvloop.run(serve(port, alternate=mode == "alternate"))
 
 
 if __name__ == "__main__":

@@ -186,6 +186,68 @@ def measure_storm(spec: Spec) -> dict[str, Any]:
     }
 
 
+def measure_paired(spec: Spec) -> dict[str, Any]:
+    """The task-step storm on three loops of one process, taken in turns: one made before
+    loopscope.install() (uninstrumented), one on the C hooks and one on the pure-Python
+    hooks.  A turn of each lasts tens of milliseconds, so every ratio compares runs a
+    fraction of a second apart: drift on a shared machine (other tenants, clock speed)
+    that moves whole processes minutes apart cancels out of it.  With ``"peers":
+    ["pyleak"]`` a fourth turn runs the uninstrumented loop under pyleak's watcher, the one
+    peer that patches nothing global and so can share the process."""
+    from prometheus_client import CollectorRegistry
+
+    import loopscope
+    from loopscope import _probe
+
+    kind, width, length = spec["loop"], spec["width"], spec["length"]
+    workload = STORMS[spec.get("storm", "tasks")]
+    loops = {"base": _new_loop(kind)}
+    loopscope.install(registry=CollectorRegistry())
+    speedups = _probe.speedups
+    loops["loopscope"] = _new_loop(kind)
+    _probe.speedups = None  # the next loop gets the pure-Python hooks
+    try:
+        loops["loopscope-pure"] = _new_loop(kind)
+    finally:
+        _probe.speedups = speedups
+
+    def storm(name: str, steps: int) -> None:
+        if name == "pyleak":
+            from pyleak import no_event_loop_blocking
+
+            async def watched() -> None:
+                async with no_event_loop_blocking(threshold=0.2):
+                    await workload(width, steps)
+
+            loops["base"].run_until_complete(watched())
+        else:
+            loops[name].run_until_complete(workload(width, steps))
+
+    names = list(loops) + [peer for peer in spec.get("peers", []) if peer == "pyleak"]
+    for name in names:  # warm-up
+        storm(name, max(length // 4, 1))
+    gc.collect()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for turn in range(spec["turns"]):
+        k = turn % len(names)
+        for name in names[k:] + names[:k]:
+            c0 = time.process_time()
+            storm(name, length)
+            times[name].append((time.process_time() - c0) / (width * length) * 1e9)
+    for loop in loops.values():
+        loop.close()
+    loopscope.uninstall()
+    return {
+        "path": "C" if speedups else "pure",
+        "ns_per_step": {name: statistics.median(v) for name, v in times.items()},
+        "ratios": {
+            name: [a / b for a, b in zip(times[name], times["base"], strict=True)]
+            for name in names
+            if name != "base"
+        },
+    }
+
+
 # --- workload 5: accuracy -----------------------------------------------------------------
 
 
@@ -294,6 +356,7 @@ MEASUREMENTS: dict[str, Callable[[Spec], dict[str, Any]]] = {
     "storm": measure_storm,
     "accuracy": measure_accuracy,
     "scrape": measure_scrape,
+    "paired": measure_paired,
     "memory": measure_memory,
 }
 

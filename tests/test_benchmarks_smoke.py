@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ def test_quick_mode_prints_the_table() -> None:
             "benchmarks",
             "--quick",
             "--only",
-            "storm,accuracy,scrape",
+            "storm,callbacks,http,accuracy,scrape",
             "--python",
             sys.executable,
         ],
@@ -35,4 +36,7 @@ def test_quick_mode_prints_the_table() -> None:
     assert "| workload" in out and "| loop" in out, out
     assert "task-step storm" in out and "uninstrumented" in out, out
     assert "accuracy" in out and "scrape" in out, out
+    assert "paired turns" in out and "call_later chains" in out, out
+    if shutil.which("wrk") is not None:  # CI installs it; the HTTP workload needs it
+        assert "3 HTTP aiohttp" in out and "pair ratio" in out, out
     assert "targets:" in out, out
