@@ -15,7 +15,7 @@ if platform.python_implementation() == "CPython" and sys.platform != "win32":
     ext_modules.append(
         Extension(
             "loopscope._speedups",
-            sources=["src/loopscope/_speedups.c"],
+            sources=["src/loopscope/_speedups.c", "src/loopscope/_endpoint.c"],
             optional=True,
         )
     )

@@ -26,6 +26,7 @@ from prometheus_client.registry import Collector
 
 import loopscope
 from loopscope import _server
+from loopscope._probe import speedups
 
 Run = Callable[[Callable[[], Awaitable[Any]]], Any]
 TIMEOUT = 10.0
@@ -213,6 +214,191 @@ class TestReuse:
         for expected in (1.0, 2.0, 3.0):
             body = _get(installation.port)[2].decode()
             assert f"test_builds {expected}" in body
+
+
+class TestEngine:
+    """With the C accelerator, plain HTTP is served by the engine, which answers a request
+    head it has seen answered with the exposition from its own copy; these hold on both
+    paths, with the difference noted where there is one."""
+
+    def test_engine_used_on_the_c_path(self, registry: CollectorRegistry) -> None:
+        installation = loopscope.install(registry=registry, port=0)
+        assert installation.server is not None
+        assert (installation.server.httpd.engine is not None) == (speedups is not None)
+
+    def test_kept_answer_only_for_the_same_head(
+        self, registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A kept exposition is given to the exact head it answered, never to another
+        path, method or set of credentials."""
+        monkeypatch.setattr(_server, "REUSE_SECONDS", 3600.0)
+        installation = loopscope.install(
+            registry=registry, port=0, basic_auth_username="prom", basic_auth_password="pw"
+        )
+        assert installation.port is not None
+        good = {"Authorization": "Basic " + base64.b64encode(b"prom:pw").decode()}
+        wrong = {"Authorization": "Basic " + base64.b64encode(b"prom:px").decode()}
+        for _ in range(3):
+            assert _get(installation.port, headers=good)[0] == 200
+            assert _get(installation.port, headers=wrong)[0] == 401
+            assert _get(installation.port)[0] == 401
+            assert _get(installation.port, "/other", headers=good)[0] == 404
+            bare = _raw(installation.port, b"GET /metrics HTTP/1.1\r\n\r\n")
+            assert bare.startswith(b"HTTP/1.1 401")
+            posted = _raw(
+                installation.port,
+                b"POST /metrics HTTP/1.1\r\nAuthorization: "
+                + good["Authorization"].encode()
+                + b"\r\n\r\n",
+            )
+            assert posted.startswith(b"HTTP/1.1 405")
+
+    def test_python_asked_once_per_second_of_date(
+        self, registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The engine asks Python again only when the answer's Date second has passed (or
+        the exposition is due to be built again); the selector loop asks every time."""
+        monkeypatch.setattr(_server, "REUSE_SECONDS", 3600.0)
+        asked = [0]
+        original = _server._Exposition.answer
+
+        def counted(self: _server._Exposition, head_only: bool) -> bytes:
+            asked[0] += 1
+            return original(self, head_only)
+
+        monkeypatch.setattr(_server._Exposition, "answer", counted)
+        installation = loopscope.install(registry=registry, port=0)
+        assert installation.port is not None
+        dates = {_get(installation.port)[1]["Date"] for _ in range(20)}
+        if speedups is None:
+            assert asked[0] == 20
+        else:
+            # One question per second seen; one more where a kept answer ran out a moment
+            # before the second changed on the wall clock.
+            assert len(dates) <= asked[0] <= len(dates) + 1
+
+    def test_fault_while_answering(
+        self, registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A fault in the code that answers costs that request only (dropped by the
+        selector loop, a 500 from the engine); the next one is answered."""
+        installation = loopscope.install(registry=registry, port=0)
+        assert installation.port is not None
+        calls = [0]
+        original = _server._parse
+
+        def faulty(head: bytes) -> Any:
+            calls[0] += 1
+            if calls[0] == 1:
+                raise RuntimeError("injected")
+            return original(head)
+
+        monkeypatch.setattr(_server, "_parse", faulty)
+        first = _raw(installation.port, b"GET /metrics HTTP/1.1\r\n\r\n")
+        assert first == b"" or first.startswith(b"HTTP/1.1 500")
+        assert _get(installation.port)[0] == 200
+
+
+@pytest.mark.skipif(speedups is None, reason="the engine is part of the C accelerator")
+class TestEngineDirect:
+    """The engine on its own, with a Python ``respond`` of the test's making."""
+
+    def _serve(self, respond: Callable[[bytes | None], Any]) -> tuple[Any, int, Callable[[], None]]:
+        assert speedups is not None
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        listener.setblocking(False)
+        wake_r, wake_w = socket.socketpair()
+        wake_r.setblocking(False)
+        engine = speedups.Engine(listener.fileno(), wake_r.fileno(), respond, 5.0, 4, 64)
+        thread = threading.Thread(target=engine.run, daemon=True)
+        thread.start()
+
+        def stop() -> None:
+            engine.stop()
+            wake_w.send(b"x")
+            thread.join(TIMEOUT)
+            assert not thread.is_alive()
+            engine.close_all()
+            for sock in (listener, wake_r, wake_w):
+                sock.close()
+
+        return engine, listener.getsockname()[1], stop
+
+    def test_respond_faults_and_bad_answers_drop_the_connection(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """What respond() raises, or a wrong answer, goes to sys.unraisablehook and drops
+        that connection; the engine goes on."""
+        answers: list[Any] = [RuntimeError("injected"), "not a tuple", (b"ok", 0.0)]
+        reported: list[type[BaseException] | None] = []
+        monkeypatch.setattr(sys, "unraisablehook", lambda u: reported.append(u.exc_type))
+
+        def respond(head: bytes | None) -> Any:
+            answer = answers.pop(0)
+            if isinstance(answer, Exception):
+                raise answer
+            return answer
+
+        engine, port, stop = self._serve(respond)
+        try:
+            assert _raw(port, b"A\r\n\r\n") == b""
+            assert _raw(port, b"B\r\n\r\n") == b""
+            assert _raw(port, b"C\r\n\r\n") == b"ok"
+        finally:
+            stop()
+        assert reported == [RuntimeError, TypeError]
+        assert engine.connections == 0
+
+    def test_heads_kept_apart_and_oversized_heads(self) -> None:
+        seen: list[bytes | None] = []
+
+        def respond(head: bytes | None) -> tuple[bytes, float]:
+            seen.append(head)
+            return b"answer to " + (head or b"<too long>"), 3600.0
+
+        _engine, port, stop = self._serve(respond)
+        try:
+            for _ in range(3):
+                assert _raw(port, b"one\r\n\r\n") == b"answer to one"
+                assert _raw(port, b"two\r\n", b"\r\n") == b"answer to two"
+            assert _raw(port, b"x" * 100) == b"answer to <too long>"
+            assert _raw(port, b"x" * 100) == b"answer to <too long>"
+        finally:
+            stop()
+        # Each head asked once, the oversized ones (no head to key on) every time.
+        assert seen == [b"one", b"two", None, None]
+
+    def test_connection_limit_and_silent_clients(self) -> None:
+        """Past max_connections, new connections are closed at once; the silent ones hold
+        their places until they time out or the engine stops, which closes them."""
+        engine, port, stop = self._serve(lambda head: (b"ok", 0.0))
+        idle = [socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) for _ in range(4)]
+        try:
+            deadline = time.monotonic() + TIMEOUT
+            while engine.connections < 4 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert engine.connections == 4
+            # Closed before its request was read: an end of stream or a reset, no answer.
+            try:
+                late = _raw(port, b"late\r\n\r\n")
+            except ConnectionResetError:
+                late = b""
+            assert late == b""
+        finally:
+            stop()
+            for sock in idle:
+                assert sock.recv(16) == b""
+                sock.close()
+        assert engine.connections == 0
+
+    def test_bad_arguments(self) -> None:
+        assert speedups is not None
+        with pytest.raises(TypeError, match="respond must be callable"):
+            speedups.Engine(0, 0, None, 5.0, 4, 64)
+        with pytest.raises(ValueError, match="must be positive"):
+            speedups.Engine(0, 0, print, 5.0, 0, 64)
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")

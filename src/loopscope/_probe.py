@@ -30,7 +30,7 @@ _MISSING = object()
 
 
 #: The C accelerator's interface this Python code was written against (its INTERFACE).
-SPEEDUPS_INTERFACE = 2
+SPEEDUPS_INTERFACE = 3
 
 
 def _load_speedups() -> Any:

@@ -16,6 +16,14 @@ object for as long as the exposition is reused.  TLS handshakes are driven non-b
 the same loop, so a client that never completes one holds up nobody else; a connection that
 has not sent its request within ``CONNECTION_TIMEOUT`` of being accepted, or that stalls for
 that long while its answer is written, is dropped.
+
+With the C accelerator and without TLS, the socket work is done by
+``loopscope._speedups.Engine`` with the GIL released: the thread takes the GIL only to ask
+this module for an answer (``_Endpoint._respond``), and a scrape whose request head is the
+same, byte for byte, as one answered with the exposition within ``REUSE_SECONDS`` (and
+within the second of its ``Date`` header) gets the same bytes from the engine without
+Python, so scrapes no longer interrupt a busy loop, only the builds of the exposition do.
+What is answered to what stays decided here.
 """
 
 from __future__ import annotations
@@ -37,6 +45,8 @@ from urllib.parse import unquote
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import REGISTRY, CollectorRegistry
+
+from ._probe import speedups
 
 if TYPE_CHECKING:
     from ._options import Options
@@ -162,6 +172,13 @@ class _Exposition:
             self.answers_body, self.answers_second = self.body, self.second
         return self.answers[1] if head_only else self.answers[0]
 
+    def fresh_for(self) -> float:
+        """Seconds for which answer() will return what it last returned: until the
+        exposition is due to be built again or the ``Date`` header's second ends."""
+        reuse_left = self.built_at + REUSE_SECONDS - time.monotonic()
+        second_left = self.second + 1 - time.time()
+        return max(0.0, min(reuse_left, second_left))
+
 
 class _Connection:
     __slots__ = ("deadline", "flags", "handshaking", "inbox", "outbox", "sock", "watching")
@@ -214,10 +231,24 @@ class _Endpoint:
         self._wake_r.setblocking(False)
         self.selector.register(listener, selectors.EVENT_READ, None)
         self.selector.register(self._wake_r, selectors.EVENT_READ, self._wake_r)
+        #: The C engine doing the socket work without the GIL; None: the selector loop.
+        self.engine: Any = None
+        if speedups is not None and tls is None:
+            self.engine = speedups.Engine(
+                listener.fileno(),
+                self._wake_r.fileno(),
+                self._respond,
+                CONNECTION_TIMEOUT,
+                MAX_CONNECTIONS,
+                MAX_REQUEST_HEAD,
+            )
 
     # --- the thread ----------------------------------------------------------------------
 
     def serve_forever(self) -> None:
+        if self.engine is not None:
+            self._run_engine(self.engine)
+            return
         try:
             while not self.stopping:
                 timeout = None
@@ -243,9 +274,24 @@ class _Endpoint:
             self.socket.close()
             self._wake_r.close()
 
+    def _run_engine(self, engine: Any) -> None:
+        try:
+            while not self.stopping:
+                # Returns when woken (by shutdown(), here or in a forked child).
+                engine.run()
+        except Exception:
+            _fallback.exception("loopscope: the /metrics endpoint stopped serving")
+        finally:
+            engine.close_all()
+            self.selector.close()
+            self.socket.close()
+            self._wake_r.close()
+
     def shutdown(self) -> None:
         """Ask the thread to stop (it closes every socket on its way out)."""
         self.stopping = True
+        if self.engine is not None:
+            self.engine.stop()
         with contextlib.suppress(OSError):
             self._wake_w.send(b"x")
 
@@ -328,7 +374,7 @@ class _Endpoint:
             conn.inbox += chunk
             end = conn.inbox.find(b"\r\n\r\n")
             if end >= 0:
-                answer = self._answer(conn.inbox[:end])
+                answer = self._answer(conn.inbox[:end])[0]
                 break
             if len(conn.inbox) > MAX_REQUEST_HEAD:
                 answer = self._error("431 Request Header Fields Too Large", "request too large")
@@ -380,10 +426,25 @@ class _Endpoint:
         body = text.encode() + b"\n"
         return _response(status, [("Content-Type", _TEXT), *headers], body, self.exposition.now())
 
-    def _answer(self, head: bytes) -> bytes:
+    def _respond(self, head: bytes | None) -> tuple[bytes, float]:
+        """The engine's question: the answer to a request head (None: longer than
+        MAX_REQUEST_HEAD), and for how many seconds the same head may get the same bytes."""
+        try:
+            if head is None:
+                return self._error("431 Request Header Fields Too Large", "request too large"), 0.0
+            answer, exposition = self._answer(head)
+            return answer, self.exposition.fresh_for() if exposition else 0.0
+        except Exception:
+            _fallback.exception("loopscope: answering a /metrics connection failed")
+            return self._error(
+                "500 Internal Server Error", "the request could not be answered"
+            ), 0.0
+
+    def _answer(self, head: bytes) -> tuple[bytes, bool]:
+        """The answer to a request head, and whether it is the exposition (a 200)."""
         request = _parse(head)
         if request is None:
-            return self._error("400 Bad Request", "not an HTTP/1.x request")
+            return self._error("400 Bad Request", "not an HTTP/1.x request"), False
         # Authentication first: an unauthenticated client learns nothing, not even the paths.
         if self.credentials is not None and not (
             request.authorization is not None
@@ -393,18 +454,18 @@ class _Endpoint:
                 "401 Unauthorized",
                 "authentication required",
                 (("WWW-Authenticate", 'Basic realm="loopscope", charset="UTF-8"'),),
-            )
+            ), False
         if request.path not in METRICS_PATHS:
-            return self._error("404 Not Found", "loopscope serves only /metrics")
+            return self._error("404 Not Found", "loopscope serves only /metrics"), False
         if request.method not in ("GET", "HEAD"):
             return self._error(
                 "405 Method Not Allowed",
                 "only GET and HEAD are allowed on /metrics",
                 (("Allow", "GET, HEAD"),),
-            )
+            ), False
         exposition = self.exposition
         try:
-            return exposition.answer(head_only=request.method == "HEAD")
+            return exposition.answer(head_only=request.method == "HEAD"), True
         except Exception as exc:
             # A collector of the registry (loopscope's or another) raised: this scrape fails
             # with 500, the server thread and the application go on.
@@ -415,7 +476,9 @@ class _Endpoint:
                     exc_info=(type(exc), exc, exc.__traceback__),
                 )
             exposition.failures = 1
-            return self._error("500 Internal Server Error", "the metrics could not be collected")
+            return self._error(
+                "500 Internal Server Error", "the metrics could not be collected"
+            ), False
 
 
 class MetricsServer:

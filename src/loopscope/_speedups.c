@@ -16,6 +16,7 @@
  *                  argument errors are the same.
  *   CallSoon       asyncio: the loop's _call_soon instance attribute.
  *   TimedRun       asyncio: the _run method of the per-loop Handle/TimerHandle subclasses.
+ *   Engine         the /metrics endpoint's socket work, without the GIL (_endpoint.c).
  *
  * Every object runs with the GIL held and never releases it, so a flush from a scrape
  * thread and the loop thread's updates cannot interleave.
@@ -29,7 +30,9 @@
 #define NBUCKETS 20 /* 19 bounds + the +Inf slot */
 /* What the Python side expects of this module (_probe.SPEEDUPS_INTERFACE): raised whenever
  * the two change together, so that a module built from older sources is not used. */
-#define SPEEDUPS_INTERFACE 2
+#define SPEEDUPS_INTERFACE 3
+
+extern PyTypeObject Engine_Type; /* _endpoint.c */
 
 static const double BUCKETS[NBUCKETS - 1] = {
     0.00001, 0.000025, 0.00005,
@@ -592,12 +595,50 @@ static PyTypeObject Recorder_Type = {
 };
 
 /* ---------------------------------------------------------------------------------------
+ * Wrapper: what TimedCallback and TimedIO share (their first fields, and the functions
+ * that only look at those).
+ */
+#define WRAPPER_HEAD \
+    PyObject_HEAD    \
+    PyObject *callback; \
+    Recorder *recorder;
+
+typedef struct {
+    WRAPPER_HEAD
+} Wrapper;
+
+static int Wrapper_traverse(Wrapper *self, visitproc visit, void *arg) {
+    Py_VISIT(self->callback);
+    Py_VISIT(self->recorder);
+    return 0;
+}
+
+static int Wrapper_clear(Wrapper *self) {
+    Py_CLEAR(self->callback);
+    Py_CLEAR(self->recorder);
+    return 0;
+}
+
+static PyObject *Wrapper_repr(Wrapper *self) {
+    if (self->callback == NULL)
+        return PyUnicode_FromFormat("<%s (cleared)>", Py_TYPE(self)->tp_name);
+    return PyObject_Repr(self->callback);
+}
+
+static PyObject *Wrapper_get_probe(Wrapper *self, void *Py_UNUSED(closure)) {
+    if (self->recorder == NULL || self->recorder->probe == NULL)
+        Py_RETURN_NONE;
+    return Py_NewRef(self->recorder->probe);
+}
+
+static PyGetSetDef Wrapper_getset[] = {
+    {"probe", (getter)Wrapper_get_probe, NULL, NULL, NULL}, {NULL}};
+
+/* ---------------------------------------------------------------------------------------
  * TimedCallback (uvloop)
  */
 typedef struct {
-    PyObject_HEAD
-    PyObject *callback;
-    Recorder *recorder;
+    WRAPPER_HEAD
     double ready;
     vectorcallfunc vectorcall;
 } TimedCallback;
@@ -697,21 +738,9 @@ static PyObject *TimedCallback_new(PyTypeObject *type, PyObject *args, PyObject 
     return (PyObject *)TimedCallback_create(callback, (Recorder *)recorder, ready);
 }
 
-static int TimedCallback_traverse(TimedCallback *self, visitproc visit, void *arg) {
-    Py_VISIT(self->callback);
-    Py_VISIT(self->recorder);
-    return 0;
-}
-
-static int TimedCallback_clear(TimedCallback *self) {
-    Py_CLEAR(self->callback);
-    Py_CLEAR(self->recorder);
-    return 0;
-}
-
 static void TimedCallback_dealloc(TimedCallback *self) {
     PyObject_GC_UnTrack(self);
-    TimedCallback_clear(self);
+    Wrapper_clear((Wrapper *)self);
 #if TC_FREELIST > 0
     if (tc_free_count < TC_FREELIST && Py_IS_TYPE(self, &TimedCallback_Type)) {
         tc_free[tc_free_count++] = self;
@@ -720,21 +749,6 @@ static void TimedCallback_dealloc(TimedCallback *self) {
 #endif
     PyObject_GC_Del(self);
 }
-
-static PyObject *TimedCallback_repr(TimedCallback *self) {
-    if (self->callback == NULL)
-        return PyUnicode_FromString("<TimedCallback (cleared)>");
-    return PyObject_Repr(self->callback);
-}
-
-static PyObject *TimedCallback_get_probe(TimedCallback *self, void *Py_UNUSED(closure)) {
-    if (self->recorder == NULL || self->recorder->probe == NULL)
-        Py_RETURN_NONE;
-    return Py_NewRef(self->recorder->probe);
-}
-
-static PyGetSetDef TimedCallback_getset[] = {
-    {"probe", (getter)TimedCallback_get_probe, NULL, NULL, NULL}, {NULL}};
 
 static PyMemberDef TimedCallback_members[] = {
     {"callback", T_OBJECT, offsetof(TimedCallback, callback), READONLY, NULL},
@@ -750,12 +764,12 @@ static PyTypeObject TimedCallback_Type = {
     .tp_doc = "A callback that measures itself (uvloop); repr() is the callback's.",
     .tp_new = TimedCallback_new,
     .tp_dealloc = (destructor)TimedCallback_dealloc,
-    .tp_traverse = (traverseproc)TimedCallback_traverse,
-    .tp_clear = (inquiry)TimedCallback_clear,
-    .tp_repr = (reprfunc)TimedCallback_repr,
+    .tp_traverse = (traverseproc)Wrapper_traverse,
+    .tp_clear = (inquiry)Wrapper_clear,
+    .tp_repr = (reprfunc)Wrapper_repr,
     .tp_call = PyVectorcall_Call,
     .tp_vectorcall_offset = offsetof(TimedCallback, vectorcall),
-    .tp_getset = TimedCallback_getset,
+    .tp_getset = Wrapper_getset,
     .tp_members = TimedCallback_members,
 };
 
@@ -764,9 +778,7 @@ static PyTypeObject TimedCallback_Type = {
  * method, called by libuv's callbacks; it has no schedule delay and is not a task step.
  */
 typedef struct {
-    PyObject_HEAD
-    PyObject *callback;
-    Recorder *recorder;
+    WRAPPER_HEAD
     vectorcallfunc vectorcall;
 } TimedIO;
 
@@ -832,38 +844,11 @@ static PyObject *TimedIO_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     return (PyObject *)self;
 }
 
-static int TimedIO_traverse(TimedIO *self, visitproc visit, void *arg) {
-    Py_VISIT(self->callback);
-    Py_VISIT(self->recorder);
-    return 0;
-}
-
-static int TimedIO_clear(TimedIO *self) {
-    Py_CLEAR(self->callback);
-    Py_CLEAR(self->recorder);
-    return 0;
-}
-
 static void TimedIO_dealloc(TimedIO *self) {
     PyObject_GC_UnTrack(self);
-    TimedIO_clear(self);
+    Wrapper_clear((Wrapper *)self);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
-
-static PyObject *TimedIO_repr(TimedIO *self) {
-    if (self->callback == NULL)
-        return PyUnicode_FromString("<TimedIO (cleared)>");
-    return PyObject_Repr(self->callback);
-}
-
-static PyObject *TimedIO_get_probe(TimedIO *self, void *Py_UNUSED(closure)) {
-    if (self->recorder == NULL || self->recorder->probe == NULL)
-        Py_RETURN_NONE;
-    return Py_NewRef(self->recorder->probe);
-}
-
-static PyGetSetDef TimedIO_getset[] = {
-    {"probe", (getter)TimedIO_get_probe, NULL, NULL, NULL}, {NULL}};
 
 static PyMemberDef TimedIO_members[] = {
     {"callback", T_OBJECT, offsetof(TimedIO, callback), READONLY, NULL},
@@ -878,12 +863,12 @@ static PyTypeObject TimedIO_Type = {
     .tp_doc = "An I/O callback that measures itself (uvloop); repr() is the callback's.",
     .tp_new = TimedIO_new,
     .tp_dealloc = (destructor)TimedIO_dealloc,
-    .tp_traverse = (traverseproc)TimedIO_traverse,
-    .tp_clear = (inquiry)TimedIO_clear,
-    .tp_repr = (reprfunc)TimedIO_repr,
+    .tp_traverse = (traverseproc)Wrapper_traverse,
+    .tp_clear = (inquiry)Wrapper_clear,
+    .tp_repr = (reprfunc)Wrapper_repr,
     .tp_call = PyVectorcall_Call,
     .tp_vectorcall_offset = offsetof(TimedIO, vectorcall),
-    .tp_getset = TimedIO_getset,
+    .tp_getset = Wrapper_getset,
     .tp_members = TimedIO_members,
 };
 
@@ -1453,9 +1438,9 @@ PyMODINIT_FUNC PyInit__speedups(void) {
         return NULL;
 
     PyTypeObject *types[] = {&Recorder_Type, &TimedCallback_Type, &TimedIO_Type,
-                             &Intercept_Type, &CallSoon_Type, &TimedRun_Type};
+                             &Intercept_Type, &CallSoon_Type, &TimedRun_Type, &Engine_Type};
     const char *names[] = {"Recorder", "TimedCallback", "TimedIO", "Intercept", "CallSoon",
-                           "TimedRun"};
+                           "TimedRun", "Engine"};
     PyObject *module = PyModule_Create(&speedups_module);
     if (module == NULL)
         return NULL;
