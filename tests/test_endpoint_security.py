@@ -172,6 +172,17 @@ async def _some_work() -> None:
         await asyncio.sleep(0)
 
 
+def _install_tls(registry: CollectorRegistry, pki: Pki, **options: Any) -> loopscope.Installation:
+    """install() serving HTTPS on a free port with the test PKI's server certificate."""
+    return loopscope.install(
+        registry=registry,
+        port=0,
+        tls_certfile=str(pki.server_cert),
+        tls_keyfile=str(pki.server_key),
+        **options,
+    )
+
+
 def _nothing_installed(registry: CollectorRegistry) -> bool:
     return (
         _installation.current() is None
@@ -244,12 +255,7 @@ class TestTls:
 
     def test_https_scrape(self, registry: CollectorRegistry, run: Run, pki: Pki) -> None:
         """A client that trusts the CA scrapes over HTTPS."""
-        installation = loopscope.install(
-            registry=registry,
-            port=0,
-            tls_certfile=str(pki.server_cert),
-            tls_keyfile=str(pki.server_key),
-        )
+        installation = _install_tls(registry, pki)
         run(_some_work)
         assert installation.port is not None
         status, _headers, body = _get(installation.port, context=pki.client_context())
@@ -257,12 +263,7 @@ class TestTls:
 
     def test_plain_http_gets_no_metrics(self, registry: CollectorRegistry, pki: Pki) -> None:
         """A plain-HTTP request to the TLS endpoint is refused without any metric."""
-        installation = loopscope.install(
-            registry=registry,
-            port=0,
-            tls_certfile=str(pki.server_cert),
-            tls_keyfile=str(pki.server_key),
-        )
+        installation = _install_tls(registry, pki)
         assert installation.port is not None
         with socket.create_connection(("127.0.0.1", installation.port), timeout=TIMEOUT) as raw:
             raw.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
@@ -288,12 +289,7 @@ class TestTls:
 
     def test_silent_client_blocks_nobody(self, registry: CollectorRegistry, pki: Pki) -> None:
         """A connection that never starts its handshake does not hold up other scrapers."""
-        installation = loopscope.install(
-            registry=registry,
-            port=0,
-            tls_certfile=str(pki.server_cert),
-            tls_keyfile=str(pki.server_key),
-        )
+        installation = _install_tls(registry, pki)
         assert installation.port is not None
         with socket.create_connection(("127.0.0.1", installation.port), timeout=TIMEOUT):
             status, _headers, _body = _get(installation.port, context=pki.client_context())
@@ -301,13 +297,7 @@ class TestTls:
 
     def test_client_certificate_required(self, registry: CollectorRegistry, pki: Pki) -> None:
         """With tls_client_cafile, only clients with a certificate from that CA get in."""
-        installation = loopscope.install(
-            registry=registry,
-            port=0,
-            tls_certfile=str(pki.server_cert),
-            tls_keyfile=str(pki.server_key),
-            tls_client_cafile=str(pki.ca_cert),
-        )
+        installation = _install_tls(registry, pki, tls_client_cafile=str(pki.ca_cert))
         assert installation.port is not None
         status, _headers, body = _get(installation.port, context=pki.client_context(True))
         assert status == 200 and b"asyncio_" in body
@@ -316,13 +306,7 @@ class TestTls:
 
     def test_client_from_other_ca_refused(self, registry: CollectorRegistry, pki: Pki) -> None:
         """A client certificate the configured CA did not sign is refused."""
-        installation = loopscope.install(
-            registry=registry,
-            port=0,
-            tls_certfile=str(pki.server_cert),
-            tls_keyfile=str(pki.server_key),
-            tls_client_cafile=str(pki.other_ca_cert),
-        )
+        installation = _install_tls(registry, pki, tls_client_cafile=str(pki.other_ca_cert))
         assert installation.port is not None
         with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
             _get(installation.port, context=pki.client_context(True))
@@ -400,12 +384,7 @@ class TestTlsOptionErrors:
         """A variable naming a missing file is reported by its variable name."""
         monkeypatch.setenv("LOOPSCOPE_TLS_CLIENT_CAFILE", str(tmp_path / "absent.pem"))
         with pytest.raises(loopscope.ConfigError, match="LOOPSCOPE_TLS_CLIENT_CAFILE"):
-            loopscope.install(
-                registry=registry,
-                port=0,
-                tls_certfile=str(pki.server_cert),
-                tls_keyfile=str(pki.server_key),
-            )
+            _install_tls(registry, pki)
         assert _nothing_installed(registry)
 
     def test_bad_client_ca(self, registry: CollectorRegistry, pki: Pki, tmp_path: Path) -> None:
@@ -413,13 +392,7 @@ class TestTlsOptionErrors:
         junk = tmp_path / "ca.pem"
         junk.write_text("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
         with pytest.raises(loopscope.ConfigError, match="tls_client_cafile"):
-            loopscope.install(
-                registry=registry,
-                port=0,
-                tls_certfile=str(pki.server_cert),
-                tls_keyfile=str(pki.server_key),
-                tls_client_cafile=str(junk),
-            )
+            _install_tls(registry, pki, tls_client_cafile=str(junk))
         assert _nothing_installed(registry)
 
     def test_client_ca_without_tls(self, registry: CollectorRegistry, pki: Pki) -> None:
@@ -493,13 +466,8 @@ class TestBasicAuth:
 
     def test_with_tls(self, registry: CollectorRegistry, pki: Pki) -> None:
         """Basic authentication and TLS work together."""
-        installation = loopscope.install(
-            registry=registry,
-            port=0,
-            tls_certfile=str(pki.server_cert),
-            tls_keyfile=str(pki.server_key),
-            basic_auth_username="prom",
-            basic_auth_password="pw",
+        installation = _install_tls(
+            registry, pki, basic_auth_username="prom", basic_auth_password="pw"
         )
         assert installation.port is not None
         context = pki.client_context()
