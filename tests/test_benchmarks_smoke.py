@@ -40,3 +40,36 @@ def test_quick_mode_prints_the_table() -> None:
     if shutil.which("wrk") is not None:  # CI installs it; the HTTP workload needs it
         assert "3 HTTP aiohttp" in out and "pair ratio" in out, out
     assert "targets:" in out, out
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="needs valgrind (CI installs it)")
+def test_instructions_per_request_runs() -> None:
+    """benchmarks/http_icount.py runs its callgrind measurement to its table."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.http_icount",
+            "--requests",
+            "40",
+            "--warmup",
+            "20",
+            "--idle",
+            "0.5",
+            "--connections",
+            "4",
+            "--variants",
+            "none,loopscope",
+            "--python",
+            sys.executable,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    out = proc.stdout
+    assert "loop Ir/req" in out and "linearity" in out, out
+    assert "added per request vs none" in out and "loopscope" in out, out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import threading
+from typing import Any
 
 import pytest
 import uvloop
@@ -123,6 +124,34 @@ class TestInstallTwiceAndUninstall:
         finally:
             loop.close()
         assert _installation.current() is None
+
+    def test_application_attributes_kept(self, registry: CollectorRegistry, loop_kind: str) -> None:
+        """A loop method the application replaced on the instance before install() is the
+        one loopscope's hook calls, and it is back in place after uninstall()."""
+        loop = make_loop(loop_kind)
+        made: list[str] = []
+        original = loop.create_task
+
+        def create_task(coro: Any, **kwargs: Any) -> Any:
+            made.append(coro.__name__)
+            return original(coro, **kwargs)
+
+        loop.create_task = create_task  # type: ignore[method-assign]
+
+        async def main() -> None:
+            loopscope.install(registry=registry)
+            assert loop.create_task is not create_task  # instrumented
+            await loop.create_task(_three_steps())
+            loopscope.uninstall()
+            assert loop.create_task is create_task
+            await loop.create_task(_three_steps())
+
+        try:
+            loop.run_until_complete(main())
+        finally:
+            loop.close()
+        # main() itself went through it too, made by run_until_complete().
+        assert made == ["main", "_three_steps", "_three_steps"]
 
     def test_context_manager(self, registry: CollectorRegistry, loop_kind: str) -> None:
         """``with loopscope.install():`` uninstalls on exit."""

@@ -122,6 +122,7 @@ def test_hooks_are_the_c_ones(path: str, loop_kind: str, registry: CollectorRegi
         hook = loop.__dict__[name]
         kinds = (speedups.Intercept, speedups.CallSoon)
         assert isinstance(hook, kinds) == (path == "c")
+        assert isinstance(loop.__dict__["create_task"], speedups.CreateTask) == (path == "c")
     finally:
         loop.close()
 
@@ -390,6 +391,7 @@ def _refcount_workload(loop: asyncio.AbstractEventLoop, callback: Any, arg: Any,
         for _ in range(n):
             running.call_soon(callback, arg)
             running.call_later(0.0, callback, arg)
+            await running.create_task(asyncio.sleep(0, arg))
         threading.Thread(
             target=lambda: [loop.call_soon_threadsafe(callback, arg) for _ in range(n)]
         ).start()
@@ -480,6 +482,38 @@ def test_a_stale_build_is_not_used(
     with caplog.at_level("WARNING", logger="loopscope"):
         assert _probe._load_speedups() is None
     assert "built from other sources" in caplog.text
+
+
+def test_create_task_counts_and_forwards(
+    path: str, loop_kind: str, registry: CollectorRegistry
+) -> None:
+    """create_task passes every argument to the loop's own, raises what it raises, counts
+    only the tasks made, and in debug mode a task's _source_traceback ends at the caller."""
+    loopscope.install(registry=registry)
+    loop = make_loop(loop_kind)
+    loop.set_debug(True)
+
+    async def work(value: int) -> int:
+        return value
+
+    def create_here() -> Any:
+        return loop.create_task(work(7), name="seven")
+
+    try:
+        task = create_here()
+        assert task.get_name() == "seven" and loop.run_until_complete(task) == 7
+        assert task._source_traceback[-1][2] == "create_here"
+        with pytest.raises(TypeError):
+            loop.create_task(None)  # type: ignore[arg-type]
+        coro = work(1)
+        with pytest.raises(TypeError):
+            loop.create_task(coro, bogus=True)  # type: ignore[call-arg]
+        coro.close()
+        assert "create_task" in repr(loop.create_task)
+        loop.run_until_complete(asyncio.sleep(0))  # a second task, made by the loop
+        assert registry.get_sample_value("asyncio_tasks_created_total", {"loop": "MainThread"}) == 2
+    finally:
+        loop.close()
 
 
 def test_debug_source_traceback_ends_at_the_caller(

@@ -16,6 +16,7 @@
  *                  argument errors are the same.
  *   CallSoon       asyncio: the loop's _call_soon instance attribute.
  *   TimedRun       asyncio: the _run method of the per-loop Handle/TimerHandle subclasses.
+ *   CreateTask     both loops: the loop's create_task instance attribute, counting tasks.
  *   Engine         the /metrics endpoint's socket work, without the GIL (_endpoint.c).
  *
  * Every object runs with the GIL held and never releases it, so a flush from a scrape
@@ -30,7 +31,7 @@
 #define NBUCKETS 20 /* 19 bounds + the +Inf slot */
 /* What the Python side expects of this module (_probe.SPEEDUPS_INTERFACE): raised whenever
  * the two change together, so that a module built from older sources is not used. */
-#define SPEEDUPS_INTERFACE 3
+#define SPEEDUPS_INTERFACE 4
 
 extern PyTypeObject Engine_Type; /* _endpoint.c */
 
@@ -46,7 +47,7 @@ static const double BUCKETS[NBUCKETS - 1] = {
 
 /* Interned attribute names, created at module init. */
 static PyObject *s_callback_duration, *s_schedule_delay, *s_counts, *s_total;
-static PyObject *s_busy_seconds, *s_task_steps;
+static PyObject *s_busy_seconds, *s_task_steps, *s_tasks_created;
 static PyObject *s_self, *s_callback;
 static PyObject *s_fault, *s_context, *s_record_slow, *s_active;
 static PyObject *s_context_slot, *s_args, *s_run;
@@ -145,6 +146,7 @@ typedef struct {
     unsigned long long delay_counts[NBUCKETS];
     double duration_total, delay_total, busy_seconds;
     unsigned long long task_steps;
+    unsigned long long tasks_created;
 } Recorder;
 
 static PyTypeObject Recorder_Type;
@@ -465,7 +467,8 @@ static PyObject *Recorder_flush(Recorder *self, PyObject *stats) {
                         &self->duration_total) < 0 ||
         flush_histogram(stats, s_schedule_delay, self->delay_counts, &self->delay_total) < 0 ||
         add_float_attr(stats, s_busy_seconds, &self->busy_seconds) < 0 ||
-        add_int_attr(stats, s_task_steps, &self->task_steps) < 0)
+        add_int_attr(stats, s_task_steps, &self->task_steps) < 0 ||
+        add_int_attr(stats, s_tasks_created, &self->tasks_created) < 0)
         return NULL;
     Py_RETURN_NONE;
 }
@@ -518,7 +521,7 @@ static PyObject *Recorder_now(Recorder *self, PyObject *Py_UNUSED(ignored)) {
 static PyObject *Recorder_pending(Recorder *self, PyObject *Py_UNUSED(ignored)) {
     /* Whether any figure is waiting for flush() (for tests). */
     int any = self->duration_total != 0.0 || self->delay_total != 0.0 ||
-              self->busy_seconds != 0.0 || self->task_steps != 0;
+              self->busy_seconds != 0.0 || self->task_steps != 0 || self->tasks_created != 0;
     for (int i = 0; i < NBUCKETS && !any; i++)
         any = self->duration_counts[i] != 0 || self->delay_counts[i] != 0;
     return PyBool_FromLong(any);
@@ -870,6 +873,91 @@ static PyTypeObject TimedIO_Type = {
     .tp_vectorcall_offset = offsetof(TimedIO, vectorcall),
     .tp_getset = Wrapper_getset,
     .tp_members = TimedIO_members,
+};
+
+/* ---------------------------------------------------------------------------------------
+ * CreateTask (both loops): the loop's create_task, counting the tasks it returns.  Every
+ * argument goes to the loop's own create_task unchanged, so its errors are the loop's; and
+ * no Python frame of loopscope's is in a task's _source_traceback in debug mode.
+ */
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    PyObject *create; /* the loop's bound create_task */
+    Recorder *recorder;
+} CreateTask;
+
+static PyObject *CreateTask_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf,
+                                       PyObject *kwnames) {
+    CreateTask *self = (CreateTask *)op;
+    if (self->create == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "CreateTask: cleared");
+        return NULL;
+    }
+    PyObject *task = PyObject_Vectorcall(self->create, args, nargsf, kwnames);
+    if (task != NULL)
+        self->recorder->tasks_created++;
+    return task;
+}
+
+static PyObject *CreateTask_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    PyObject *create, *recorder;
+    static char *kwlist[] = {"create_task", "recorder", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO!:CreateTask", kwlist, &create,
+                                     &Recorder_Type, &recorder))
+        return NULL;
+    CreateTask *self = (CreateTask *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    self->vectorcall = CreateTask_vectorcall;
+    self->create = Py_NewRef(create);
+    self->recorder = (Recorder *)Py_NewRef(recorder);
+    return (PyObject *)self;
+}
+
+static int CreateTask_traverse(CreateTask *self, visitproc visit, void *arg) {
+    Py_VISIT(self->create);
+    Py_VISIT(self->recorder);
+    return 0;
+}
+
+static int CreateTask_clear(CreateTask *self) {
+    Py_CLEAR(self->create);
+    Py_CLEAR(self->recorder);
+    return 0;
+}
+
+static void CreateTask_dealloc(CreateTask *self) {
+    PyObject_GC_UnTrack(self);
+    CreateTask_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *CreateTask_repr(CreateTask *self) {
+    if (self->create == NULL)
+        return PyUnicode_FromString("<CreateTask (cleared)>");
+    return PyObject_Repr(self->create);
+}
+
+static PyMemberDef CreateTask_members[] = {
+    {"create_task", T_OBJECT, offsetof(CreateTask, create), READONLY, NULL},
+    {"__vectorcalloffset__", T_PYSSIZET, offsetof(CreateTask, vectorcall), READONLY, NULL},
+    {NULL}};
+
+static PyTypeObject CreateTask_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "loopscope._speedups.CreateTask",
+    .tp_basicsize = sizeof(CreateTask),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "The loop's create_task, counting the tasks it creates; repr() is the loop's.",
+    .tp_new = CreateTask_new,
+    .tp_dealloc = (destructor)CreateTask_dealloc,
+    .tp_traverse = (traverseproc)CreateTask_traverse,
+    .tp_clear = (inquiry)CreateTask_clear,
+    .tp_repr = (reprfunc)CreateTask_repr,
+    .tp_call = PyVectorcall_Call,
+    .tp_vectorcall_offset = offsetof(CreateTask, vectorcall),
+    .tp_members = CreateTask_members,
 };
 
 /* ---------------------------------------------------------------------------------------
@@ -1419,7 +1507,8 @@ PyMODINIT_FUNC PyInit__speedups(void) {
     if (intern(&s_callback_duration, "callback_duration") < 0 ||
         intern(&s_schedule_delay, "schedule_delay") < 0 || intern(&s_counts, "counts") < 0 ||
         intern(&s_total, "total") < 0 || intern(&s_busy_seconds, "busy_seconds") < 0 ||
-        intern(&s_task_steps, "task_steps") < 0 || intern(&s_self, "__self__") < 0 ||
+        intern(&s_task_steps, "task_steps") < 0 ||
+        intern(&s_tasks_created, "tasks_created") < 0 || intern(&s_self, "__self__") < 0 ||
         intern(&s_callback, "_callback") < 0 ||
         intern(&s_fault, "fault") < 0 || intern(&s_context, "context") < 0 ||
         intern(&s_record_slow, "record_slow") < 0 || intern(&s_active, "active") < 0 ||
@@ -1438,9 +1527,10 @@ PyMODINIT_FUNC PyInit__speedups(void) {
         return NULL;
 
     PyTypeObject *types[] = {&Recorder_Type, &TimedCallback_Type, &TimedIO_Type,
-                             &Intercept_Type, &CallSoon_Type, &TimedRun_Type, &Engine_Type};
+                             &Intercept_Type, &CallSoon_Type, &TimedRun_Type, &Engine_Type,
+                             &CreateTask_Type};
     const char *names[] = {"Recorder", "TimedCallback", "TimedIO", "Intercept", "CallSoon",
-                           "TimedRun", "Engine"};
+                           "TimedRun", "Engine", "CreateTask"};
     PyObject *module = PyModule_Create(&speedups_module);
     if (module == NULL)
         return NULL;
