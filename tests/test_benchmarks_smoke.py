@@ -12,27 +12,28 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.skipif(not (ROOT / "benchmarks" / "__main__.py").exists(), reason="no benchmarks/")
-def test_quick_mode_prints_the_table() -> None:
+def _run_benchmark(module: str, *args: str) -> str:
+    """``python -m module args... --python <this interpreter>`` from the checkout; its output."""
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks",
-            "--quick",
-            "--only",
-            "storm,callbacks,http,accuracy,scrape",
-            "--python",
-            sys.executable,
-        ],
+        [sys.executable, "-m", module, *args, "--python", sys.executable],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
         check=False,
     )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    out = proc.stdout
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc.stdout
+
+
+@pytest.mark.skipif(not (ROOT / "benchmarks" / "__main__.py").exists(), reason="no benchmarks/")
+def test_quick_mode_prints_the_table() -> None:
+    out = _run_benchmark(
+        "benchmarks",
+        "--quick",
+        "--only",
+        "storm,callbacks,http,accuracy,scrape",
+    )
     assert "| workload" in out and "| loop" in out, out
     assert "task-step storm" in out and "uninstrumented" in out, out
     assert "accuracy" in out and "scrape" in out, out
@@ -45,31 +46,18 @@ def test_quick_mode_prints_the_table() -> None:
 @pytest.mark.skipif(shutil.which("valgrind") is None, reason="needs valgrind (CI installs it)")
 def test_instructions_per_request_runs() -> None:
     """benchmarks/http_icount.py runs its callgrind measurement to its table."""
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.http_icount",
-            "--requests",
-            "40",
-            "--warmup",
-            "20",
-            "--idle",
-            "0.5",
-            "--connections",
-            "4",
-            "--variants",
-            "none,loopscope",
-            "--python",
-            sys.executable,
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
+    out = _run_benchmark(
+        "benchmarks.http_icount",
+        "--requests",
+        "40",
+        "--warmup",
+        "20",
+        "--idle",
+        "0.5",
+        "--connections",
+        "4",
+        "--variants",
+        "none,loopscope",
     )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    out = proc.stdout
     assert "loop Ir/req" in out and "linearity" in out, out
     assert "added per request vs none" in out and "loopscope" in out, out

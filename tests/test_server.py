@@ -189,30 +189,34 @@ class TestServing:
 class TestReuse:
     """Scrapes within REUSE_SECONDS of a build get that build; a failed build is not kept."""
 
-    def test_reused_within_window(
-        self, registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch
-    ) -> None:
-        monkeypatch.setattr(_server, "REUSE_SECONDS", 3600.0)
+    @staticmethod
+    def _serve_counting(
+        registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch, reuse: float
+    ) -> tuple[Counting, int]:
+        """The endpoint with REUSE_SECONDS = ``reuse`` and a collector counting builds."""
+        monkeypatch.setattr(_server, "REUSE_SECONDS", reuse)
         counting = Counting()
         registry.register(counting)
         installation = loopscope.install(registry=registry, port=0)
         assert installation.port is not None
-        bodies = [_get(installation.port)[2] for _ in range(5)]
+        return counting, installation.port
+
+    def test_reused_within_window(
+        self, registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        counting, port = self._serve_counting(registry, monkeypatch, 3600.0)
+        bodies = [_get(port)[2] for _ in range(5)]
         assert counting.calls == 1 and len(set(bodies)) == 1
-        head = _raw(installation.port, b"HEAD /metrics HTTP/1.1\r\n\r\n")
+        head = _raw(port, b"HEAD /metrics HTTP/1.1\r\n\r\n")
         assert head.endswith(b"\r\n\r\n")
         assert f"Content-Length: {len(bodies[0])}\r\n".encode() in head
 
     def test_rebuilt_after_window(
         self, registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        monkeypatch.setattr(_server, "REUSE_SECONDS", 0.0)
-        counting = Counting()
-        registry.register(counting)
-        installation = loopscope.install(registry=registry, port=0)
-        assert installation.port is not None
+        _counting, port = self._serve_counting(registry, monkeypatch, 0.0)
         for expected in (1.0, 2.0, 3.0):
-            body = _get(installation.port)[2].decode()
+            body = _get(port)[2].decode()
             assert f"test_builds {expected}" in body
 
 
