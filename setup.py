@@ -15,7 +15,12 @@ if platform.python_implementation() == "CPython" and sys.platform != "win32":
     ext_modules.append(
         Extension(
             "loopscope._speedups",
-            sources=["src/loopscope/_speedups.c", "src/loopscope/_endpoint.c"],
+            sources=[
+                "src/loopscope/_speedups.c",
+                "src/loopscope/_endpoint.c",
+                "src/loopscope/_clock.c",
+            ],
+            depends=["src/loopscope/_clock.h"],
             optional=True,
         )
     )

@@ -187,13 +187,21 @@ def measure_storm(spec: Spec) -> dict[str, Any]:
 
 
 def measure_paired(spec: Spec) -> dict[str, Any]:
-    """The task-step storm on three loops of one process, taken in turns: one made before
+    """The task-step storm on loops of one process, taken in turns: one made before
     loopscope.install() (uninstrumented), one on the C hooks and one on the pure-Python
     hooks.  A turn of each lasts tens of milliseconds, so every ratio compares runs a
     fraction of a second apart: drift on a shared machine (other tenants, clock speed)
-    that moves whole processes minutes apart cancels out of it.  With ``"peers":
-    ["pyleak"]`` a fourth turn runs the uninstrumented loop under pyleak's watcher, the one
-    peer that patches nothing global and so can share the process."""
+    that moves whole processes minutes apart cancels out of it.  ``"peers"`` adds turns of
+    the uninstrumented loop under a peer that can share the process: "pyleak" (a watcher
+    thread, nothing global patched) and, on asyncio's loop, "aiodebug" (its patch of
+    ``asyncio.Handle._run`` is put in place for its turns only).
+
+    Two phases, each against its own uninstrumented turns: first the C loop (and the
+    peers), then the pure-Python loop, made only then: a pure-Python loop makes loopscope's
+    watchdog wait in Python, as it does in a process on the pure path, and the C loop is
+    measured with the watchdog waiting in C, as in a process on the C path.  The CPU time
+    of the watchdog thread during the other turns is taken out of theirs, so that it is
+    charged to the loopscope turns alone."""
     from prometheus_client import CollectorRegistry
 
     import loopscope
@@ -202,17 +210,40 @@ def measure_paired(spec: Spec) -> dict[str, Any]:
     kind, width, length = spec["loop"], spec["width"], spec["length"]
     workload = STORMS[spec.get("storm", "tasks")]
     loops = {"base": _new_loop(kind)}
-    loopscope.install(registry=CollectorRegistry())
+    installation = loopscope.install(registry=CollectorRegistry())
+    watchdog = installation.watchdog
     speedups = _probe.speedups
     loops["loopscope"] = _new_loop(kind)
-    _probe.speedups = None  # the next loop gets the pure-Python hooks
-    try:
-        loops["loopscope-pure"] = _new_loop(kind)
-    finally:
-        _probe.speedups = speedups
+
+    def make_pure_loop() -> None:
+        _probe.speedups = None  # the next loop gets the pure-Python hooks
+        try:
+            loops["loopscope-pure"] = _new_loop(kind)
+        finally:
+            _probe.speedups = speedups
+
+    peers = [
+        peer
+        for peer in spec.get("peers", [])
+        if peer == "pyleak" or (peer == "aiodebug" and kind == "asyncio")
+    ]
+    own_run = asyncio.events.Handle._run
+    aiodebug_run = own_run
+    if "aiodebug" in peers:
+        from aiodebug import log_slow_callbacks
+
+        log_slow_callbacks.enable(0.1)
+        aiodebug_run = asyncio.events.Handle._run
+        asyncio.events.Handle._run = own_run  # type: ignore[method-assign]
 
     def storm(name: str, steps: int) -> None:
-        if name == "pyleak":
+        if name == "aiodebug":
+            asyncio.events.Handle._run = aiodebug_run  # type: ignore[method-assign]
+            try:
+                loops["base"].run_until_complete(workload(width, steps))
+            finally:
+                asyncio.events.Handle._run = own_run  # type: ignore[method-assign]
+        elif name == "pyleak":
             from pyleak import no_event_loop_blocking
 
             async def watched() -> None:
@@ -223,28 +254,46 @@ def measure_paired(spec: Spec) -> dict[str, Any]:
         else:
             loops[name].run_until_complete(workload(width, steps))
 
-    names = list(loops) + [peer for peer in spec.get("peers", []) if peer == "pyleak"]
-    for name in names:  # warm-up
-        storm(name, max(length // 4, 1))
-    gc.collect()
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for turn in range(spec["turns"]):
-        k = turn % len(names)
-        for name in names[k:] + names[:k]:
-            c0 = time.process_time()
-            storm(name, length)
-            times[name].append((time.process_time() - c0) / (width * length) * 1e9)
+    thread = watchdog.thread
+    assert thread is not None and thread.ident is not None
+    watchdog_clock = time.pthread_getcpuclockid(thread.ident)
+
+    def timed_turn(name: str, steps: int) -> float:
+        c0, w0 = time.process_time(), time.clock_gettime(watchdog_clock)
+        storm(name, steps)
+        cpu = time.process_time() - c0
+        if not name.startswith("loopscope"):
+            cpu -= time.clock_gettime(watchdog_clock) - w0
+        return cpu
+
+    ns: dict[str, float] = {}
+    ratios: dict[str, list[float]] = {}
+    waits: dict[str, str] = {}
+    for phase in (["base", "loopscope", *peers], ["base", "loopscope-pure"]):
+        if "loopscope-pure" in phase:
+            make_pure_loop()
+        c_wait = getattr(watchdog, "_c_can_wait", None)  # (loopscope before 2026-11-29)
+        waits[phase[1]] = "C" if c_wait is not None and c_wait(installation) else "Python"
+        for name in phase:  # warm-up
+            timed_turn(name, max(length // 4, 1))
+        gc.collect()
+        times: dict[str, list[float]] = {name: [] for name in phase}
+        for turn in range(spec["turns"]):
+            k = turn % len(phase)
+            for name in phase[k:] + phase[:k]:
+                times[name].append(timed_turn(name, length) / (width * length) * 1e9)
+        for name in phase[1:]:
+            ns[name] = statistics.median(times[name])
+            ratios[name] = [a / b for a, b in zip(times[name], times["base"], strict=True)]
+        ns.setdefault("base", statistics.median(times["base"]))
     for loop in loops.values():
         loop.close()
     loopscope.uninstall()
     return {
         "path": "C" if speedups else "pure",
-        "ns_per_step": {name: statistics.median(v) for name, v in times.items()},
-        "ratios": {
-            name: [a / b for a, b in zip(times[name], times["base"], strict=True)]
-            for name in names
-            if name != "base"
-        },
+        "ns_per_step": ns,
+        "ratios": ratios,
+        "watchdog_wait": waits,
     }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import math
 import os
 import subprocess
 import sys
@@ -176,20 +177,22 @@ def test_recorder_matches_after_step() -> None:
     recorder = speedups.Recorder(FakeProbe(), time.monotonic, 100.0, True, task_types)
     stats = LoopStats()
     expected = LoopStats()
-    samples = [0.0, 0.00001, 0.0000100001, 0.003, 0.5, 10.0, 11.0, 2e-7]
     from bisect import bisect_left
 
     from loopscope._stats import BUCKETS
 
-    for i, duration in enumerate(samples):
-        ready, start = 100.0 + i, 100.5 + i
-        end = start + duration
-        recorder.record(print, ready, start, end)
-        duration = end - start
+    # every bound, the doubles either side of it, and values across every power of two
+    samples = [0.0, 2e-7, 11.0, 99.0]
+    for bound in BUCKETS:
+        samples += [math.nextafter(bound, 0.0), bound, math.nextafter(bound, math.inf)]
+    samples += [2.0**e * m for e in range(-20, 6) for m in (1.0, 1.3, 1.9999)]
+    for duration in samples:
+        # ready, start and end chosen so that the duration and the delay are exact
+        recorder.record(print, -duration, 0.0, duration)
         expected.callback_duration.counts[bisect_left(BUCKETS, duration)] += 1
         expected.callback_duration.total += duration
-        expected.schedule_delay.counts[bisect_left(BUCKETS, 0.5)] += 1
-        expected.schedule_delay.total += 0.5
+        expected.schedule_delay.counts[bisect_left(BUCKETS, duration)] += 1
+        expected.schedule_delay.total += duration
         expected.busy_seconds += duration
     assert recorder.pending()
     recorder.flush(stats)

@@ -183,6 +183,7 @@ class Installation:
                 probe = probe_class(loop, self)
                 self._probes[loop] = probe
             probe.install_hooks(loop)
+            self.watchdog.wake()  # it watches the new loop from now on
             running = _running_loop()
             if running is not None and running is loop:
                 # install() from inside a running loop: start measuring right away.

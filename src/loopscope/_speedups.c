@@ -18,20 +18,31 @@
  *   TimedRun       asyncio: the _run method of the per-loop Handle/TimerHandle subclasses.
  *   CreateTask     both loops: the loop's create_task instance attribute, counting tasks.
  *   Engine         the /metrics endpoint's socket work, without the GIL (_endpoint.c).
+ *   watch_steps    the watchdog thread's wait between checks, without the GIL.
+ *   clock_*        the native clock (_clock.c): time.monotonic() from the CPU's counter.
  *
  * Every object runs with the GIL held and never releases it, so a flush from a scrape
- * thread and the loop thread's updates cannot interleave.
+ * thread and the loop thread's updates cannot interleave; watch_steps only reads the step
+ * start slots while it is without the GIL.
  */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <structmember.h>
+#include <errno.h>
+#include <math.h>
+#include <poll.h>
+#include <stdint.h>
+#include <string.h>
 #include <time.h>
+#include <unistd.h>
+
+#include "_clock.h"
 
 #define NBUCKETS 20 /* 19 bounds + the +Inf slot */
 /* What the Python side expects of this module (_probe.SPEEDUPS_INTERFACE): raised whenever
  * the two change together, so that a module built from older sources is not used. */
-#define SPEEDUPS_INTERFACE 4
+#define SPEEDUPS_INTERFACE 5
 
 extern PyTypeObject Engine_Type; /* _endpoint.c */
 
@@ -135,8 +146,12 @@ typedef struct {
     PyObject *clock;       /* the probe's clock callable */
     PyObject *task_types;  /* tuple of task classes */
     /* The watchdog's step markers (see mark_start): read by the watchdog thread through
-     * the current_start / current_callback attributes, always with the GIL held. */
-    double current_start;
+     * the current_start / current_callback attributes with the GIL held.  The start lives
+     * at *start: a slot of start_slots (below) that watch_steps() reads without the GIL,
+     * or own_start for a recorder on another clock or when every slot is taken. */
+    double *start;
+    double own_start;
+    int slot;              /* index in start_slots, or -1 */
     PyObject *current_callback; /* strong reference while a step runs, else NULL */
     int native_clock;      /* clock is time.monotonic: read it here */
     int busy_from_callbacks;
@@ -151,11 +166,45 @@ typedef struct {
 
 static PyTypeObject Recorder_Type;
 
+/* bisect_left(BUCKETS, value): the first bound >= value.  The value's binary exponent picks
+ * the first bound at or above its power of two (bucket_start, filled at module init); no
+ * two bounds share a power of two (each is at least twice the one before), so at most
+ * one more comparison finishes the search. */
+#define EXP_LOW (-18) /* 2**-18 < BUCKETS[0] */
+#define EXP_HIGH 4    /* BUCKETS[NBUCKETS - 2] < 2**4 */
+static unsigned char bucket_start[EXP_HIGH - EXP_LOW];
+
+static int fill_bucket_start(void) {
+    if (!(BUCKETS[0] > ldexp(1.0, EXP_LOW) && BUCKETS[NBUCKETS - 2] < ldexp(1.0, EXP_HIGH))) {
+        PyErr_SetString(PyExc_SystemError, "BUCKETS outside the exponent table");
+        return -1;
+    }
+    for (int i = 0; i + 1 < NBUCKETS - 1; i++) {
+        if (!(BUCKETS[i + 1] >= 2.0 * BUCKETS[i])) {
+            PyErr_SetString(PyExc_SystemError, "two BUCKETS bounds within a power of two");
+            return -1;
+        }
+    }
+    for (int e = EXP_LOW; e < EXP_HIGH; e++) {
+        double power = ldexp(1.0, e);
+        int i = 0;
+        while (i < NBUCKETS - 1 && BUCKETS[i] < power)
+            i++;
+        bucket_start[e - EXP_LOW] = (unsigned char)i;
+    }
+    return 0;
+}
+
 static inline Py_ssize_t bucket_of(double value) {
-    /* bisect_left(BUCKETS, value): the first bound >= value.  A linear scan: nearly every
-     * step and delay falls in the first few buckets. */
-    Py_ssize_t i = 0;
-    while (i < NBUCKETS - 1 && BUCKETS[i] < value)
+    if (!(value > BUCKETS[0])) /* also 0, negatives and NaN, as bisect_left puts them */
+        return 0;
+    if (!(value <= BUCKETS[NBUCKETS - 2]))
+        return NBUCKETS - 1;
+    uint64_t bits;
+    memcpy(&bits, &value, sizeof(bits));
+    int e = (int)((bits >> 52) & 0x7ff) - 1023; /* 2**e <= value < 2**(e+1) */
+    Py_ssize_t i = bucket_start[e - EXP_LOW];
+    if (BUCKETS[i] < value)
         i++;
     return i;
 }
@@ -163,16 +212,7 @@ static inline Py_ssize_t bucket_of(double value) {
 /* The clock as a C double; -1 with an exception set on failure. */
 static inline int read_clock(Recorder *r, double *out) {
     if (r->native_clock) {
-        struct timespec ts;
-#ifdef __APPLE__
-        uint64_t ns = clock_gettime_nsec_np(CLOCK_UPTIME_RAW);
-        (void)ts;
-        *out = (double)ns / 1e9;
-#else
-        clock_gettime(CLOCK_MONOTONIC, &ts);
-        long long ns = (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
-        *out = (double)ns / 1e9;
-#endif
+        *out = native_now();
         return 0;
     }
     PyObject *value = PyObject_CallNoArgs(r->clock);
@@ -189,13 +229,78 @@ static inline int read_clock(Recorder *r, double *out) {
  * its callback.  They live here rather than in the probe's __dict__ because four dict
  * stores and a float per step were about half of what the C path added on uvloop; the
  * pure-Python hooks write the same two attributes of the recorder (probe.marks). */
+/* The starts of the steps running now, one slot per recorder on the native clock, in
+ * memory that is never freed: the watchdog's wait (watch_steps) reads them without the
+ * GIL and without holding any recorder, so neither a recorder nor its loop is kept alive
+ * by it.  A slot freed and taken again is at worst read as another loop's start, which
+ * only makes the watchdog look (with the GIL) one interval early.  Slots are padded to a
+ * cache line each: loops in different threads do not share one.  Taken and freed with
+ * the GIL held; stored and loaded as relaxed atomics (a plain move on x86-64 and arm64). */
+#define START_SLOTS 1024
+typedef struct {
+    double start;
+    char pad[64 - sizeof(double)];
+} StartSlot;
+static StartSlot start_slots[START_SLOTS];
+static unsigned char slot_taken[START_SLOTS];
+static int slots_high; /* 1 + the highest slot ever taken: watch_steps reads up to it */
+
+static int take_slot(void) {
+    for (int i = 0; i < START_SLOTS; i++) {
+        if (!slot_taken[i]) {
+            slot_taken[i] = 1;
+            start_slots[i].start = 0.0;
+            if (i >= slots_high) {
+#if defined(__GNUC__) || defined(__clang__)
+                __atomic_store_n(&slots_high, i + 1, __ATOMIC_RELEASE);
+#else
+                slots_high = i + 1;
+#endif
+            }
+            return i;
+        }
+    }
+    return -1;
+}
+
+static void free_slot(Recorder *r) {
+    if (r->slot >= 0) {
+        start_slots[r->slot].start = 0.0;
+        slot_taken[r->slot] = 0;
+        r->slot = -1;
+    }
+    r->start = &r->own_start;
+}
+
+#if defined(__GNUC__) || defined(__clang__)
+static inline void store_start(Recorder *r, double value) {
+    __atomic_store(r->start, &value, __ATOMIC_RELAXED);
+}
+static inline double load_double(double *at) {
+    double value;
+    __atomic_load(at, &value, __ATOMIC_RELAXED);
+    return value;
+}
+#else
+static inline void store_start(Recorder *r, double value) {
+    *(volatile double *)r->start = value;
+}
+static inline double load_double(double *at) {
+    return *(volatile double *)at;
+}
+#endif
+#define STORE_START(r, value) store_start((r), (value))
+static inline double load_start(Recorder *r) {
+    return load_double(r->start);
+}
+
 static inline void mark_start(Recorder *r, PyObject *callback, double start) {
-    r->current_start = start;
+    STORE_START(r, start);
     Py_XSETREF(r->current_callback, Py_NewRef(callback));
 }
 
 static inline void mark_end(Recorder *r) {
-    r->current_start = 0.0;
+    STORE_START(r, 0.0);
     Py_CLEAR(r->current_callback); /* the caller still holds the callback: no dealloc here */
 }
 
@@ -252,7 +357,7 @@ static int owner_of(PyObject *callback, PyObject **owner) {
 
 /* LoopProbe.after_io.  Must be called with no exception set; -1 with one set on error. */
 static int record_io(Recorder *r, PyObject *callback, double start, double end) {
-    double duration = end - start;
+    double duration = end > start ? end - start : 0.0;
     r->duration_counts[bucket_of(duration)]++;
     r->duration_total += duration;
     if (r->busy_from_callbacks)
@@ -264,7 +369,7 @@ static int record_io(Recorder *r, PyObject *callback, double start, double end) 
 
 /* LoopProbe.after_step.  Must be called with no exception set; -1 with one set on error. */
 static int record(Recorder *r, PyObject *callback, double ready, double start, double end) {
-    double duration = end - start;
+    double duration = end > start ? end - start : 0.0;
     r->duration_counts[bucket_of(duration)]++;
     r->duration_total += duration;
     double delay = start - ready;
@@ -349,6 +454,12 @@ static int Recorder_init(Recorder *self, PyObject *args, PyObject *kwds) {
 #ifdef _WIN32
     self->native_clock = 0;
 #endif
+    free_slot(self);
+    if (self->native_clock) {
+        self->slot = take_slot();
+        if (self->slot >= 0)
+            self->start = &start_slots[self->slot].start;
+    }
     self->threshold = threshold;
     self->busy_from_callbacks = busy;
     return 0;
@@ -370,8 +481,18 @@ static int Recorder_clear(Recorder *self) {
     return 0;
 }
 
+static PyObject *Recorder_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    Recorder *self = (Recorder *)PyType_GenericNew(type, args, kwds);
+    if (self != NULL) {
+        self->slot = -1;
+        self->start = &self->own_start;
+    }
+    return (PyObject *)self;
+}
+
 static void Recorder_dealloc(Recorder *self) {
     PyObject_GC_UnTrack(self);
+    free_slot(self);
     Recorder_clear(self);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
@@ -539,8 +660,12 @@ static PyMethodDef Recorder_methods[] = {
      "True if figures are waiting for flush()."},
     {NULL}};
 
+static PyObject *Recorder_get_watched(Recorder *self, void *Py_UNUSED(closure)) {
+    return PyBool_FromLong(self->slot >= 0);
+}
+
 static PyObject *Recorder_get_current_start(Recorder *self, void *Py_UNUSED(closure)) {
-    return PyFloat_FromDouble(self->current_start);
+    return PyFloat_FromDouble(load_start(self));
 }
 
 static int Recorder_set_current_start(Recorder *self, PyObject *value, void *Py_UNUSED(c)) {
@@ -551,7 +676,7 @@ static int Recorder_set_current_start(Recorder *self, PyObject *value, void *Py_
     double start = PyFloat_AsDouble(value);
     if (start == -1.0 && PyErr_Occurred())
         return -1;
-    self->current_start = start;
+    STORE_START(self, start);
     return 0;
 }
 
@@ -569,6 +694,8 @@ static int Recorder_set_current_callback(Recorder *self, PyObject *value,
 static PyGetSetDef Recorder_getset[] = {
     {"current_start", (getter)Recorder_get_current_start, (setter)Recorder_set_current_start,
      "Start of the step running now (the probe's clock), 0.0 between steps.", NULL},
+    {"watched", (getter)Recorder_get_watched, NULL,
+     "Whether watch_steps() sees this recorder's steps (it has a start slot).", NULL},
     {"current_callback", (getter)Recorder_get_current_callback,
      (setter)Recorder_set_current_callback, "The callback of the step running now, or None.",
      NULL},
@@ -587,7 +714,7 @@ static PyTypeObject Recorder_Type = {
     .tp_basicsize = sizeof(Recorder),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_doc = "Per-loop figures kept in C; folded into a LoopStats by flush().",
-    .tp_new = PyType_GenericNew,
+    .tp_new = Recorder_new,
     .tp_init = (initproc)Recorder_init,
     .tp_dealloc = (destructor)Recorder_dealloc,
     .tp_traverse = (traverseproc)Recorder_traverse,
@@ -791,7 +918,7 @@ static PyTypeObject TimedIO_Type;
  * protocol method called from a timed callback), nor once the probe is no longer active
  * (after uninstall() the protocol keeps its attributes). */
 static int io_is_timed(Recorder *r) {
-    if (r->current_start != 0.0)
+    if (load_start(r) != 0.0)
         return 0;
     PyObject *active = PyObject_GetAttr(r->probe, s_active);
     int timed = active == NULL ? -1 : PyObject_IsTrue(active);
@@ -1496,11 +1623,90 @@ static int intern(PyObject **slot, const char *text) {
     return *slot == NULL ? -1 : 0;
 }
 
+/* ---------------------------------------------------------------------------------------
+ * watch_steps: the watchdog's wait, without the GIL
+ */
+
+/* watch_steps(sample_after, interval, timeout, wake_fd) -> bool
+ *
+ * The watchdog thread's sleep between its checks.  Every `interval` it reads the start
+ * slots of the recorders on the native clock (without the GIL) and returns True as soon as
+ * one step has run for `sample_after` seconds; it returns False when `wake_fd` becomes
+ * readable (drained first) or after `timeout` seconds.  A Python thread that woke every
+ * interval would take the GIL each time; with a loop that drops and retakes the GIL on
+ * every iteration (uvloop around libuv, asyncio around select), its waits for the GIL cost
+ * the watchdog about 8% of a CPU and the loop a futex wake per iteration. */
+static PyObject *watch_steps(PyObject *Py_UNUSED(module), PyObject *const *args,
+                             Py_ssize_t nargs) {
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "watch_steps() takes 4 arguments");
+        return NULL;
+    }
+    double sample_after = PyFloat_AsDouble(args[0]);
+    double interval = PyFloat_AsDouble(args[1]);
+    double timeout = PyFloat_AsDouble(args[2]);
+    int wake_fd = PyObject_AsFileDescriptor(args[3]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (!(interval > 0.0 && sample_after >= 0.0 && timeout >= 0.0)) {
+        PyErr_SetString(PyExc_ValueError,
+                        "watch_steps(): interval must be positive, the others not negative");
+        return NULL;
+    }
+    int wait_ms = interval < 60.0 ? (int)ceil(interval * 1000.0) : 60000;
+    int long_step = 0, failed = 0;
+    Py_BEGIN_ALLOW_THREADS
+    double deadline = clock_gettime_seconds() + timeout;
+    for (;;) {
+        struct pollfd wake = {.fd = wake_fd, .events = POLLIN, .revents = 0};
+        int ready = poll(&wake, 1, wait_ms);
+        if (ready > 0 && (wake.revents & (POLLNVAL | POLLERR))) {
+            failed = EBADF;
+            break;
+        }
+        if (ready > 0) {
+            char drain[64];
+            while (read(wake_fd, drain, sizeof(drain)) > 0) {
+            }
+            break;
+        }
+        if (ready < 0 && errno != EINTR) {
+            failed = errno;
+            break;
+        }
+        double now = clock_gettime_seconds();
+#if defined(__GNUC__) || defined(__clang__)
+        int high = __atomic_load_n(&slots_high, __ATOMIC_ACQUIRE);
+#else
+        int high = slots_high;
+#endif
+        for (int i = 0; i < high && !long_step; i++) {
+            double start = load_double(&start_slots[i].start);
+            long_step = start != 0.0 && now - start >= sample_after;
+        }
+        if (long_step || now >= deadline)
+            break;
+    }
+    Py_END_ALLOW_THREADS
+    if (failed) {
+        errno = failed;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return PyBool_FromLong(long_step);
+}
+
+static PyMethodDef speedups_methods[] = {
+    {"watch_steps", (PyCFunction)(void (*)(void))watch_steps, METH_FASTCALL,
+     "watch_steps(sample_after, interval, timeout, wake_fd): the watchdog's wait between "
+     "checks, without the GIL; True when a step has run for sample_after."},
+    {NULL, NULL, 0, NULL}};
+
 static struct PyModuleDef speedups_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "loopscope._speedups",
     .m_doc = "C accelerator for loopscope's per-callback hot path (optional).",
     .m_size = -1,
+    .m_methods = speedups_methods,
 };
 
 PyMODINIT_FUNC PyInit__speedups(void) {
@@ -1531,6 +1737,9 @@ PyMODINIT_FUNC PyInit__speedups(void) {
                              &CreateTask_Type};
     const char *names[] = {"Recorder", "TimedCallback", "TimedIO", "Intercept", "CallSoon",
                            "TimedRun", "Engine", "CreateTask"};
+    fast_clock_init();
+    if (fill_bucket_start() < 0)
+        return NULL;
     PyObject *module = PyModule_Create(&speedups_module);
     if (module == NULL)
         return NULL;
@@ -1541,7 +1750,8 @@ PyMODINIT_FUNC PyInit__speedups(void) {
             return NULL;
         }
     }
-    if (PyModule_AddIntConstant(module, "NBUCKETS", NBUCKETS) < 0 ||
+    if (PyModule_AddFunctions(module, clock_methods) < 0 ||
+        PyModule_AddIntConstant(module, "NBUCKETS", NBUCKETS) < 0 ||
         PyModule_AddIntConstant(module, "INTERFACE", SPEEDUPS_INTERFACE) < 0) {
         Py_DECREF(module);
         return NULL;

@@ -1,11 +1,24 @@
 """Types of the optional C accelerator (src/loopscope/_speedups.c)."""
 
 from collections.abc import Callable
-from typing import Any, final
+from typing import Any, Literal, TypedDict, final
 
 from ._stats import LoopStats
 
 NBUCKETS: int
+
+class ClockInfo(TypedDict):
+    source: Literal["tsc", "clock_gettime"]
+    calibrated: bool
+    counter_hz: float
+    anchors: int
+    faults: int
+
+def clock_info() -> ClockInfo: ...
+def clock_now() -> float: ...
+def watch_steps(sample_after: float, interval: float, timeout: float, wake_fd: int, /) -> bool: ...
+def _clock_skew(seconds: float, /) -> None: ...
+def _clock_reset() -> None: ...
 
 @final
 class Recorder:
@@ -13,6 +26,8 @@ class Recorder:
     threshold: float
     native_clock: int
     busy_from_callbacks: int
+    @property
+    def watched(self) -> bool: ...
     def __init__(
         self,
         probe: Any,
