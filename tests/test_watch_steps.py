@@ -9,7 +9,6 @@ import gc
 import os
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -32,59 +31,46 @@ def _recorder(clock: Any = time.monotonic) -> Any:
     return speedups.Recorder(_Probe(), clock, 1.0, True, (asyncio.Task,))
 
 
-@pytest.fixture(name="wake")
-def fixture_wake() -> Iterator[tuple[int, int]]:
-    read_end, write_end = os.pipe()
-    os.set_blocking(read_end, False)
-    yield read_end, write_end
-    os.close(read_end)
-    os.close(write_end)
-
-
-def test_returns_when_a_step_runs_long(wake: tuple[int, int]) -> None:
+def test_returns_when_a_step_runs_long() -> None:
     recorder = _recorder()
     assert recorder.watched
     recorder.current_start = time.monotonic() - 5.0
     try:
-        assert speedups.watch_steps(1.0, 0.001, 10.0, wake[0]) is True
+        assert speedups.watch_steps(1.0, 0.001, 10.0) is True
     finally:
         recorder.current_start = 0.0
 
 
-def test_a_short_step_is_not_long(wake: tuple[int, int]) -> None:
+def test_a_short_step_is_not_long() -> None:
     recorder = _recorder()
     recorder.current_start = time.monotonic()
     try:
         # the step started now: within a 20 ms timeout it never runs for 10 s
-        assert speedups.watch_steps(10.0, 0.001, 0.02, wake[0]) is False
+        assert speedups.watch_steps(10.0, 0.001, 0.02) is False
     finally:
         recorder.current_start = 0.0
 
 
-def test_woken_through_the_pipe(wake: tuple[int, int]) -> None:
+def test_woken_by_wake_watchers() -> None:
     result: list[bool] = []
-    thread = threading.Thread(
-        target=lambda: result.append(speedups.watch_steps(1.0, 0.01, 60.0, wake[0]))
-    )
+    thread = threading.Thread(target=lambda: result.append(speedups.watch_steps(1.0, 0.01, 60.0)))
     thread.start()
     time.sleep(0.05)
-    os.write(wake[1], b"\0\0\0")
+    speedups.wake_watchers()
     thread.join(timeout=10)
     assert not thread.is_alive() and result == [False]
-    with pytest.raises(BlockingIOError):  # the pipe was drained
-        os.read(wake[0], 1)
 
 
-def test_other_clocks_and_freed_slots_are_not_watched(wake: tuple[int, int]) -> None:
+def test_other_clocks_and_freed_slots_are_not_watched() -> None:
     fake = _recorder(clock=lambda: 0.0)
     assert not fake.watched
     fake.current_start = 1.0  # on its own clock: never read by watch_steps
-    assert speedups.watch_steps(0.0, 0.001, 0.005, wake[0]) is False
+    assert speedups.watch_steps(0.0, 0.001, 0.005) is False
     watched = _recorder()
     watched.current_start = time.monotonic() - 5.0
     del watched  # its slot is freed and cleared
     gc.collect()
-    assert speedups.watch_steps(0.0, 0.001, 0.005, wake[0]) is False
+    assert speedups.watch_steps(0.0, 0.001, 0.005) is False
 
 
 def test_slots_run_out_and_come_back() -> None:
@@ -96,20 +82,42 @@ def test_slots_run_out_and_come_back() -> None:
     assert _recorder().watched
 
 
-def test_bad_arguments(wake: tuple[int, int]) -> None:
-    with pytest.raises(TypeError, match="4 arguments"):
-        speedups.watch_steps(1.0, 1.0, 1.0)  # type: ignore[call-arg]
-    with pytest.raises(ValueError, match="interval must be positive"):
-        speedups.watch_steps(1.0, 0.0, 1.0, wake[0])
+def test_bad_arguments() -> None:
+    with pytest.raises(TypeError, match="3 arguments"):
+        speedups.watch_steps(1.0, 1.0)  # type: ignore[call-arg]
+    with pytest.raises(ValueError, match="interval must be in"):
+        speedups.watch_steps(1.0, 0.0, 1.0)
+    with pytest.raises(ValueError, match="interval must be in"):
+        speedups.watch_steps(1.0, 1e9, 1.0)
     with pytest.raises(TypeError):
-        speedups.watch_steps("x", 1.0, 1.0, wake[0])  # type: ignore[arg-type]
-    with pytest.raises(ValueError):
-        speedups.watch_steps(1.0, 0.001, 1.0, -5)
-    closed_read, closed_write = os.pipe()
-    os.close(closed_read)
-    os.close(closed_write)
-    with pytest.raises(OSError):
-        speedups.watch_steps(1.0, 0.001, 1.0, closed_read)
+        speedups.watch_steps("x", 1.0, 1.0)  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_waits_and_wakes_in_a_forked_child() -> None:
+    """A child forked while another thread sleeps in watch_steps gets a fresh condition
+    variable: its own wait and wake work."""
+    sleeper = threading.Thread(target=lambda: speedups.watch_steps(1.0, 0.01, 0.3))
+    sleeper.start()
+    time.sleep(0.02)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            result: list[bool] = []
+            thread = threading.Thread(
+                target=lambda: result.append(speedups.watch_steps(1.0, 0.01, 30.0))
+            )
+            thread.start()
+            time.sleep(0.05)
+            speedups.wake_watchers()
+            thread.join(timeout=10)
+            code = 0 if result == [False] else 2
+        finally:
+            os._exit(code)
+    sleeper.join()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
 
 
 def test_watchdog_waits_in_c_and_samples_the_block(

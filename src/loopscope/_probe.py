@@ -31,7 +31,7 @@ _MISSING = object()
 
 
 #: The C accelerator's interface this Python code was written against (its INTERFACE).
-SPEEDUPS_INTERFACE = 5
+SPEEDUPS_INTERFACE = 6
 
 
 def _load_speedups() -> Any:

@@ -31,18 +31,17 @@
 #include <structmember.h>
 #include <errno.h>
 #include <math.h>
-#include <poll.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <string.h>
 #include <time.h>
-#include <unistd.h>
 
 #include "_clock.h"
 
 #define NBUCKETS 20 /* 19 bounds + the +Inf slot */
 /* What the Python side expects of this module (_probe.SPEEDUPS_INTERFACE): raised whenever
  * the two change together, so that a module built from older sources is not used. */
-#define SPEEDUPS_INTERFACE 5
+#define SPEEDUPS_INTERFACE 6
 
 extern PyTypeObject Engine_Type; /* _endpoint.c */
 
@@ -1627,53 +1626,83 @@ static int intern(PyObject **slot, const char *text) {
  * watch_steps: the watchdog's wait, without the GIL
  */
 
-/* watch_steps(sample_after, interval, timeout, wake_fd) -> bool
+/* The watchdog's wake-up call: a condition variable rather than a pipe, so that loopscope
+ * holds no file descriptor an application could close or reuse.  Re-made in a child
+ * after fork (a parent's thread may have held the mutex). */
+static pthread_mutex_t watch_mutex;
+static pthread_cond_t watch_cond;
+static unsigned long watch_wakes; /* guarded by watch_mutex */
+
+static int watch_init(void) {
+    pthread_condattr_t attr;
+    if (pthread_mutex_init(&watch_mutex, NULL) != 0 || pthread_condattr_init(&attr) != 0)
+        return -1;
+#if !defined(__APPLE__)
+    pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
+#endif
+    int rc = pthread_cond_init(&watch_cond, &attr);
+    pthread_condattr_destroy(&attr);
+    return rc == 0 ? 0 : -1;
+}
+
+static void watch_after_fork(void) {
+    (void)watch_init();
+    watch_wakes = 0;
+}
+
+/* Wait on watch_cond until `seconds` pass or wake_watchers() is called after `seen`;
+ * returns whether it was called.  With watch_mutex held. */
+static int watch_sleep(double seconds, unsigned long seen) {
+    struct timespec until;
+#if defined(__APPLE__)
+    clock_gettime(CLOCK_REALTIME, &until);
+#else
+    clock_gettime(CLOCK_MONOTONIC, &until);
+#endif
+    long long ns = (long long)until.tv_nsec + (long long)(seconds * 1e9);
+    until.tv_sec += (time_t)(ns / 1000000000LL);
+    until.tv_nsec = (long)(ns % 1000000000LL);
+    while (watch_wakes == seen) {
+        if (pthread_cond_timedwait(&watch_cond, &watch_mutex, &until) == ETIMEDOUT)
+            break;
+    }
+    return watch_wakes != seen;
+}
+
+/* watch_steps(sample_after, interval, timeout) -> bool
  *
  * The watchdog thread's sleep between its checks.  Every `interval` it reads the start
  * slots of the recorders on the native clock (without the GIL) and returns True as soon as
- * one step has run for `sample_after` seconds; it returns False when `wake_fd` becomes
- * readable (drained first) or after `timeout` seconds.  A Python thread that woke every
- * interval would take the GIL each time; with a loop that drops and retakes the GIL on
- * every iteration (uvloop around libuv, asyncio around select), its waits for the GIL cost
- * the watchdog about 8% of a CPU and the loop a futex wake per iteration. */
+ * one step has run for `sample_after` seconds; it returns False when wake_watchers() is
+ * called or after `timeout` seconds.  A Python thread that woke every interval would take
+ * the GIL each time; with a loop that drops and retakes the GIL on every iteration
+ * (uvloop around libuv, asyncio around select), its waits for the GIL cost the watchdog
+ * about 8% of a CPU and the loop a futex wake per iteration. */
 static PyObject *watch_steps(PyObject *Py_UNUSED(module), PyObject *const *args,
                              Py_ssize_t nargs) {
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "watch_steps() takes 4 arguments");
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "watch_steps() takes 3 arguments");
         return NULL;
     }
     double sample_after = PyFloat_AsDouble(args[0]);
     double interval = PyFloat_AsDouble(args[1]);
     double timeout = PyFloat_AsDouble(args[2]);
-    int wake_fd = PyObject_AsFileDescriptor(args[3]);
     if (PyErr_Occurred())
         return NULL;
-    if (!(interval > 0.0 && sample_after >= 0.0 && timeout >= 0.0)) {
+    if (!(interval > 0.0 && interval <= 3600.0 && sample_after >= 0.0 && timeout >= 0.0)) {
         PyErr_SetString(PyExc_ValueError,
-                        "watch_steps(): interval must be positive, the others not negative");
+                        "watch_steps(): interval must be in (0, 3600] seconds, the others "
+                        "not negative");
         return NULL;
     }
-    int wait_ms = interval < 60.0 ? (int)ceil(interval * 1000.0) : 60000;
-    int long_step = 0, failed = 0;
+    int long_step = 0;
     Py_BEGIN_ALLOW_THREADS
     double deadline = clock_gettime_seconds() + timeout;
+    pthread_mutex_lock(&watch_mutex);
+    unsigned long seen = watch_wakes;
     for (;;) {
-        struct pollfd wake = {.fd = wake_fd, .events = POLLIN, .revents = 0};
-        int ready = poll(&wake, 1, wait_ms);
-        if (ready > 0 && (wake.revents & (POLLNVAL | POLLERR))) {
-            failed = EBADF;
+        if (watch_sleep(interval, seen))
             break;
-        }
-        if (ready > 0) {
-            char drain[64];
-            while (read(wake_fd, drain, sizeof(drain)) > 0) {
-            }
-            break;
-        }
-        if (ready < 0 && errno != EINTR) {
-            failed = errno;
-            break;
-        }
         double now = clock_gettime_seconds();
 #if defined(__GNUC__) || defined(__clang__)
         int high = __atomic_load_n(&slots_high, __ATOMIC_ACQUIRE);
@@ -1687,18 +1716,28 @@ static PyObject *watch_steps(PyObject *Py_UNUSED(module), PyObject *const *args,
         if (long_step || now >= deadline)
             break;
     }
+    pthread_mutex_unlock(&watch_mutex);
     Py_END_ALLOW_THREADS
-    if (failed) {
-        errno = failed;
-        return PyErr_SetFromErrno(PyExc_OSError);
-    }
     return PyBool_FromLong(long_step);
+}
+
+/* wake_watchers(): every watch_steps() waiting now returns. */
+static PyObject *wake_watchers(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(ignored)) {
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&watch_mutex);
+    watch_wakes++;
+    pthread_cond_broadcast(&watch_cond);
+    pthread_mutex_unlock(&watch_mutex);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
 }
 
 static PyMethodDef speedups_methods[] = {
     {"watch_steps", (PyCFunction)(void (*)(void))watch_steps, METH_FASTCALL,
-     "watch_steps(sample_after, interval, timeout, wake_fd): the watchdog's wait between "
-     "checks, without the GIL; True when a step has run for sample_after."},
+     "watch_steps(sample_after, interval, timeout): the watchdog's wait between checks, "
+     "without the GIL; True when a step has run for sample_after."},
+    {"wake_watchers", wake_watchers, METH_NOARGS,
+     "Make every watch_steps() waiting now return False."},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef speedups_module = {
@@ -1738,6 +1777,10 @@ PyMODINIT_FUNC PyInit__speedups(void) {
     const char *names[] = {"Recorder", "TimedCallback", "TimedIO", "Intercept", "CallSoon",
                            "TimedRun", "Engine", "CreateTask"};
     fast_clock_init();
+    if (watch_init() < 0 || pthread_atfork(NULL, NULL, watch_after_fork) != 0) {
+        PyErr_SetString(PyExc_OSError, "cannot set up the watchdog's condition variable");
+        return NULL;
+    }
     if (fill_bucket_start() < 0)
         return NULL;
     PyObject *module = PyModule_Create(&speedups_module);

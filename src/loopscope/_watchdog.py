@@ -4,18 +4,18 @@ loop thread's stack while it is still stuck, and reports blocks that go on.
 It wakes every quarter of the slow threshold and reads one attribute per loop
 (``current_start``, written by the hooks around every step); only a step that has run for
 half the threshold costs it more: one ``sys._current_frames()`` and the formatting of one
-stack.  With the C accelerator those wake-ups happen in C without the GIL
-(``_speedups.watch_steps``), and the thread takes the GIL only when a step has run that
-long, when a loop is added, or once a second: a Python thread waking 40 times a second
-while the loop drops and retakes the GIL on every iteration spent about 8% of a CPU
-waiting for it.  A step that ends up slow is then reported with that stack; a step still running at
-the threshold, and at twice, four times... the threshold after that, is reported as
+stack.  A step that ends up slow is then reported with that stack; a step still running
+at the threshold, and at twice, four times... the threshold after that, is reported as
 ``loop_blocked``, so a hang that never ends is still seen.
+
+With the C accelerator the wake-ups happen in C without the GIL (``_speedups.watch_steps``),
+and the thread takes the GIL only when a step has run for half the threshold, when a loop
+is added, or once a second: a Python thread waking 40 times a second, while a busy loop
+drops and retakes the GIL on every iteration, spent about 8% of a CPU waiting for it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import threading
@@ -51,38 +51,22 @@ class Watchdog:
         self.clock = installation.clock
         self.stopped = threading.Event()
         self.thread: threading.Thread | None = None
-        # Wakes the C wait (stop, a new loop): the read and write ends of a pipe.
-        self._wake_fds: tuple[int, int] | None = None
-        self._wake_lock = threading.Lock()
         # Per probe: (start of the step last reported, elapsed time of the next report).
         self.next_report: weakref.WeakKeyDictionary[LoopProbe, tuple[float, float]] = (
             weakref.WeakKeyDictionary()
         )
 
     def start(self) -> None:
-        """Start the thread (again, after a fork: with a pipe of its own)."""
+        """Start the thread (again, after a fork)."""
         self.stopped.clear()
-        self._close_wake()
-        read_end, write_end = os.pipe()
-        os.set_blocking(read_end, False)
-        os.set_blocking(write_end, False)
-        self._wake_fds = (read_end, write_end)
         self.thread = threading.Thread(target=self._run, name="loopscope-watchdog", daemon=True)
         self.thread.start()
 
     def wake(self) -> None:
         """Make the thread look at the loops again now (one was added, or stop)."""
-        with self._wake_lock:
-            if self._wake_fds is not None:
-                with contextlib.suppress(OSError):  # full: it wakes anyway
-                    os.write(self._wake_fds[1], b"\0")
-
-    def _close_wake(self) -> None:
-        with self._wake_lock:
-            fds, self._wake_fds = self._wake_fds, None
-        for fd in fds or ():
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        speedups = _probe.speedups
+        if speedups is not None:
+            speedups.wake_watchers()
 
     def stop(self) -> None:
         """Stop the thread and wait for it."""
@@ -91,8 +75,6 @@ class Watchdog:
         thread, self.thread = self.thread, None
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=5)
-            if not thread.is_alive():
-                self._close_wake()
 
     def alive(self) -> bool:
         """Whether the thread runs."""
@@ -121,11 +103,10 @@ class Watchdog:
     def _wait(self, in_c: bool) -> bool:
         """Sleep until the next check (in C without the GIL when it sees every loop);
         False once stopped."""
-        fds = self._wake_fds
         speedups = _probe.speedups
-        if not in_c or fds is None or speedups is None:
+        if not in_c or speedups is None:
             return not self.stopped.wait(self.interval)
-        speedups.watch_steps(self.sample_after, self.interval, REFRESH_INTERVAL, fds[0])
+        speedups.watch_steps(self.sample_after, self.interval, REFRESH_INTERVAL)
         return not self.stopped.is_set()
 
     def _c_can_wait(self, installation: Installation) -> bool:
