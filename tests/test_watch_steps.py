@@ -120,6 +120,27 @@ def test_waits_and_wakes_in_a_forked_child() -> None:
     assert os.waitstatus_to_exitcode(status) == 0
 
 
+def _slow_events_of_a_block(loop_kind: str, seconds: float) -> list[dict[str, Any]]:
+    """Run a new loop whose task blocks in blocking_call() for `seconds`; the slow_callback
+    events logged.  loopscope is installed by the caller and uninstalled here."""
+    loop = make_loop(loop_kind)
+
+    def blocking_call() -> None:
+        time.sleep(seconds)
+
+    async def main() -> None:
+        await asyncio.sleep(0.01)
+        blocking_call()
+
+    try:
+        with capture_logs() as logs:
+            loop.run_until_complete(main())
+    finally:
+        loop.close()
+        loopscope.uninstall()
+    return [e for e in logs if e.get("event") == "slow_callback"]
+
+
 def test_watchdog_waits_in_c_and_samples_the_block(
     loop_kind: str, registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -136,24 +157,9 @@ def test_watchdog_waits_in_c_and_samples_the_block(
 
     monkeypatch.setattr(speedups, "watch_steps", spy)
     loopscope.install(registry=registry, slow_threshold=0.04)
-    loop = make_loop(loop_kind)
-
-    def blocking_call() -> None:
-        time.sleep(0.2)
-
-    async def main() -> None:
-        await asyncio.sleep(0.01)
-        blocking_call()
-
-    try:
-        with capture_logs() as logs:
-            loop.run_until_complete(main())
-    finally:
-        loop.close()
-        loopscope.uninstall()
+    slow = _slow_events_of_a_block(loop_kind, 0.2)
     assert True in calls, calls
-    slow = [e for e in logs if e.get("event") == "slow_callback"]
-    assert len(slow) == 1, logs
+    assert len(slow) == 1, slow
     assert "blocking_call" in (slow[0].get("location") or ""), slow[0]
 
 
@@ -165,19 +171,5 @@ def test_a_loop_made_later_is_watched_at_once(
     monkeypatch.setattr(_probe, "speedups", speedups)
     loopscope.install(registry=registry, slow_threshold=0.04)
     time.sleep(0.05)  # the watchdog is asleep in watch_steps, with no loop
-    loop = make_loop(loop_kind)
-
-    def blocking_call() -> None:
-        time.sleep(0.15)
-
-    async def main() -> None:
-        blocking_call()
-
-    try:
-        with capture_logs() as logs:
-            loop.run_until_complete(main())
-    finally:
-        loop.close()
-        loopscope.uninstall()
-    slow = [e for e in logs if e.get("event") == "slow_callback"]
-    assert len(slow) == 1 and "blocking_call" in (slow[0].get("location") or ""), logs
+    slow = _slow_events_of_a_block(loop_kind, 0.15)
+    assert len(slow) == 1 and "blocking_call" in (slow[0].get("location") or ""), slow
