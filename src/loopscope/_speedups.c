@@ -224,10 +224,6 @@ static inline int read_clock(Recorder *r, double *out) {
     return 0;
 }
 
-/* The watchdog's step markers: the start of the step running now (0.0 between steps) and
- * its callback.  They live here rather than in the probe's __dict__ because four dict
- * stores and a float per step were about half of what the C path added on uvloop; the
- * pure-Python hooks write the same two attributes of the recorder (probe.marks). */
 /* The starts of the steps running now, one slot per recorder on the native clock, in
  * memory that is never freed: the watchdog's wait (watch_steps) reads them without the
  * GIL and without holding any recorder, so neither a recorder nor its loop is kept alive
@@ -244,11 +240,29 @@ static StartSlot start_slots[START_SLOTS];
 static unsigned char slot_taken[START_SLOTS];
 static int slots_high; /* 1 + the highest slot ever taken: watch_steps reads up to it */
 
+#if defined(__GNUC__) || defined(__clang__)
+static inline void store_double(double *at, double value) {
+    __atomic_store(at, &value, __ATOMIC_RELAXED);
+}
+static inline double load_double(double *at) {
+    double value;
+    __atomic_load(at, &value, __ATOMIC_RELAXED);
+    return value;
+}
+#else
+static inline void store_double(double *at, double value) {
+    *(volatile double *)at = value;
+}
+static inline double load_double(double *at) {
+    return *(volatile double *)at;
+}
+#endif
+
 static int take_slot(void) {
     for (int i = 0; i < START_SLOTS; i++) {
         if (!slot_taken[i]) {
             slot_taken[i] = 1;
-            start_slots[i].start = 0.0;
+            store_double(&start_slots[i].start, 0.0);
             if (i >= slots_high) {
 #if defined(__GNUC__) || defined(__clang__)
                 __atomic_store_n(&slots_high, i + 1, __ATOMIC_RELEASE);
@@ -264,35 +278,22 @@ static int take_slot(void) {
 
 static void free_slot(Recorder *r) {
     if (r->slot >= 0) {
-        start_slots[r->slot].start = 0.0;
+        store_double(&start_slots[r->slot].start, 0.0);
         slot_taken[r->slot] = 0;
         r->slot = -1;
     }
     r->start = &r->own_start;
 }
 
-#if defined(__GNUC__) || defined(__clang__)
-static inline void store_start(Recorder *r, double value) {
-    __atomic_store(r->start, &value, __ATOMIC_RELAXED);
-}
-static inline double load_double(double *at) {
-    double value;
-    __atomic_load(at, &value, __ATOMIC_RELAXED);
-    return value;
-}
-#else
-static inline void store_start(Recorder *r, double value) {
-    *(volatile double *)r->start = value;
-}
-static inline double load_double(double *at) {
-    return *(volatile double *)at;
-}
-#endif
-#define STORE_START(r, value) store_start((r), (value))
+#define STORE_START(r, value) store_double((r)->start, (value))
 static inline double load_start(Recorder *r) {
     return load_double(r->start);
 }
 
+/* The watchdog's step markers: the start of the step running now (0.0 between steps) and
+ * its callback.  They live here rather than in the probe's __dict__ because four dict
+ * stores and a float per step were about half of what the C path added on uvloop; the
+ * pure-Python hooks write the same two attributes of the recorder (probe.marks). */
 static inline void mark_start(Recorder *r, PyObject *callback, double start) {
     STORE_START(r, start);
     Py_XSETREF(r->current_callback, Py_NewRef(callback));
