@@ -27,6 +27,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "_clock.h" /* clock_gettime_seconds(): no GIL needed */
+
 #ifndef MSG_NOSIGNAL
 #define MSG_NOSIGNAL 0
 #endif
@@ -77,12 +79,6 @@ typedef struct {
     int running;
     int stopping; /* read and written with __atomic builtins */
 } Engine;
-
-static double now_seconds(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
 
 static Blob *blob_new(const char *data, size_t len) {
     Blob *blob = malloc(sizeof(Blob) + len);
@@ -178,7 +174,7 @@ static Blob *ask_python(Engine *self, PyThreadState **ts, const char *head, size
         else {
             blob = blob_new(PyBytes_AS_STRING(answer), (size_t)PyBytes_GET_SIZE(answer));
             if (blob != NULL && head != NULL && fresh_for > 0.0)
-                cache_store(self, head, len, blob, now_seconds() + fresh_for);
+                cache_store(self, head, len, blob, clock_gettime_seconds() + fresh_for);
             Py_DECREF(result);
         }
     }
@@ -268,7 +264,7 @@ static void conn_progress(Engine *self, Py_ssize_t i, PyThreadState **ts, double
         Blob *answer = head != NULL ? cache_find(self, head, len, now) : NULL;
         if (answer == NULL) {
             answer = ask_python(self, ts, head, len);
-            now = now_seconds();
+            now = clock_gettime_seconds();
         }
         /* ask_python() may have run for a while, but nothing else touched the connections. */
         conn = &self->conns[i];
@@ -322,7 +318,7 @@ static int serve(Engine *self, PyThreadState **ts) {
     for (;;) {
         if (__atomic_load_n(&self->stopping, __ATOMIC_ACQUIRE))
             return 0;
-        double now = now_seconds();
+        double now = clock_gettime_seconds();
         struct pollfd *fds = self->fds;
         fds[0] = (struct pollfd){.fd = self->wake, .events = POLLIN};
         fds[1] = (struct pollfd){.fd = self->listener, .events = POLLIN};
@@ -347,7 +343,7 @@ static int serve(Engine *self, PyThreadState **ts) {
             }
             return 0;
         }
-        now = now_seconds();
+        now = clock_gettime_seconds();
         /* From the last to the first: closing connection i moves the last one into its
          * place, which has been seen to already. */
         for (Py_ssize_t i = polled - 1; i >= 0; i--) {
@@ -362,7 +358,7 @@ static int serve(Engine *self, PyThreadState **ts) {
             if (!accept_one(self, ts, now))
                 break;
         }
-        now = now_seconds();
+        now = clock_gettime_seconds();
         for (Py_ssize_t i = self->nconns - 1; i >= 0; i--) {
             if (self->conns[i].deadline <= now)
                 conn_close(self, i);
