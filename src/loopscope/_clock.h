@@ -10,11 +10,14 @@
  * converts it with a scale it measures against clock_gettime, re-anchored on
  * clock_gettime at least once a second; a re-anchor that finds the counter off by more
  * than 1 ms (or than NTP's largest slew over the time since the last anchor) counts a
- * fault, and after three the counter is never used again.  Values never go backwards.  Anywhere else (another clocksource, another
- * processor, a build without the GIL, a process where rdtsc would trap) it is
- * clock_gettime.
+ * fault, and after three the counter is never used again.  While the counter is in use,
+ * values never go backwards (at a fault one reading may: callers clamp their differences).
+ * Anywhere else (another clocksource, another processor, a build without the GIL, a
+ * process where rdtsc would trap) it is clock_gettime.
  *
- * State is process-wide and guarded by the GIL: every caller holds it.
+ * native_now()'s state is process-wide and guarded by the GIL: every caller holds it.
+ * clock_gettime_seconds() keeps no state and is called without the GIL too (the endpoint's
+ * engine, the watchdog's wait).
  */
 #ifndef LOOPSCOPE_CLOCK_H
 #define LOOPSCOPE_CLOCK_H
