@@ -29,6 +29,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 import loopscope
+from loopscope import _port_sharing
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKERS = 4
@@ -95,9 +96,16 @@ class Fleet:
     log: Path
     seen: set[int] = field(default_factory=set)
 
+    #: Only the port is set: the directory is the one the workers make when they join the
+    #: worker that serves it, and that one adds its own file at its next scrape.
+    port_only: bool = False
+
     def worker_pids(self) -> set[int]:
         """Processes other than the one started that wrote a figures file, alive or not."""
         pids = set()
+        if self.port_only:
+            with contextlib.suppress(OSError):
+                urllib.request.urlopen(self.metrics_url, timeout=5).read()
         for path in self.directory.glob("loopscope-*-*.json"):
             pid = int(path.name.split("-")[1])
             if pid != self.process.pid:
@@ -141,7 +149,7 @@ def fixture_fleet(
     server: str = request.param
     if "gunicorn" in server:
         pytest.importorskip("gunicorn")
-    if server == "gunicorn-uvicorn":
+    if server in ("gunicorn-uvicorn", "gunicorn-port"):
         pytest.importorskip("uvicorn_worker")
     directory = tmp_path / "mp"
     directory.mkdir()
@@ -170,6 +178,30 @@ def fixture_fleet(
             "examples.zero_code_asgi:app",
         ]  # fmt: skip
         metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+    elif server == "uvicorn-port":
+        # One port setting, no shared directory, no launcher: the issue's command line.
+        env.pop("LOOPSCOPE_MULTIPROCESS_DIR")
+        env["LOOPSCOPE_PORT"] = str(metrics_port)
+        factory = "new_uvloop_event_loop" if loop_kind == "uvloop" else "new_event_loop"
+        command = [
+            sys.executable, "-m", "uvicorn", "--workers", str(WORKERS),
+            "--loop", f"loopscope:{factory}", "--port", str(http_port), "--host", "127.0.0.1",
+            "--log-level", "warning", "--timeout-graceful-shutdown", "3",
+            "examples.zero_code_asgi:app",
+        ]  # fmt: skip
+        metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+    elif server == "gunicorn-port":
+        # gunicorn -w 4 with uvicorn workers and an app that calls install() at start-up.
+        env.pop("LOOPSCOPE_MULTIPROCESS_DIR")
+        env["LOOPSCOPE_PORT"] = str(metrics_port)
+        worker = "UvicornWorker" if loop_kind == "uvloop" else "UvicornH11Worker"
+        command = [
+            sys.executable, "-m", "gunicorn", "-w", str(WORKERS),
+            "-k", f"uvicorn_worker.{worker}", "-b", f"127.0.0.1:{http_port}",
+            "--graceful-timeout", "3", *gunicorn_control(tmp_path),
+            "tests.installing_asgi_app:app",
+        ]  # fmt: skip
+        metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     else:
         worker = "GunicornUVLoopWebWorker" if loop_kind == "uvloop" else "GunicornWebWorker"
         command = [
@@ -179,10 +211,19 @@ def fixture_fleet(
         ]  # fmt: skip
         metrics_url = f"http://127.0.0.1:{http_port}/metrics"
     process = start(command, env, log)
+    if server.endswith("-port"):
+        # The workers' group is named after their parent, the process started here.
+        directory = Path(_port_sharing.base_directory()) / (
+            f"group-{process.pid}-127.0.0.1-{metrics_port}.d"
+        )
     try:
-        yield Fleet(process, http_port, metrics_url, directory, log)
+        yield Fleet(
+            process, http_port, metrics_url, directory, log, port_only=server.endswith("-port")
+        )
     finally:
         stop_process(process)
+        if "Traceback" in log.read_text(errors="replace"):
+            pytest.fail(f"a process failed; server log:\n{log.read_text(errors='replace')[-4000:]}")
 
 
 def _fetch_all(fleet: Fleet, path: str, count: int, deadline: float) -> list[int]:
@@ -210,7 +251,9 @@ LOOPSCOPE_FAMILIES = ("asyncio_", "process_context_switches")
 
 
 @pytest.mark.parametrize(
-    "fleet", ["gunicorn-uvicorn", "uvicorn-workers", "aiohttp-gunicorn"], indirect=True
+    "fleet",
+    ["gunicorn-uvicorn", "uvicorn-workers", "aiohttp-gunicorn", "uvicorn-port", "gunicorn-port"],
+    indirect=True,
 )
 class TestWorkers:
     """Figures of every worker add up, survive a worker's death and never go backwards."""

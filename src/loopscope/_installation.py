@@ -9,8 +9,11 @@ Every loop created while loopscope is installed is instrumented from its constru
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
+import errno
 import logging
+import socket
 import threading
 import time
 import weakref
@@ -18,11 +21,17 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
+from prometheus_client.registry import CollectorRegistry
+
+from . import _port_sharing
 from ._asyncio_hooks import AsyncioProbe
 from ._collector import LoopCollector
 from ._events import SlowEventLog
+from ._infrastructure import created_by_server_infrastructure
+from ._multiprocess import register_fork_hook
 from ._options import ConfigError, Options, resolve_options
 from ._probe import LoopProbe
+from ._prometheus_files import PrometheusFiles, directory_from_environment
 from ._server import MetricsServer
 from ._stats import SeriesBook
 from ._watchdog import Watchdog, register_for_fork
@@ -33,6 +42,10 @@ _fallback = logging.getLogger("loopscope")
 _lock = threading.RLock()
 _current: Installation | None = None
 _MISSING = object()
+#: Errors of bind() that mean the address is wrong rather than the port.
+_ADDRESS_ERRNOS = frozenset(
+    {errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT, errno.EINVAL, getattr(errno, "EAI_NONAME", -1)}
+)
 
 
 def uvloop_loop_class() -> type[Any] | None:
@@ -72,11 +85,17 @@ class Installation:
         self._probes_lock = threading.Lock()
         self._patched: list[tuple[type[Any], object]] = []
         self._faults_reported: set[str] = set()
+        #: Removes this process's claim on its port (see _port_sharing), while it has one.
+        self.release_claim: Callable[[], None] | None = None
+        self._joined = False
+        #: The figures written for prometheus_client's multiprocess mode, when it is on.
+        self.prometheus_files: PrometheusFiles | None = None
 
     # --- starting and stopping -----------------------------------------------------------
 
     def start(self) -> None:
         """Register the collector and start the endpoint; all or nothing."""
+        directory_from_environment()  # a bad PROMETHEUS_MULTIPROC_DIR fails before anything
         registry = self.options.registry
         try:
             registry.register(self.collector)
@@ -84,25 +103,77 @@ class Installation:
             raise ConfigError(
                 f"option registry: the registry already has metrics loopscope exports ({exc})"
             ) from None
+        shared_directory = self.options.multiprocess_dir
         if self.options.port is not None:
             try:
-                self.server = MetricsServer(
-                    self.options.addr, self.options.port, registry, self.options
-                )
-            except OSError as exc:
+                shared_directory = self._serve(registry) or shared_directory
+            except BaseException:
                 registry.unregister(self.collector)
-                raise ConfigError(
-                    f"option port: cannot serve /metrics on {self.options.addr}:"
-                    f"{self.options.port} ({exc.strerror or exc}); choose a free port "
-                    "from 0 to 65535 (0 picks one) or another addr"
-                ) from None
+                raise
         self.watchdog.start()
         register_for_fork(self.watchdog)
-        if self.options.multiprocess_dir:
+        if shared_directory:
             # Worker processes merge their figures through a shared directory.
             from ._multiprocess import attach
 
-            attach(self)
+            attach(self, shared_directory)
+        self.prometheus_files = PrometheusFiles.start_from_environment(self)
+
+    def _serve(self, registry: CollectorRegistry) -> str | None:
+        """Start the endpoint; or, when a sibling or parent process of the same service
+        already serves the port, return the directory through which to join it."""
+        addr, port = self.options.addr, self.options.port
+        assert port is not None
+        try:
+            self.server = MetricsServer(
+                addr, port, registry, self.options, before_build=self._before_build
+            )
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE and port != 0:
+                try:
+                    return _port_sharing.join(addr, port)
+                except (_port_sharing.JoinRefused, OSError) as refused:
+                    raise ConfigError(
+                        f"option port: cannot serve /metrics on {addr}:{port}: the port is "
+                        f"in use by {refused}; choose a free port from 0 to 65535 (0 picks "
+                        "one) or another addr"
+                    ) from None
+            if isinstance(exc, socket.gaierror) or exc.errno in _ADDRESS_ERRNOS:
+                raise ConfigError(
+                    f"option addr: cannot serve /metrics on {addr!r} "
+                    f"({exc.strerror or exc}); give an IP address or host name of this "
+                    "machine, such as '127.0.0.1' or '0.0.0.0'"
+                ) from None
+            raise ConfigError(
+                f"option port: cannot serve /metrics on {addr}:{port} "
+                f"({exc.strerror or exc}); choose a free port from 0 to 65535 (0 picks "
+                "one) or another addr"
+            ) from None
+        register_fork_hook()  # a worker forked from here joins instead of serving
+        record = _port_sharing.claim(addr, self.server.port, self.options.multiprocess_dir)
+        if record is not None:
+            self.release_claim = record.release
+            atexit.register(self._release_claim_at_exit)
+        return None
+
+    def _before_build(self) -> None:
+        """Before each exposition the endpoint builds: merge the workers that joined."""
+        if self.options.multiprocess_dir or self.server is None or self._joined:
+            return
+        try:
+            directory = _port_sharing.find_group_directory(self.server.addr, self.server.port)
+            if directory is not None:
+                from ._multiprocess import attach
+
+                self._joined = attach(self, directory) is not None
+        except Exception as exc:
+            self._joined = True  # not tried again
+            self.report_fault("merging the workers that joined the /metrics endpoint", exc)
+
+    def _release_claim_at_exit(self) -> None:
+        release = self.release_claim
+        if release is not None and _current is self:
+            release()
 
     def patch_constructors(self) -> None:
         """Instrument every loop created from now on."""
@@ -123,7 +194,8 @@ class Installation:
 
         def __init__(loop: Any, *args: Any, **kwargs: Any) -> None:
             original(loop, *args, **kwargs)
-            installation.instrument(loop)
+            if not created_by_server_infrastructure():
+                installation.instrument(loop)
 
         __init__.__wrapped__ = original  # type: ignore[attr-defined]
         return __init__
@@ -146,6 +218,12 @@ class Installation:
                 self.report_fault("removing instrumentation", exc)
         with contextlib.suppress(KeyError):
             self.options.registry.unregister(self.collector)
+        if self.prometheus_files is not None:
+            self.prometheus_files.stop()
+            self.prometheus_files = None
+        if self.release_claim is not None:
+            self.release_claim()
+            self.release_claim = None
         if self.server is not None:
             self.server.close()
             self.server = None

@@ -293,10 +293,10 @@ class MergedCollector(Collector):
             return []
 
 
-def attach(installation: Installation) -> ProcessFiles | None:
-    """Switch ``installation`` to the shared directory of its ``multiprocess_dir`` option
-    (once per process); None when the option is not set."""
-    directory = getattr(installation.options, "multiprocess_dir", None)
+def attach(installation: Installation, directory: str | None = None) -> ProcessFiles | None:
+    """Switch ``installation`` to a shared directory: ``directory``, else its
+    ``multiprocess_dir`` option (once per process); None when there is neither."""
+    directory = directory or getattr(installation.options, "multiprocess_dir", None)
     if not directory:
         return None
     with _attach_lock:
@@ -320,6 +320,11 @@ def attach(installation: Installation) -> ProcessFiles | None:
         return files
 
 
+def register_fork_hook() -> None:
+    """Make forked children of this process set themselves up as workers (idempotent)."""
+    _register_fork_hook()
+
+
 def _register_fork_hook() -> None:
     global _fork_hook_registered
     if _fork_hook_registered or not hasattr(os, "register_at_fork"):
@@ -337,7 +342,11 @@ def _after_fork_in_child() -> None:
         from ._installation import current
 
         installation = current()
-        if installation is None or installation not in _attached:
+        if installation is None:
+            return
+        if installation not in _attached:
+            if installation.server is not None:
+                _join_forking_host(installation)
             return
         old = _attached[installation]
         old.stopped.set()
@@ -370,6 +379,27 @@ def _after_fork_in_child() -> None:
             inst = current()
             if inst is not None:
                 inst.report_fault("setting up a forked worker", exc)
+
+
+def _join_forking_host(installation: Installation) -> None:
+    """A worker forked by the process that serves the port (``gunicorn --preload`` with
+    ``install(port=...)`` at import): it does not serve, it sends its figures to the parent
+    through their group's directory, which the parent merges from its next scrape on."""
+    from ._port_sharing import group_directory_for_child
+
+    server = installation.server
+    assert server is not None
+    installation.server = None
+    with contextlib.suppress(Exception):
+        server.httpd.socket.close()
+    installation.release_claim = None  # the claim is the parent's
+    try:
+        _reset_figures(installation)
+        directory = group_directory_for_child(server.addr, server.port)
+    except Exception as exc:
+        installation.report_fault("joining the parent's /metrics endpoint", exc)
+        return
+    attach(installation, directory)
 
 
 def _reset_figures(installation: Installation) -> None:

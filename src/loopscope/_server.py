@@ -34,6 +34,7 @@ import contextlib
 import email.utils
 import hmac
 import logging
+import os
 import selectors
 import socket
 import ssl
@@ -138,8 +139,11 @@ class _Exposition:
     responses to GET and HEAD around it, rebuilt when the exposition or the second of the
     ``Date`` header changes.  Used from the server thread only."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(
+        self, registry: CollectorRegistry, before_build: Callable[[], None] | None = None
+    ) -> None:
         self.registry = registry
+        self.before_build = before_build
         self.built_at = float("-inf")
         self.body: bytes | None = None
         self.second = -1
@@ -161,6 +165,8 @@ class _Exposition:
         if time.monotonic() - self.built_at >= REUSE_SECONDS or self.body is None:
             # A failed build is not kept: the next scrape tries again.
             self.body = None
+            if self.before_build is not None:
+                self.before_build()
             self.body = generate_latest(self.registry)
             self.built_at = time.monotonic()
         date = self.now()
@@ -206,12 +212,18 @@ class _Endpoint:
         registry: CollectorRegistry,
         tls: ssl.SSLContext | None,
         credentials: bytes | None,
+        before_build: Callable[[], None] | None = None,
     ) -> None:
         # An IPv6 literal (``::1``, ``::``) binds IPv6; anything else (an IPv4 address or a
         # host name) binds IPv4.
         family = socket.AF_INET6 if ":" in addr else socket.AF_INET
         listener = socket.socket(family, socket.SOCK_STREAM)
         try:
+            if os.name == "posix":
+                # A restarted service must bind again at once: the connections of its last
+                # scrape may still be in TIME_WAIT.  (Two listeners on one port still fail:
+                # that takes SO_REUSEPORT, which is never set.)
+                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             listener.bind((addr, port))
             listener.listen(BACKLOG)
             listener.setblocking(False)
@@ -223,7 +235,7 @@ class _Endpoint:
         self.server_port: int = self.server_address[1]
         self.tls = tls
         self.credentials = credentials
-        self.exposition = _Exposition(registry)
+        self.exposition = _Exposition(registry, before_build)
         self.selector = selectors.DefaultSelector()
         self.connections: dict[socket.socket, _Connection] = {}
         self.stopping = False
@@ -490,7 +502,10 @@ class MetricsServer:
         port: int,
         registry: CollectorRegistry,
         options: Options | None = None,
+        before_build: Callable[[], None] | None = None,
     ) -> None:
+        """``before_build`` is called on the endpoint's thread before each build of the
+        exposition (at most once per ``REUSE_SECONDS``); what it raises fails that scrape."""
         tls: ssl.SSLContext | None = None
         credentials: bytes | None = None
         if options is not None:
@@ -503,7 +518,7 @@ class MetricsServer:
                     raise OSError(str(exc)) from None
             if options.basic_auth_username is not None and options.basic_auth_password is not None:
                 credentials = _credentials(options.basic_auth_username, options.basic_auth_password)
-        self.httpd = _Endpoint(addr, port, registry, tls, credentials)
+        self.httpd = _Endpoint(addr, port, registry, tls, credentials, before_build)
         self.port: int = self.httpd.server_port
         self.addr = addr
         self.scheme = "https" if tls is not None else "http"
@@ -520,11 +535,22 @@ class MetricsServer:
 
 
 def metrics_asgi_app(registry: CollectorRegistry | None = None) -> Any:
-    """An ASGI app serving the registry (default: loopscope's, else prometheus_client's),
-    to mount at ``/metrics`` in Starlette or FastAPI: ``app.mount("/metrics", ...)``."""
+    """An ASGI app serving the registry (default: loopscope's, else prometheus_client's).
+
+    In Starlette or FastAPI, ``app.add_route("/metrics", loopscope.metrics_asgi_app())``
+    answers ``/metrics`` itself; ``app.mount("/metrics", ...)`` works too, but Starlette then
+    redirects ``/metrics`` to ``/metrics/``."""
     from prometheus_client import make_asgi_app
 
-    return make_asgi_app(registry if registry is not None else _default_registry())
+    serve = make_asgi_app(registry if registry is not None else _default_registry())
+
+    class MetricsApp:
+        # An instance, not a function: Starlette's Route treats a plain function as a
+        # request handler, and any other callable (this one) as an ASGI app.
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            await serve(scope, receive, send)
+
+    return MetricsApp()
 
 
 def aiohttp_metrics_handler(

@@ -1,0 +1,229 @@
+"""prometheus_client's multiprocess mode: loopscope's figures where ``MultiProcessCollector``
+looks for them.
+
+An application in that mode (``PROMETHEUS_MULTIPROC_DIR`` set, a fresh ``CollectorRegistry``
+with ``MultiProcessCollector`` built for each scrape, as the Django and gunicorn guides show)
+never collects the registries of its processes: it reads the ``*.db`` files that every
+process writes into that directory.  So, with the variable set, every process that installs
+loopscope also writes its own figures there, once a second and at exit, in files of its own
+(``counter_loopscope-<pid>.db``, ``histogram_...``, ``gauge_livesum_...``), through
+prometheus_client's own file format (``prometheus_client.mmap_dict``).  Counters and
+histograms are summed over every process that ever wrote, like the application's own;
+gauges (tasks alive, executor workers) over live processes only: a process removes its
+gauge files when it exits, and every writer removes those of processes that died without
+doing so, so nothing depends on the application calling ``mark_process_dead``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import threading
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client.metrics_core import Metric
+from prometheus_client.mmap_dict import MmapedDict, mmap_key
+
+from ._options import ConfigError
+
+if TYPE_CHECKING:
+    from ._installation import Installation
+
+__all__ = ["ENV_VARIABLES", "PrometheusFiles", "directory_from_environment"]
+
+#: The variable prometheus_client reads, and its deprecated lower-case spelling.
+ENV_VARIABLES = ("PROMETHEUS_MULTIPROC_DIR", "prometheus_multiproc_dir")
+#: Seconds between two writes.
+WRITE_INTERVAL = 1.0
+_TAG = "loopscope-"
+
+
+def directory_from_environment() -> str | None:
+    """The multiprocess directory prometheus_client is told to use, or None.  Raises
+    :class:`ConfigError` when the variable is set to something that is not a writable
+    directory (prometheus_client itself would fail on it too)."""
+    for name in ENV_VARIABLES:
+        value = os.environ.get(name, "").strip()
+        if value:
+            if not os.path.isdir(value) or not os.access(value, os.W_OK | os.X_OK):
+                raise ConfigError(
+                    f"environment variable {name} (prometheus_client's multiprocess mode) "
+                    f"must be the path of a writable directory; got {value!r}"
+                )
+            return os.path.abspath(value)
+    return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _file_kind(family: Metric) -> str | None:
+    """The file a family's samples go to, named as MultiProcessCollector reads it."""
+    if family.type in ("counter", "histogram"):
+        return family.type
+    if family.type in ("gauge", "info"):
+        # An info-style gauge is 1 in every process: the maximum, not the sum.
+        return "gauge_livemax" if family.name.endswith("_info") else "gauge_livesum"
+    return None
+
+
+def _samples_to_write(family: Metric) -> Iterable[tuple[str, dict[str, str], float]]:
+    """The samples as prometheus_client's own metrics store them: counters' ``_total``,
+    histograms' buckets one by one (not cumulative) and ``_sum``; gauges as they are."""
+    if family.type == "counter":
+        for s in family.samples:
+            if s.name.endswith("_total"):
+                yield s.name, dict(s.labels), float(s.value)
+        return
+    if family.type != "histogram":
+        for s in family.samples:
+            yield s.name, dict(s.labels), float(s.value)
+        return
+    cumulative: dict[tuple[tuple[str, str], ...], list[tuple[float, str, float]]] = {}
+    for s in family.samples:
+        if s.name.endswith("_bucket"):
+            rest = tuple(sorted((k, v) for k, v in s.labels.items() if k != "le"))
+            le = s.labels["le"]
+            cumulative.setdefault(rest, []).append((float(le), le, float(s.value)))
+        elif s.name.endswith("_sum"):
+            yield s.name, dict(s.labels), float(s.value)
+    for rest, buckets in cumulative.items():
+        below = 0.0
+        for _bound, le, count in sorted(buckets):
+            yield family.name + "_bucket", {**dict(rest), "le": le}, count - below
+            below = count
+
+
+class PrometheusFiles:
+    """This process's files in the multiprocess directory and the thread that writes them."""
+
+    def __init__(self, installation: Installation, directory: str) -> None:
+        self.installation = installation
+        self.directory = directory
+        self.pid = os.getpid()
+        self.lock = threading.Lock()
+        self.stopped = threading.Event()
+        self.files: dict[str, MmapedDict] = {}
+        self.thread: threading.Thread | None = None
+
+    @classmethod
+    def start_from_environment(cls, installation: Installation) -> PrometheusFiles | None:
+        """Start writing when prometheus_client's multiprocess mode is on, else None."""
+        directory = directory_from_environment()
+        if directory is None:
+            return None
+        files = cls(installation, directory)
+        files.start(first_write_now=True)
+        return files
+
+    def start(self, *, first_write_now: bool) -> None:
+        """Write now (or after one interval, in a forked child) and then every second."""
+        _register_fork_hook()
+        if first_write_now:
+            self.write()
+        self.thread = threading.Thread(
+            target=self._run, name="loopscope-prometheus-files", daemon=True
+        )
+        self.thread.start()
+        atexit.register(self.at_exit)
+
+    def _run(self) -> None:
+        while not self.stopped.wait(WRITE_INTERVAL):
+            if os.getpid() != self.pid:
+                return
+            self.write()
+
+    def _path(self, kind: str, pid: int | None = None) -> str:
+        return os.path.join(self.directory, f"{kind}_{_TAG}{pid or self.pid}.db")
+
+    def write(self) -> None:
+        """Write this process's current figures; never raises."""
+        try:
+            collector: Any = self.installation.collector
+            local = getattr(collector, "local", collector)  # not the merged view
+            families = list(local.collect())
+            with self.lock:
+                if self.stopped.is_set() and self.thread is not None:
+                    return
+                for family in families:
+                    kind = _file_kind(family)
+                    if kind is None:
+                        continue
+                    store = self.files.get(kind)
+                    if store is None:
+                        store = self.files[kind] = MmapedDict(self._path(kind))  # type: ignore[no-untyped-call]
+                    for name, labels, value in _samples_to_write(family):
+                        key = mmap_key(
+                            family.name, name, list(labels), list(labels.values()),
+                            family.documentation,
+                        )  # fmt: skip
+                        store.write_value(key, value, 0.0)  # type: ignore[no-untyped-call]
+            self._remove_dead_gauges()
+        except Exception as exc:
+            self.installation.report_fault("writing prometheus_client multiprocess files", exc)
+
+    def _remove_dead_gauges(self) -> None:
+        for name in os.listdir(self.directory):
+            if not name.startswith("gauge_") or f"_{_TAG}" not in name:
+                continue
+            pid = name.rsplit(_TAG, 1)[1].removesuffix(".db")
+            if pid.isdigit() and int(pid) != self.pid and not _pid_alive(int(pid)):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(self.directory, name))
+
+    def stop(self) -> None:
+        """Last write, then remove this process's gauge files (its counters stay)."""
+        if os.getpid() != self.pid or self.stopped.is_set():
+            return
+        self.write()
+        with self.lock:
+            self.stopped.set()
+            for kind, store in self.files.items():
+                with contextlib.suppress(Exception):
+                    store.close()  # type: ignore[no-untyped-call]
+                if kind.startswith("gauge"):
+                    with contextlib.suppress(OSError):
+                        os.unlink(self._path(kind))
+            self.files.clear()
+
+    def at_exit(self) -> None:
+        """At interpreter exit: as :meth:`stop`, if this object is still in use."""
+        if self.installation.prometheus_files is self:
+            with contextlib.suppress(Exception):
+                self.stop()
+
+
+_fork_hook_registered = False
+
+
+def _register_fork_hook() -> None:
+    global _fork_hook_registered
+    if not _fork_hook_registered and hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=_after_fork_in_child)
+        _fork_hook_registered = True
+
+
+def _after_fork_in_child() -> None:
+    """A forked worker writes files of its own pid; the parent's stay the parent's."""
+    try:
+        from ._installation import current
+
+        installation = current()
+        old = installation.prometheus_files if installation is not None else None
+        if installation is None or old is None or old.pid == os.getpid():
+            return
+        old.files.clear()  # the parent's mappings (and its thread) stay the parent's
+        files = PrometheusFiles(installation, old.directory)
+        installation.prometheus_files = files
+        files.start(first_write_now=False)
+    except Exception:
+        pass
