@@ -228,6 +228,34 @@ class TestNoFalsePositives:
         assert sample(registry, "asyncio_loop_busy_seconds_total", loop="MainThread") > 0.3
 
 
+class TestStepEndedByBaseException:
+    """A step that raises KeyboardInterrupt or SystemExit is over: the loop is not blocked."""
+
+    @pytest.mark.parametrize("exception", [KeyboardInterrupt, SystemExit])
+    def test_idle_loop_after_interrupt(
+        self, loop_kind: str, exception: type[BaseException], events: list[dict[str, Any]]
+    ) -> None:
+        """After a callback raised out of run_until_complete, an idle process and an idle
+        loop produce no loop_blocked or slow_callback event."""
+        loop = make_loop(loop_kind)
+
+        def interrupt() -> None:
+            raise exception
+
+        async def main() -> None:
+            loop.call_soon(interrupt)
+            await asyncio.sleep(0.05)
+
+        try:
+            with pytest.raises(exception):
+                loop.run_until_complete(main())
+            time.sleep(6 * THRESHOLD)  # the watchdog looks several times meanwhile
+            loop.run_until_complete(asyncio.sleep(6 * THRESHOLD))
+        finally:
+            loop.close()
+        assert [e["event"] for e in events] == []
+
+
 class TestLongBlocks:
     """A hang is reported while it goes on."""
 

@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -381,3 +382,48 @@ def _dead_pid() -> int:
     process = subprocess.Popen([sys.executable, "-c", "pass"])
     process.wait(10)
     return process.pid
+
+
+class TestForkedChild:
+    """A loop alive at fork time counts the child's own steps in the child."""
+
+    @pytest.mark.parametrize("shared", [True, False], ids=["multiprocess_dir", "no_dir"])
+    def test_child_counts_its_steps(self, loop_kind: str, shared: bool, tmp_path: Path) -> None:
+        """Parent runs 100 steps, forks; the child's 1,000 further steps on the same loop
+        add 1,001 task steps (1,000 awaits and the task's last step) to what it exports."""
+        make = (
+            "import uvloop; loop = uvloop.new_event_loop()"
+            if loop_kind == "uvloop"
+            else "loop = asyncio.new_event_loop()"
+        )
+        option = f"multiprocess_dir={str(tmp_path)!r}" if shared else ""
+        source = textwrap.dedent(
+            f"""
+            import asyncio, os, loopscope
+            from prometheus_client import REGISTRY
+            loopscope.install({option})
+            {make}
+            async def steps(n):
+                for _ in range(n):
+                    await asyncio.sleep(0)
+            loop.run_until_complete(steps(100))
+            pid = os.fork()
+            if pid == 0:
+                def count():
+                    labels = {{"loop": "MainThread"}}
+                    return REGISTRY.get_sample_value("asyncio_loop_task_steps_total", labels)
+                before = count()
+                loop.run_until_complete(steps(1000))
+                print(count() - before, flush=True)
+                os._exit(0)
+            os.waitpid(pid, 0)
+            """
+        )
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LOOPSCOPE_")}
+        if "LOOPSCOPE_PURE_PYTHON" in os.environ:  # the hot path under test
+            env["LOOPSCOPE_PURE_PYTHON"] = os.environ["LOOPSCOPE_PURE_PYTHON"]
+        result = subprocess.run(
+            [sys.executable, "-c", source], env=env, capture_output=True, timeout=60, check=False
+        )
+        assert result.returncode == 0, result.stderr.decode()
+        assert float(result.stdout) == 1001.0, result.stderr.decode()

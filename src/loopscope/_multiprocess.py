@@ -419,7 +419,13 @@ def _reset_figures(installation: Installation) -> None:
     for probe in installation.live_probes():
         owner = book.series.get(probe.label)
         if owner is not None and probe.key in owner.live:
-            probe.stats = owner.live[probe.key]
+            stats = owner.live[probe.key]
+            if probe.recorder is not None:
+                # The C recorder still holds figures of the parent's not yet flushed: drop
+                # them, then let it flush into the child's fresh figures.
+                probe.recorder.flush(type(stats)())
+                stats.pending = probe.recorder
+            probe.stats = stats
     _executor._books_lock = threading.Lock()
     old = _executor._books.get(installation)
     if old is not None:

@@ -1490,7 +1490,10 @@ static PyObject *TimedRun_vectorcall(PyObject *op, PyObject *const *args, size_t
     mark_start(r, callback, start);
     PyObject *result = run_handle(self, handle);
     if (result == NULL) {
-        /* SystemExit / KeyboardInterrupt: the pure path stops there too */
+        /* SystemExit / KeyboardInterrupt: nothing is recorded (the pure path stops there
+         * too), but the step is over: a marker left set would make the watchdog report an
+         * idle loop as blocked from then on. */
+        mark_end(r);
         Py_DECREF(callback);
         return NULL;
     }
