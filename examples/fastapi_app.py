@@ -1,6 +1,7 @@
-"""FastAPI on uvicorn, instrumented from the lifespan, with /metrics mounted in the app.
+"""FastAPI on uvicorn, instrumented from the lifespan, with a /metrics route in the app.
 
     uvicorn examples.fastapi_app:app --port 8000          # then GET /block, /offload, /metrics
+    uvicorn examples.fastapi_app:app --port 8000 --loop uvloop
 
 Under several workers (``uvicorn --workers 4``, or gunicorn with ``gunicorn.conf.py``),
 set ``LOOPSCOPE_MULTIPROCESS_DIR`` to a shared directory and every worker's ``/metrics``
@@ -31,7 +32,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 app = FastAPI(lifespan=lifespan)
-app.mount("/metrics", loopscope.metrics_asgi_app())
+# A route rather than a mount: it answers GET and HEAD /metrics itself, where
+# app.mount("/metrics", ...) would answer with a redirect to /metrics/.
+app.add_route("/metrics", loopscope.metrics_asgi_app(), methods=["GET"])
 
 
 @app.get("/block")

@@ -5,16 +5,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import os
 import subprocess
 import sys
 import time
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from .test_workers import free_port, http_get, parse, stop_process, value
+from .test_workers import Samples, free_port, parse, stop_process, value
 
 ROOT = Path(__file__).resolve().parent.parent
 MAIN = {"loop": "MainThread"}
@@ -27,54 +31,135 @@ def example_env() -> dict[str, str]:
     return env
 
 
-@pytest.fixture(name="server")
-def fixture_server(request: pytest.FixtureRequest, loop_kind: str, tmp_path: Path) -> Iterator[int]:
-    """The example named by the test's parameter, serving on a free loopback port."""
-    port = free_port()
-    if request.param == "fastapi":
-        pytest.importorskip("fastapi")
-        command = [
-            sys.executable, "-m", "uvicorn", "examples.fastapi_app:app", "--host", "127.0.0.1",
-            "--port", str(port), "--loop", loop_kind, "--log-level", "warning",
-        ]  # fmt: skip
-    else:
-        command = [
+# The asyncio_ families every instrumented loop exports (counters without "_total").
+LOOP_FAMILIES = {
+    "asyncio_loop_callback_duration_seconds",
+    "asyncio_loop_schedule_delay_seconds",
+    "asyncio_loop_lag_seconds",
+    "asyncio_loop_busy_seconds",
+    "asyncio_loop_task_steps",
+    "asyncio_loop_slow_callbacks",
+    "asyncio_tasks_created",
+    "asyncio_tasks",
+    "asyncio_loop_info",
+}
+
+
+def web_command(name: str, port: int, loop_kind: str) -> list[str]:
+    """The command line that serves the web example ``name`` on ``port`` and ``loop_kind``."""
+    if name == "aiohttp":
+        return [
             sys.executable, "-m", "examples.aiohttp_app", "--port", str(port),
             "--loop", loop_kind,
         ]  # fmt: skip
-    log = tmp_path / "server.log"
+    pytest.importorskip("fastapi" if name == "fastapi" else "django")
+    target = "examples.fastapi_app:app" if name == "fastapi" else "examples.django_app:application"
+    return [
+        sys.executable, "-m", "uvicorn", target, "--host", "127.0.0.1", "--port", str(port),
+        "--loop", loop_kind, "--log-level", "warning",
+    ]  # fmt: skip
+
+
+@contextlib.contextmanager
+def serving(command: list[str], log: Path) -> Iterator[None]:
+    """``command`` running in its own session until the block ends."""
     with open(log, "wb") as out:
         process = subprocess.Popen(
             command, cwd=ROOT, env=example_env(), stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True,
         )  # fmt: skip
     try:
-        yield port
+        yield
     finally:
         stop_process(process)
 
 
-@pytest.mark.parametrize("server", ["fastapi", "aiohttp"], indirect=True)
+def get(url: str, deadline: float) -> tuple[int, str, bytes]:
+    """GET ``url`` without following redirects, retrying connection errors until
+    ``deadline``: the status, the Content-Type and the body."""
+    parts = urllib.parse.urlsplit(url)
+    while True:
+        connection = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=10)
+        try:
+            connection.request("GET", parts.path)
+            response = connection.getresponse()
+            return response.status, response.getheader("Content-Type", ""), response.read()
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+        finally:
+            connection.close()
+
+
+def scrape(url: str, deadline: float) -> tuple[set[str], Samples]:
+    """The family names and samples that ``GET url`` answers, which must be a 200 with the
+    exposition itself (no redirect)."""
+    status, content_type, body = get(url, deadline)
+    assert status == 200, (status, body[:200])
+    assert content_type.startswith("text/plain"), content_type
+    text = body.decode()
+    return {family.name for family in text_string_to_metric_families(text)}, parse(text)
+
+
+@pytest.fixture(name="server")
+def fixture_server(request: pytest.FixtureRequest, loop_kind: str, tmp_path: Path) -> Iterator[int]:
+    """The example named by the test's parameter, serving on a free loopback port."""
+    port = free_port()
+    with serving(web_command(request.param, port, loop_kind), tmp_path / "server.log"):
+        yield port
+
+
+def check_block_offload_and_metrics(base: str, loop_kind: str) -> None:
+    """Scrape, block the loop once, offload once, scrape again; check what changed."""
+    deadline = time.monotonic() + 30
+    _, before = scrape(f"{base}/metrics", deadline)
+    get(f"{base}/block", deadline)
+    get(f"{base}/offload", deadline)
+    names, after = scrape(f"{base}/metrics", deadline)
+    assert names >= LOOP_FAMILIES, LOOP_FAMILIES - names
+    slow = "asyncio_loop_slow_callbacks_total"
+    assert value(after, slow, **MAIN) >= value(before, slow, **MAIN) + 1
+    runs = "asyncio_executor_run_duration_seconds"
+    assert value(after, f"{runs}_count", **DEFAULT) == value(before, f"{runs}_count", **DEFAULT) + 1
+    assert value(after, f"{runs}_sum", **DEFAULT) >= value(before, f"{runs}_sum", **DEFAULT) + 0.3
+    kinds = {
+        dict(labels)["implementation"]
+        for (name, labels) in after
+        if name == "asyncio_loop_info" and dict(labels)["loop"] == "MainThread"
+    }
+    assert kinds == {loop_kind}
+
+
+@pytest.mark.parametrize("server", ["fastapi", "aiohttp", "django"], indirect=True)
 class TestWebExamples:
-    """The FastAPI (lifespan) and aiohttp (on_startup) examples."""
+    """The FastAPI (lifespan), aiohttp (on_startup) and Django (module import) examples,
+    the last two under uvicorn."""
 
     def test_block_offload_and_metrics(self, server: int, loop_kind: str) -> None:
-        """A blocking request is a slow step, an offloaded one an executor call, both on
-        the app's own /metrics route, on the loop the server runs."""
-        deadline = time.monotonic() + 30
-        base = f"http://127.0.0.1:{server}"
-        http_get(f"{base}/block", deadline)
-        http_get(f"{base}/offload", deadline)
-        samples = parse(http_get(f"{base}/metrics", deadline).decode())
-        assert value(samples, "asyncio_loop_slow_callbacks_total", **MAIN) >= 1
-        assert value(samples, "asyncio_executor_run_duration_seconds_count", **DEFAULT) == 1
-        assert value(samples, "asyncio_executor_run_duration_seconds_sum", **DEFAULT) >= 0.3
-        kinds = {
-            dict(labels)["implementation"]
-            for (name, labels) in samples
-            if name == "asyncio_loop_info" and dict(labels)["loop"] == "MainThread"
-        }
-        assert kinds == {loop_kind}
+        """GET /metrics answers 200 with the asyncio_ families, with no redirect; a blocking
+        request adds a slow step and an offloaded one an executor call, on the loop the
+        server runs."""
+        check_block_offload_and_metrics(f"http://127.0.0.1:{server}", loop_kind)
+
+
+class TestDjangoUnderDaphne:
+    """examples/django_app.py under daphne, started by ``loopscope run``.  daphne runs
+    Twisted's asyncio reactor, on asyncio's loop only: it has no option for uvloop."""
+
+    def test_block_offload_and_metrics(self, tmp_path: Path) -> None:
+        """The loop daphne creates before it imports the app is measured: /metrics shows
+        the blocking request as a slow step and the offloaded one as an executor call."""
+        pytest.importorskip("django")
+        pytest.importorskip("daphne")
+        port = free_port()
+        command = [
+            sys.executable, "-m", "loopscope", "run", "--",
+            sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port),
+            "examples.django_app:application",
+        ]  # fmt: skip
+        with serving(command, tmp_path / "daphne.log"):
+            check_block_offload_and_metrics(f"http://127.0.0.1:{port}", "asyncio")
 
 
 class TestScriptExample:
