@@ -534,7 +534,19 @@ class MetricsServer:
         self.httpd.server_close()
 
 
-def metrics_asgi_app(registry: CollectorRegistry | None = None) -> Any:
+class MetricsASGIApp:
+    """The ASGI app :func:`metrics_asgi_app` returns.  An object rather than a function:
+    Starlette's ``Route`` takes a plain function for a request handler, and any other
+    callable for an ASGI app."""
+
+    def __init__(self, serve: Callable[..., Awaitable[None]]) -> None:
+        self.serve = serve
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self.serve(scope, receive, send)
+
+
+def metrics_asgi_app(registry: CollectorRegistry | None = None) -> MetricsASGIApp:
     """An ASGI app serving the registry (default: loopscope's, else prometheus_client's).
 
     In Starlette or FastAPI, ``app.add_route("/metrics", loopscope.metrics_asgi_app())``
@@ -542,15 +554,7 @@ def metrics_asgi_app(registry: CollectorRegistry | None = None) -> Any:
     redirects ``/metrics`` to ``/metrics/``."""
     from prometheus_client import make_asgi_app
 
-    serve = make_asgi_app(registry if registry is not None else _default_registry())
-
-    class MetricsApp:
-        # An instance, not a function: Starlette's Route treats a plain function as a
-        # request handler, and any other callable (this one) as an ASGI app.
-        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-            await serve(scope, receive, send)
-
-    return MetricsApp()
+    return MetricsASGIApp(make_asgi_app(registry if registry is not None else _default_registry()))
 
 
 def aiohttp_metrics_handler(
