@@ -9,7 +9,6 @@ Every loop created while loopscope is installed is instrumented from its constru
 from __future__ import annotations
 
 import asyncio
-import atexit
 import contextlib
 import errno
 import logging
@@ -27,6 +26,7 @@ from . import _port_sharing
 from ._asyncio_hooks import AsyncioProbe
 from ._collector import LoopCollector
 from ._events import SlowEventLog
+from ._exit_hooks import at_exit
 from ._infrastructure import created_by_server_infrastructure
 from ._multiprocess import register_fork_hook
 from ._options import ConfigError, Options, resolve_options
@@ -153,7 +153,7 @@ class Installation:
         record = _port_sharing.claim(addr, self.server.port, self.options.multiprocess_dir)
         if record is not None:
             self.release_claim = record.release
-            atexit.register(self._release_claim_at_exit)
+            at_exit(self._release_claim_at_exit)
         return None
 
     def _before_build(self) -> None:

@@ -24,7 +24,6 @@ emptied when the service (re)starts, as with prometheus_client's multiprocess mo
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import json
 import os
@@ -36,6 +35,8 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
+
+from ._exit_hooks import at_exit
 
 if TYPE_CHECKING:
     from ._installation import Installation
@@ -316,7 +317,7 @@ def attach(installation: Installation, directory: str | None = None) -> ProcessF
         installation.collector = merged  # type: ignore[assignment]
         _attached[installation] = files
         files.start()
-        atexit.register(files.at_exit)
+        at_exit(files.at_exit)
         return files
 
 
@@ -371,7 +372,7 @@ def _after_fork_in_child() -> None:
             merged.files = files
         _attached[installation] = files
         files.start()
-        atexit.register(files.at_exit)
+        at_exit(files.at_exit)
     except Exception as exc:
         with contextlib.suppress(Exception):
             from ._installation import current

@@ -16,7 +16,6 @@ doing so, so nothing depends on the application calling ``mark_process_dead``.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import os
 import threading
@@ -26,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client.metrics_core import Metric
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
 
+from ._exit_hooks import at_exit
 from ._options import ConfigError
 
 if TYPE_CHECKING:
@@ -134,7 +134,7 @@ class PrometheusFiles:
             target=self._run, name="loopscope-prometheus-files", daemon=True
         )
         self.thread.start()
-        atexit.register(self.at_exit)
+        at_exit(self.at_exit)
 
     def _run(self) -> None:
         while not self.stopped.wait(WRITE_INTERVAL):
