@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import textwrap
 import time
 
+import pluggy
 import pytest
+import uvloop
 
 import loopscope
-from loopscope.testing import assert_no_blocking, detect_blocking
+from loopscope.testing import Block, assert_no_blocking, detect_blocking, format_blocks
 
 from .conftest import make_loop
 
@@ -36,9 +39,18 @@ async def test_exempt():
 """
 
 
+#: Read at import, before conftest's autouse fixture clears the LOOPSCOPE_ variables: the
+#: projects' pytest runs use the hot path (C or pure Python) of the run that tests them.
+_PURE_PYTHON = os.environ.get("LOOPSCOPE_PURE_PYTHON")
+
+
 @pytest.fixture(name="project")
-def fixture_project(pytester: pytest.Pytester, loop_kind: str) -> pytest.Pytester:
+def fixture_project(
+    pytester: pytest.Pytester, loop_kind: str, monkeypatch: pytest.MonkeyPatch
+) -> pytest.Pytester:
     """A project whose async tests run on the loop under test."""
+    if _PURE_PYTHON is not None:
+        monkeypatch.setenv("LOOPSCOPE_PURE_PYTHON", _PURE_PYTHON)
     pytester.makeconftest(
         textwrap.dedent(
             f"""
@@ -64,16 +76,20 @@ class TestPlugin:
         result.assert_outcomes(passed=3)
 
     def test_option_fails_blocking_test(self, project: pytest.Pytester) -> None:
-        """With the option the blocking test fails, showing the blocking line."""
+        """With the option the blocking test fails, listing its frames and counting pytest's."""
         result = project.runpytest_subprocess("-p", "asyncio", "--loopscope-max-block=0.05")
         result.assert_outcomes(passed=2, failed=1)
         result.stdout.fnmatch_lines(
             [
-                "*event loop blocked longer than 0.05 s*",
-                "*test_app.py:*in slow_lookup*",
+                "*test_blocks*",
+                "event loop blocked longer than 0.05 s (1 time(s)):",
+                "- * s on loop 'MainThread' in task *, at test_app.py:* in slow_lookup",
+                "      */test_app.py:* in test_blocks",
+                "      */test_app.py:* in slow_lookup",
+                "      (* frames of pytest, pluggy, *hidden; --loopscope-full-stack shows them)",
             ]
         )
-        assert "test_blocks" in "\n".join(result.stdout.lines)
+        result.stdout.no_fnmatch_line("*pluggy*in _multicall")
 
     def test_marker(self, project: pytest.Pytester) -> None:
         """The marker turns detection on for one test."""
@@ -96,6 +112,183 @@ class TestPlugin:
         result = project.runpytest_subprocess("--loopscope-max-block=-1")
         assert result.ret == pytest.ExitCode.USAGE_ERROR
         result.stderr.fnmatch_lines(["*--loopscope-max-block must be > 0*"])
+
+
+class TestIniSetting:
+    """loopscope_max_block in the configuration file."""
+
+    def test_ini_sets_limit(self, project: pytest.Pytester) -> None:
+        """loopscope_max_block in pyproject.toml fails the blocking test, as the option does."""
+        project.makepyprojecttoml("[tool.pytest.ini_options]\nloopscope_max_block = 0.05\n")
+        result = project.runpytest_subprocess("-p", "asyncio", "--strict-config")
+        result.assert_outcomes(passed=2, failed=1)
+        result.stdout.fnmatch_lines(["*event loop blocked longer than 0.05 s*"])
+
+    def test_option_wins_over_ini_and_marker_over_both(self, project: pytest.Pytester) -> None:
+        """The option overrides the ini setting, and a test's marker overrides the option."""
+        project.makepyprojecttoml("[tool.pytest.ini_options]\nloopscope_max_block = 0.05\n")
+        project.makepyfile(
+            test_marked="""
+            import asyncio, time, pytest
+
+            @pytest.mark.asyncio
+            @pytest.mark.loopscope(max_block=0.05)
+            async def test_marked_block():
+                time.sleep(0.1)
+                await asyncio.sleep(0)
+            """
+        )
+        result = project.runpytest_subprocess(
+            "-p", "asyncio", "--strict-config", "--loopscope-max-block=10"
+        )
+        result.assert_outcomes(passed=3, failed=1)
+        result.stdout.fnmatch_lines(["FAILED test_marked.py::test_marked_block*"])
+
+    @pytest.mark.parametrize("value", ["abc", "-1"])
+    def test_bad_ini_value(self, pytester: pytest.Pytester, value: str) -> None:
+        """A bad loopscope_max_block is a usage error naming the setting."""
+        pytester.makeini(f"[pytest]\nloopscope_max_block = {value}\n")
+        result = pytester.runpytest_subprocess()
+        assert result.ret == pytest.ExitCode.USAGE_ERROR
+        result.stderr.fnmatch_lines(["*loopscope_max_block must be*"])
+
+
+class TestTeardown:
+    """Blocks during the fixtures' teardown."""
+
+    def test_blocking_fixture_teardown_is_a_teardown_error(self, project: pytest.Pytester) -> None:
+        """Teardown blocks are a teardown error; a failing test's blocks go in a report section."""
+        project.makepyfile(
+            test_fixture="""
+            import asyncio, time
+            import pytest, pytest_asyncio
+
+            def slow_close():
+                time.sleep(0.1)
+
+            @pytest_asyncio.fixture
+            async def connection():
+                yield "connection"
+                slow_close()
+
+            @pytest.mark.asyncio
+            async def test_uses_connection(connection):
+                await asyncio.sleep(0)
+
+            @pytest.mark.asyncio
+            async def test_fails_and_blocks():
+                time.sleep(0.1)
+                raise ValueError("broken")
+            """
+        )
+        result = project.runpytest_subprocess(
+            "-p", "asyncio", "--loopscope-max-block=0.05", "test_fixture.py"
+        )
+        result.assert_outcomes(passed=1, failed=1, errors=1)
+        result.stdout.fnmatch_lines(
+            [
+                "*ERROR at teardown of test_uses_connection*",
+                "event loop blocked longer than 0.05 s (1 time(s)):",
+                "*test_fixture.py:*in slow_close",
+                "*FAILURES*",
+                "*test_fails_and_blocks*",
+                "*ValueError: broken",
+                "*Captured loopscope call*",
+                "event loop blocked longer than 0.05 s (1 time(s)):",
+            ]
+        )
+
+
+class TestBadMarker:
+    """A marker with a bad argument."""
+
+    def test_bad_marker_errors_that_test_once(self, pytester: pytest.Pytester) -> None:
+        """Each badly marked test has one clean error at setup; the other tests run."""
+        pytester.makepyfile(
+            test_marks="""
+            import pytest
+
+            @pytest.mark.loopscope(max_block="x")
+            def test_bad_value():
+                pass
+
+            @pytest.mark.loopscope(max_blok=0.1)
+            def test_bad_keyword():
+                pass
+
+            def test_fine():
+                pass
+            """
+        )
+        result = pytester.runpytest_subprocess()
+        result.assert_outcomes(passed=1, errors=2)
+        assert result.ret == pytest.ExitCode.TESTS_FAILED
+        result.stdout.fnmatch_lines(
+            [
+                "*ERROR at setup of test_bad_value*",
+                "test_marks.py::test_bad_value: loopscope max_block must be seconds > 0 "
+                "or None; got 'x'",
+                "*ERROR at setup of test_bad_keyword*",
+                "test_marks.py::test_bad_keyword: use @pytest.mark.loopscope(max_block=*",
+            ]
+        )
+        output = result.stdout.str()
+        assert output.count("ERROR at") == 2
+        assert "KeyError" not in output
+        assert "Traceback" not in output
+
+
+def _entry(path: str, line: int, function: str) -> str:
+    return f"{path}:{line} in {function}"
+
+
+#: Frames of pytest, pluggy, the loops, loopscope and the standard library.
+LIBRARY_STACK = [
+    _entry("<frozen runpy>", 198, "_run_module_as_main"),
+    _entry(os.path.join(os.path.dirname(pytest.__file__), "__main__.py"), 9, "<module>"),
+    _entry(os.path.join(os.path.dirname(pluggy.__file__), "_callers.py"), 103, "_multicall"),
+    _entry(asyncio.base_events.__file__, 1922, "_run_once"),
+    _entry(os.path.join(os.path.dirname(uvloop.__file__), "loop.pyx"), 480, "_on_idle"),
+    _entry(os.path.join(os.path.dirname(loopscope.__file__), "_probe.py"), 191, "run_forever"),
+]
+#: Frames of a test and of the application it tests.
+APPLICATION_STACK = [
+    _entry(__file__, 10, "test_handler"),
+    _entry("/srv/app/handlers.py", 42, "get_user"),
+]
+
+
+class TestStackDisplay:
+    """The blocking stack in a report: the application's frames first."""
+
+    def _block(self, stack: list[str]) -> Block:
+        return Block("MainThread", 0.2, "task 'Task-1'", "handlers.py:42 in get_user", stack)
+
+    def test_hides_runner_and_loop_frames(self) -> None:
+        """Non-application frames are counted, not listed, unless no application frame remains."""
+        blocks = [self._block(LIBRARY_STACK + APPLICATION_STACK), self._block(LIBRARY_STACK)]
+        lines = format_blocks(blocks, 0.05).splitlines()
+        assert lines[2:5] == [
+            *(f"      {entry}" for entry in APPLICATION_STACK),
+            "      (6 frames of pytest, pluggy, asyncio, uvloop, loopscope and the standard "
+            "library hidden; full_stack=True shows them)",
+        ]
+        assert lines[6:] == [f"      {entry}" for entry in LIBRARY_STACK]
+
+    def test_full_stack(self) -> None:
+        """full_stack=True lists every frame, and nothing hidden."""
+        stack = LIBRARY_STACK + APPLICATION_STACK
+        report = format_blocks([self._block(stack)], 0.05, full_stack=True)
+        assert report.splitlines()[2:] == [f"      {entry}" for entry in stack]
+
+    def test_full_stack_option(self, project: pytest.Pytester) -> None:
+        """--loopscope-full-stack lists pytest's and the loop's frames too."""
+        result = project.runpytest_subprocess(
+            "-p", "asyncio", "--loopscope-max-block=0.05", "--loopscope-full-stack"
+        )
+        result.assert_outcomes(passed=2, failed=1)
+        result.stdout.fnmatch_lines(["*pluggy*in _multicall", "*test_app.py:* in slow_lookup"])
+        result.stdout.no_fnmatch_line("*frames of * hidden*")
 
 
 class TestTestingHelpers:

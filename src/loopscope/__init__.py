@@ -2,6 +2,11 @@
 
 ``loopscope.install()`` at start-up measures every callback and task step of every event
 loop in the process and exports the figures to Prometheus.
+
+PYTEST_DONT_REWRITE: loopscope is a pytest plugin (``loopscope.pytest_plugin``) with no
+assertions for pytest to rewrite, and ``loopscope run`` imports it before pytest starts; this
+marker keeps pytest from warning that the plugin's package was imported too early, a warning
+that stops pytest when warnings are errors (``filterwarnings = ["error"]``).
 """
 
 from __future__ import annotations

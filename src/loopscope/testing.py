@@ -1,11 +1,19 @@
 """Keep blocking calls out of async code in tests: :func:`detect_blocking` records every
 step that blocked an event loop for longer than a limit, with the stack of the line that
 blocked it; :func:`assert_no_blocking` fails when there was one.  The pytest plugin
-(``--loopscope-max-block`` and ``@pytest.mark.loopscope(max_block=...)``) is built on them.
+(``--loopscope-max-block``, the ``loopscope_max_block`` ini setting and
+``@pytest.mark.loopscope(max_block=...)``) is built on them.
+
+A report shows the frames of the application (and of the test); the frames of pytest,
+pluggy, pytest-asyncio, the event loop, loopscope and the standard library are counted,
+not shown, unless the full stack is asked for.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -14,6 +22,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from . import _installation
+from ._stacks import _PACKAGE_DIR, _is_library
 
 __all__ = ["Block", "BlockingRecorder", "assert_no_blocking", "detect_blocking", "format_blocks"]
 
@@ -52,16 +61,126 @@ class BlockingRecorder:
         )
 
 
-def format_blocks(blocks: list[Block], max_block: float) -> str:
-    """A readable report: one paragraph per block with its stack."""
+#: Test runners whose frames are not the application's, as (module, name shown).
+_RUNNERS = (
+    ("_pytest", "pytest"),
+    ("pytest", "pytest"),
+    ("pluggy", "pluggy"),
+    ("pytest_asyncio", "pytest-asyncio"),
+)
+
+
+#: The owners of hidden frames, in the order a report names them.
+_OWNERS = (
+    "pytest",
+    "pluggy",
+    "pytest-asyncio",
+    "asyncio",
+    "uvloop",
+    "loopscope",
+    "the standard library",
+)
+
+
+@functools.cache
+def _runner_prefixes() -> tuple[tuple[str, str], ...]:
+    """``(path prefix, name)`` of each test runner that is installed (nothing imported)."""
+    prefixes = []
+    for module, name in _RUNNERS:
+        try:
+            spec = importlib.util.find_spec(module)
+        except (ImportError, ValueError):
+            continue
+        if spec is None or not spec.origin:
+            continue
+        path = os.path.abspath(spec.origin)
+        if spec.submodule_search_locations is not None:
+            path = os.path.dirname(path) + os.sep
+        prefixes.append((path, name))
+    return tuple(prefixes)
+
+
+@functools.cache
+def _uvloop_prefix() -> str | None:
+    try:
+        spec = importlib.util.find_spec("uvloop")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.origin:
+        return None
+    return os.path.dirname(os.path.abspath(spec.origin)) + os.sep
+
+
+@functools.lru_cache(maxsize=1024)
+def _hidden_as(filename: str) -> str | None:
+    """What a frame of ``filename`` belongs to when it is hidden; None for the
+    application's frames (and the test's), which are shown."""
+    if filename.startswith("<frozen"):
+        return "the standard library"
+    path = os.path.abspath(filename) if not filename.startswith("<") else filename
+    for prefix, name in _runner_prefixes():
+        if path.startswith(prefix):
+            return name
+    if not _is_library(filename):
+        return None
+    if path.startswith(_PACKAGE_DIR):
+        return "loopscope"
+    uvloop_prefix = _uvloop_prefix()
+    if uvloop_prefix is not None and path.startswith(uvloop_prefix):
+        return "uvloop"
+    if f"{os.sep}asyncio{os.sep}" in path:
+        return "asyncio"
+    return "the standard library"
+
+
+def _filename(entry: str) -> str:
+    """The file of a ``"path:lineno in function"`` stack entry."""
+    return entry.rpartition(" in ")[0].rpartition(":")[0]
+
+
+def _stack_lines(stack: list[str], full_stack: bool, hint: str) -> list[str]:
+    if full_stack:
+        return stack
+    shown: list[str] = []
+    hidden: dict[str, int] = {}
+    for entry in stack:
+        owner = _hidden_as(_filename(entry))
+        if owner is None:
+            shown.append(entry)
+        else:
+            hidden[owner] = hidden.get(owner, 0) + 1
+    if not shown or not hidden:
+        return stack  # nothing of the application's to show instead: all of it
+    owners = sorted(hidden, key=_OWNERS.index)
+    names = owners[0] if len(owners) == 1 else f"{', '.join(owners[:-1])} and {owners[-1]}"
+    count = sum(hidden.values())
+    frames = "frame" if count == 1 else "frames"
+    return [*shown, f"({count} {frames} of {names} hidden; {hint})"]
+
+
+def _format_blocks(blocks: list[Block], max_block: float, *, full_stack: bool, hint: str) -> str:
     lines = [f"event loop blocked longer than {max_block:g} s ({len(blocks)} time(s)):"]
     for block in blocks:
         lines.append(
             f"- {block.duration:.3f} s on loop {block.loop!r} in {block.what}, "
             f"at {block.location or 'an unknown location'}"
         )
-        lines.extend(f"      {entry}" for entry in block.blocking_stack)
+        stack = _stack_lines(block.blocking_stack, full_stack, hint)
+        lines.extend(f"      {entry}" for entry in stack)
     return "\n".join(lines)
+
+
+def format_blocks(blocks: list[Block], max_block: float, *, full_stack: bool = False) -> str:
+    """A readable report: one paragraph per block with its stack.
+
+    The stack shows the application's frames and the test's, and counts the others (of
+    pytest, pluggy, pytest-asyncio, asyncio, uvloop, loopscope and the standard library);
+    ``full_stack=True`` shows every frame.  A stack with no frame of the application's is
+    shown whole.
+    """
+    return _format_blocks(
+        blocks, max_block, full_stack=full_stack, hint="full_stack=True shows them"
+    )
 
 
 @contextmanager
@@ -95,10 +214,20 @@ def detect_blocking(max_block: float) -> Iterator[BlockingRecorder]:
 
 
 @contextmanager
-def assert_no_blocking(max_block: float = 0.1) -> Iterator[BlockingRecorder]:
+def assert_no_blocking(
+    max_block: float = 0.1, *, full_stack: bool = False
+) -> Iterator[BlockingRecorder]:
     """Raise AssertionError, with the blocking stacks, if a loop blocked for ``max_block``
-    seconds or more inside the ``with`` block."""
+    seconds or more inside the ``with`` block.  The stacks show the application's frames,
+    every frame with ``full_stack=True`` (see :func:`format_blocks`)."""
     with detect_blocking(max_block) as recorder:
         yield recorder
     if recorder.blocks:
-        raise AssertionError(format_blocks(recorder.blocks, max_block))
+        raise AssertionError(
+            _format_blocks(
+                recorder.blocks,
+                max_block,
+                full_stack=full_stack,
+                hint="assert_no_blocking(..., full_stack=True) shows them",
+            )
+        )
