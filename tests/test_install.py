@@ -104,6 +104,22 @@ class TestInstallTwiceAndUninstall:
         asyncio.run(_three_steps())
         assert sample(registry, STEPS, loop="MainThread") >= 3
 
+    def test_second_install_warns_only_on_other_options(self, registry: CollectorRegistry) -> None:
+        """A plain install() after install(port=0) asks for nothing else and logs nothing; one
+        with another slow_threshold logs one warning naming that option."""
+        from structlog.testing import capture_logs
+
+        loopscope.install(registry=registry, port=0)
+        with capture_logs() as logs:
+            loopscope.install()
+            loopscope.install(port=0)
+        assert logs == []
+        with capture_logs() as logs:
+            loopscope.install(slow_threshold=0.5)
+        assert [(e["event"], e["options"]) for e in logs] == [
+            ("loopscope_already_installed", ["slow_threshold"])
+        ]
+
     def test_uninstall_restores(self, registry: CollectorRegistry, loop_kind: str) -> None:
         """Constructors, loop attributes and the registry are as they were."""
         asyncio_init = asyncio.BaseEventLoop.__dict__["__init__"]

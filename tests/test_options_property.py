@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry
 
 import loopscope
 from loopscope import _installation
-from loopscope._options import Options, env_name
+from loopscope._options import Options, env_name, resolve_options
 
 from .conftest import make_loop
 
@@ -118,7 +118,7 @@ INVALID: dict[str, tuple[st.SearchStrategy[Any], st.SearchStrategy[str] | None]]
             st.integers(),
             st.none(),
         ),
-        st.one_of(st.just(""), st.text(min_size=1, max_size=5).map(lambda t: f"a {t}")),
+        st.text(min_size=1, max_size=5).map(lambda t: f"a {t}"),
     ),
     "loop_name": (
         st.one_of(
@@ -128,7 +128,7 @@ INVALID: dict[str, tuple[st.SearchStrategy[Any], st.SearchStrategy[str] | None]]
             st.integers(),
             st.booleans(),
         ),
-        st.one_of(st.just(""), st.text(min_size=129, max_size=140), _unprintable),
+        st.one_of(st.text(min_size=129, max_size=140), _unprintable),
     ),
     "slow_events": (
         st.one_of(
@@ -244,12 +244,32 @@ class TestInvalidValues:
             pytest.skip(f"{option} has no environment variable")
 
         @SETTINGS
-        @given(value=env_strategy)
+        @given(value=env_strategy.filter(lambda v: v.strip() != ""))  # blank: unset (below)
         def check(value: str) -> None:
             if "\x00" in value:
                 return  # the environment cannot hold NUL characters
             with _environment({env_name(option): value}):
                 _refused(option, env_name(option))
+
+        check()
+
+
+#: Blank text: the environment cannot hold NUL, and any other whitespace counts.
+_blank = st.text(" \t\n\r\x0b\x0c\x1c\x1f\x85\xa0\u2003\u3000", max_size=4)
+
+
+@pytest.mark.parametrize("option", sorted(set(INVALID) - {"registry"}))
+class TestBlankVariables:
+    """An empty or blank LOOPSCOPE_* variable is the same as an unset one."""
+
+    def test_unset(self, option: str) -> None:
+        """A blank variable gives the option's default (install() reads the environment
+        through resolve_options)."""
+
+        @SETTINGS
+        @given(value=_blank)
+        def check(value: str) -> None:
+            assert resolve_options({}, {env_name(option): value}) == Options()
 
         check()
 
@@ -298,6 +318,8 @@ class TestValidValues:
                     loop_name=name,
                     slow_events=events.strip().lower() in {"1", "true", "yes", "on"},
                 )
+            if as_text and name is not None and name.strip() == "":
+                name = None  # a blank variable is an unset one
             try:
                 options = installation.options
                 assert (options.slow_threshold, options.lag_interval) == (slow, lag)

@@ -29,7 +29,7 @@ from ._events import SlowEventLog
 from ._exit_hooks import at_exit
 from ._infrastructure import created_by_server_infrastructure
 from ._multiprocess import register_fork_hook
-from ._options import ConfigError, Options, resolve_options
+from ._options import ConfigError, Options, conflicting_options, resolve_options
 from ._probe import LoopProbe
 from ._prometheus_files import PrometheusFiles, directory_from_environment
 from ._server import MetricsServer
@@ -340,10 +340,11 @@ def install(**options: Any) -> Installation:
             installation = Installation(resolved)
             installation.start()
             _current = installation
-        elif resolved != installation.options:
+        elif conflicts := conflicting_options(installation.options, options):
             installation.events.logger.warning(
                 "loopscope_already_installed",
                 detail="install() was called again with other options; the first ones stay",
+                options=conflicts,
             )
         installation.patch_constructors()
         loop = _running_loop()

@@ -1,13 +1,20 @@
-"""Options of install(): keyword arguments and ``LOOPSCOPE_*`` environment variables.
+"""Options of install(): keyword arguments, ``LOOPSCOPE_*`` variables, ``loopscope run`` flags.
 
-Every option can be given either way; a keyword argument wins over the environment.
-Validation happens before anything is installed, so a bad value leaves nothing behind.
+Every option can be given any of these ways; a keyword argument wins over the environment,
+and an empty (or blank) variable is the same as an unset one.  The fields of
+:class:`Options` are the one table of options: each carries its help text and how
+``loopscope run`` takes it, and :func:`option_table` derives the variables and the flags
+from them.  Validation happens before anything is installed, so a bad value leaves nothing
+behind.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+import re
+import socket
 import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -15,49 +22,219 @@ from typing import Any
 
 from prometheus_client.registry import REGISTRY, CollectorRegistry
 
-__all__ = ["ConfigError", "Options", "resolve_options"]
+__all__ = [
+    "ConfigError",
+    "OptionInfo",
+    "Options",
+    "bind_error",
+    "conflicting_options",
+    "option_table",
+    "resolve_options",
+]
 
 
 class ConfigError(ValueError):
     """An option or ``LOOPSCOPE_*`` environment variable has a value loopscope cannot use."""
 
 
+_MEASUREMENT = "measurement"
+_ENDPOINT = "/metrics endpoint"
+_PROCESSES = "worker processes"
+
+
+def _about(
+    help: str,
+    *,
+    metavar: str = "VALUE",
+    group: str = _MEASUREMENT,
+    variable: bool = True,
+    flag_reads_file: bool = False,
+) -> dict[str, object]:
+    """The metadata of one option: its help text (``loopscope run --help`` and the docs) and
+    how ``loopscope run`` takes it."""
+    return {
+        "help": help,
+        "metavar": metavar,
+        "group": group,
+        "variable": variable,
+        "flag_reads_file": flag_reads_file,
+    }
+
+
 @dataclass(frozen=True)
 class Options:
-    """The validated configuration of one install()."""
+    """The validated configuration of one install().
 
-    slow_threshold: float = 0.1
-    """Seconds; a step at or over this is a slow step."""
-    lag_interval: float = 0.01
-    """Seconds between two heartbeats of the lag probe."""
-    port: int | None = None
-    """TCP port of the /metrics endpoint; None serves nothing, 0 picks a free port."""
-    addr: str = "127.0.0.1"
-    """Address the /metrics endpoint binds."""
-    loop_name: str | None = None
-    """Value of the ``loop`` label; None names each loop after its thread."""
-    slow_events: bool = True
-    """Log a ``slow_callback`` event through structlog for every slow step."""
-    max_loop_labels: int = 50
-    """Distinct ``loop`` label values kept before further loops are counted as ``other``."""
-    max_locations: int = 50
-    """Distinct ``location`` label values of slow steps per loop label before ``other``."""
-    max_executor_labels: int = 20
-    """Distinct ``executor`` label values kept before further executors count as ``other``."""
-    multiprocess_dir: str | None = None
-    """Shared directory through which worker processes merge their figures; None: off."""
-    registry: CollectorRegistry = field(default=REGISTRY, compare=False)
-    """prometheus_client registry the collector is registered on."""
-    tls_certfile: str | None = None
-    """PEM certificate chain of the /metrics endpoint; set with tls_keyfile to serve HTTPS."""
-    tls_keyfile: str | None = None
-    """PEM private key of ``tls_certfile``."""
-    tls_client_cafile: str | None = None
-    """PEM CA bundle; when set, scrapers must present a client certificate it signed."""
-    basic_auth_username: str | None = None
-    """User name scrapers must send with HTTP basic authentication."""
-    basic_auth_password: str | None = field(default=None, repr=False)
-    """Password scrapers must send with HTTP basic authentication (never printed)."""
+    Every field is an option: a keyword argument of install(), a ``LOOPSCOPE_*`` variable
+    and a ``loopscope run`` flag (see :func:`option_table`), described by its metadata."""
+
+    slow_threshold: float = field(
+        default=0.1,
+        metadata=_about(
+            "a step lasting this many seconds or more is slow; > 0 and <= 3600", metavar="SECONDS"
+        ),
+    )
+    lag_interval: float = field(
+        default=0.01,
+        metadata=_about(
+            "seconds between two heartbeats of the lag probe; > 0 and <= 60", metavar="SECONDS"
+        ),
+    )
+    port: int | None = field(
+        default=None,
+        metadata=_about(
+            "serve /metrics on this TCP port (0 to 65535, 0 picks a free one); "
+            "default: no endpoint",
+            metavar="PORT",
+            group=_ENDPOINT,
+        ),
+    )
+    addr: str = field(
+        default="127.0.0.1",
+        metadata=_about(
+            "IP address or host name of this machine that the endpoint binds",
+            metavar="ADDR",
+            group=_ENDPOINT,
+        ),
+    )
+    loop_name: str | None = field(
+        default=None,
+        metadata=_about(
+            "value of the loop label (1 to 128 printable characters); default: the name of "
+            "the loop's thread",
+            metavar="NAME",
+        ),
+    )
+    slow_events: bool = field(
+        default=True,
+        metadata=_about(
+            "log a slow_callback event for every slow step: true or false", metavar="BOOL"
+        ),
+    )
+    max_loop_labels: int = field(
+        default=50,
+        metadata=_about(
+            "distinct loop labels kept (1 to 10000) before further loops count as 'other'",
+            metavar="N",
+        ),
+    )
+    max_locations: int = field(
+        default=50,
+        metadata=_about(
+            "distinct location labels of slow steps kept per loop label (1 to 10000) "
+            "before further ones count as 'other'",
+            metavar="N",
+        ),
+    )
+    max_executor_labels: int = field(
+        default=20,
+        metadata=_about(
+            "distinct executor labels kept (1 to 10000) before further executors count as 'other'",
+            metavar="N",
+        ),
+    )
+    multiprocess_dir: str | None = field(
+        default=None,
+        metadata=_about(
+            "existing writable local directory through which the worker processes of a "
+            "service merge their figures; default: off (loopscope run: a new temporary "
+            "directory, removed when the command has ended)",
+            metavar="DIR",
+            group=_PROCESSES,
+        ),
+    )
+    registry: CollectorRegistry = field(
+        default=REGISTRY,
+        compare=False,
+        metadata=_about(
+            "prometheus_client registry the collector is registered on", variable=False
+        ),
+    )
+    tls_certfile: str | None = field(
+        default=None,
+        metadata=_about(
+            "PEM certificate (chain); with the key file, the endpoint serves HTTPS only",
+            metavar="FILE",
+            group=_ENDPOINT,
+        ),
+    )
+    tls_keyfile: str | None = field(
+        default=None,
+        metadata=_about(
+            "unencrypted PEM private key of the certificate", metavar="FILE", group=_ENDPOINT
+        ),
+    )
+    tls_client_cafile: str | None = field(
+        default=None,
+        metadata=_about(
+            "PEM CA certificates: scrapers must present a client certificate "
+            "one of them signed (needs the certificate and key)",
+            metavar="FILE",
+            group=_ENDPOINT,
+        ),
+    )
+    basic_auth_username: str | None = field(
+        default=None,
+        metadata=_about(
+            "user name scrapers send with HTTP basic authentication (needs the password)",
+            metavar="USER",
+            group=_ENDPOINT,
+        ),
+    )
+    basic_auth_password: str | None = field(
+        default=None,
+        repr=False,
+        metadata=_about(
+            "password scrapers send with HTTP basic authentication (never printed)",
+            metavar="FILE",
+            group=_ENDPOINT,
+            flag_reads_file=True,
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class OptionInfo:
+    """How one option is given: keyword, ``LOOPSCOPE_*`` variable, ``loopscope run`` flag."""
+
+    name: str
+    help: str
+    default: object
+    #: Its ``LOOPSCOPE_*`` variable; None for an option that is a Python object.
+    variable: str | None
+    #: Its ``loopscope run`` flag (None when it has no variable either).
+    flag: str | None
+    metavar: str
+    group: str
+    #: The flag names a file holding the value (a secret: kept off the command line).
+    flag_reads_file: bool
+
+
+@functools.cache
+def option_table() -> tuple[OptionInfo, ...]:
+    """Every option, in the order of :class:`Options`: the one table the variables, the
+    ``loopscope run`` flags and their help are derived from."""
+    table = []
+    for f in fields(Options):
+        about = f.metadata
+        variable = env_name(f.name) if about["variable"] else None
+        reads_file = bool(about["flag_reads_file"])
+        flag = None
+        if variable is not None:
+            flag = "--" + f.name.replace("_", "-") + ("-file" if reads_file else "")
+        table.append(
+            OptionInfo(
+                name=f.name,
+                help=str(about["help"]),
+                default=f.default,
+                variable=variable,
+                flag=flag,
+                metavar=str(about["metavar"]),
+                group=str(about["group"]),
+                flag_reads_file=reads_file,
+            )
+        )
+    return tuple(table)
 
 
 def _parse_seconds(name: str, raw: object, *, upper: float = 3600.0) -> float:
@@ -196,10 +373,14 @@ _PARSERS: dict[str, Callable[[str, object], Any]] = {
     "basic_auth_password": _parse_password,
 }
 
-#: Options that have no environment variable (they are Python objects).
-_NO_ENV = frozenset({"registry"})
-
 ENV_PREFIX = "LOOPSCOPE_"
+
+#: ``LOOPSCOPE_*`` variables that are not options: accepted silently, never suggested.
+#: ``LOOPSCOPE_PURE_PYTHON`` is read at import (``_probe``); the ``LOOPSCOPE_RUN*`` ones are
+#: set by ``loopscope run`` for the processes it starts (``_run``).
+INTERNAL_VARIABLES = frozenset(
+    {"LOOPSCOPE_PURE_PYTHON", "LOOPSCOPE_RUN", "LOOPSCOPE_RUN_OWNER", "LOOPSCOPE_RUN_TMPDIR"}
+)
 
 
 def env_name(option: str) -> str:
@@ -207,50 +388,176 @@ def env_name(option: str) -> str:
     return ENV_PREFIX + option.upper()
 
 
+def _is_blank(value: str) -> bool:
+    return value.strip() == ""
+
+
+def _environment_values(
+    environ: Mapping[str, str], table: tuple[OptionInfo, ...]
+) -> dict[str, str]:
+    """The options set by ``LOOPSCOPE_*`` variables: a blank variable is the same as an
+    unset one.  Raises :class:`ConfigError` for a variable that is no option."""
+    variables = {info.variable: info.name for info in table if info.variable is not None}
+    stray = sorted(
+        k
+        for k, v in environ.items()
+        if k.startswith(ENV_PREFIX)
+        and k not in variables
+        and k not in INTERNAL_VARIABLES
+        and not _is_blank(v)
+    )
+    if stray:
+        raise ConfigError(
+            f"unknown environment variable(s) {', '.join(stray)}; "
+            f"known ones are {', '.join(sorted(variables))}"
+        )
+    return {
+        name: environ[variable]
+        for variable, name in variables.items()
+        if variable in environ and not _is_blank(environ[variable])
+    }
+
+
 def resolve_options(
-    kwargs: Mapping[str, object], environ: Mapping[str, str] | None = None
+    kwargs: Mapping[str, object],
+    environ: Mapping[str, str] | None = None,
+    *,
+    flags: Mapping[str, str] | None = None,
 ) -> Options:
     """Validate keyword arguments and ``LOOPSCOPE_*`` variables into one :class:`Options`.
 
-    Raises :class:`ConfigError` naming the option (and the variable) at the first bad value.
-    """
-    known = [f.name for f in fields(Options)]
+    A keyword wins over its variable; a blank variable is the same as an unset one.  Raises
+    :class:`ConfigError` naming the option (or the variable) at the first bad value.  With
+    a ``port``, ``addr`` must be an address of this machine (it is resolved and bound).
+
+    ``flags`` is for ``loopscope run``, which puts its flags' values in ``environ``: the
+    flag of each option set that way, so that an error names the flag the user typed (and
+    an option found missing is named by its flag and its variable)."""
+    env = os.environ if environ is None else environ
+    options, _sources = _resolve(kwargs, env, flags)
+    return options
+
+
+def _resolve(
+    kwargs: Mapping[str, object],
+    environ: Mapping[str, str],
+    flags: Mapping[str, str] | None,
+    *,
+    check_endpoint: bool = True,
+) -> tuple[Options, dict[str, str]]:
+    table = option_table()
+    known = [info.name for info in table]
     unknown = sorted(set(kwargs) - set(known))
     if unknown:
         raise ConfigError(
             f"unknown option(s) {', '.join(map(repr, unknown))}; "
             f"known options are {', '.join(known)}"
         )
-    env = os.environ if environ is None else environ
-    known_env = {env_name(n) for n in known if n not in _NO_ENV}
-    # Variables the library itself reads elsewhere, not install() options.
-    known_env |= {"LOOPSCOPE_PURE_PYTHON"}
-    # Set by `loopscope run` for the processes it starts (see _run.py).
-    known_env |= {"LOOPSCOPE_RUN", "LOOPSCOPE_RUN_OWNER"}
-    stray = sorted(k for k in env if k.startswith(ENV_PREFIX) and k not in known_env)
-    if stray:
-        raise ConfigError(
-            f"unknown environment variable(s) {', '.join(stray)}; "
-            f"known ones are {', '.join(sorted(known_env))}"
-        )
+    from_env = _environment_values(environ, table)
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
-    for name in known:
-        parse = _PARSERS[name]
-        if name in kwargs:
-            sources[name] = f"option {name}"
-            values[name] = parse(sources[name], kwargs[name])
-        elif name not in _NO_ENV and env_name(name) in env:
-            sources[name] = f"environment variable {env_name(name)}"
-            values[name] = parse(sources[name], env[env_name(name)])
+    for info in table:
+        parse = _PARSERS[info.name]
+        if info.name in kwargs:
+            sources[info.name] = f"option {info.name}"
+            values[info.name] = parse(sources[info.name], kwargs[info.name])
+        elif info.name in from_env:
+            label = (flags or {}).get(info.name, f"environment variable {info.variable}")
+            sources[info.name] = label
+            values[info.name] = parse(label, from_env[info.name])
     options = Options(**values)
-    _check_endpoint(options, sources)
-    return options
+    if not check_endpoint:
+        return options, sources
+    if flags is None:
+        missing = {info.name: f"option {info.name}" for info in table}
+    else:
+        missing = {info.name: f"{info.flag} or {info.variable}" for info in table}
+    _check_endpoint(options, {**missing, **sources})
+    return options, sources
+
+
+def conflicting_options(
+    installed: Options, kwargs: Mapping[str, object], environ: Mapping[str, str] | None = None
+) -> list[str]:
+    """The options that a later ``install(**kwargs)`` sets to other values than the
+    ``installed`` ones, in :class:`Options` order: those it gives as keywords or through
+    (non-blank) ``LOOPSCOPE_*`` variables.  An option it leaves out is no conflict: a plain
+    ``install()`` after ``install(port=0)`` asks for nothing else.  ``registry`` is not
+    compared (as in ``Options`` equality).  Meant for keyword arguments that
+    :func:`resolve_options` has accepted: it does not load files or bind the address again
+    (a bad value still raises :class:`ConfigError`)."""
+    env = os.environ if environ is None else environ
+    later, sources = _resolve(kwargs, env, None, check_endpoint=False)
+    return [
+        f.name
+        for f in fields(Options)
+        if f.compare and f.name in sources and getattr(later, f.name) != getattr(installed, f.name)
+    ]
+
+
+def _family(addr: str) -> socket.AddressFamily:
+    # As the endpoint binds: an IPv6 literal has a colon; anything else is IPv4.
+    return socket.AF_INET6 if ":" in addr else socket.AF_INET
+
+
+def bind_error(addr: str, port: int) -> OSError | None:
+    """Why a TCP socket cannot bind ``addr``:``port`` now (None if it can): bound with
+    ``SO_REUSEADDR``, as the endpoint does, and closed at once."""
+    try:
+        sock = socket.socket(_family(addr), socket.SOCK_STREAM)
+    except OSError as exc:
+        return exc
+    try:
+        if os.name == "posix":
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((addr, port))
+    except OSError as exc:
+        return exc
+    finally:
+        sock.close()
+    return None
+
+
+_DOTTED_NUMBERS = re.compile(r"[0-9.]+\Z")
+
+
+def _check_addr(addr: str, name: str, *, bind: bool) -> None:
+    """``addr`` must be a well-formed address and, to ``bind`` it (when there is a port),
+    one of this machine: it is resolved and bound."""
+    family = _family(addr)
+    try:
+        socket.getaddrinfo(addr, None, family, socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST)
+        numeric = True
+    except (OSError, UnicodeError):
+        numeric = False
+    if not numeric and (family == socket.AF_INET6 or _DOTTED_NUMBERS.match(addr)):
+        version = "IPv6" if family == socket.AF_INET6 else "IPv4"
+        raise ConfigError(
+            f"{name}: {addr!r} is not a valid {version} address; give an IP address or host "
+            "name of this machine, such as '127.0.0.1' or '0.0.0.0'"
+        )
+    if not bind:
+        return
+    try:
+        error = bind_error(addr, 0)
+    except UnicodeError as exc:  # a host name IDNA cannot encode
+        error = OSError(str(exc))
+    if error is None:
+        return
+    if isinstance(error, socket.gaierror):
+        why = f"cannot resolve it: {error.strerror or error}"
+    else:
+        why = f"cannot bind it: {error.strerror or error}"
+    raise ConfigError(
+        f"{name}: {addr!r} is not an address of this machine ({why}); give an IP address or "
+        "host name of this machine, such as '127.0.0.1' or '0.0.0.0'"
+    )
 
 
 def _check_endpoint(options: Options, sources: Mapping[str, str]) -> None:
     """Options of the endpoint that only make sense together; loads the TLS files so that a
-    bad certificate or key is reported here, before anything is installed."""
+    bad certificate or key is reported here, before anything is installed, and checks that
+    the endpoint's address is one of this machine."""
 
     def source(name: str) -> str:
         return sources.get(name, f"option {name}")
@@ -277,6 +584,7 @@ def _check_endpoint(options: Options, sources: Mapping[str, str]) -> None:
         )
     if options.tls_certfile is not None:
         tls_context(options, sources)
+    _check_addr(options.addr, source("addr"), bind=options.port is not None)
 
 
 def _no_password() -> str:
