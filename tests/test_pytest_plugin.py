@@ -38,6 +38,17 @@ async def test_exempt():
     slow_lookup()
 """
 
+#: A test module with one async test, marked with a 50 ms limit, that blocks for 100 ms.
+MARKED_TEST = """
+import asyncio, time, pytest
+
+@pytest.mark.asyncio
+@pytest.mark.loopscope(max_block=0.05)
+async def test_marked_block():
+    time.sleep(0.1)
+    await asyncio.sleep(0)
+"""
+
 
 #: Read at import, before conftest's autouse fixture clears the LOOPSCOPE_ variables: the
 #: projects' pytest runs use the hot path (C or pure Python) of the run that tests them.
@@ -93,17 +104,7 @@ class TestPlugin:
 
     def test_marker(self, project: pytest.Pytester) -> None:
         """The marker turns detection on for one test."""
-        project.makepyfile(
-            test_marked="""
-            import time, pytest, asyncio
-
-            @pytest.mark.asyncio
-            @pytest.mark.loopscope(max_block=0.05)
-            async def test_marked_block():
-                time.sleep(0.1)
-                await asyncio.sleep(0)
-            """
-        )
+        project.makepyfile(test_marked=MARKED_TEST)
         result = project.runpytest_subprocess("-p", "asyncio", "test_marked.py")
         result.assert_outcomes(failed=1)
 
@@ -127,17 +128,7 @@ class TestIniSetting:
     def test_option_wins_over_ini_and_marker_over_both(self, project: pytest.Pytester) -> None:
         """The option overrides the ini setting, and a test's marker overrides the option."""
         project.makepyprojecttoml("[tool.pytest.ini_options]\nloopscope_max_block = 0.05\n")
-        project.makepyfile(
-            test_marked="""
-            import asyncio, time, pytest
-
-            @pytest.mark.asyncio
-            @pytest.mark.loopscope(max_block=0.05)
-            async def test_marked_block():
-                time.sleep(0.1)
-                await asyncio.sleep(0)
-            """
-        )
+        project.makepyfile(test_marked=MARKED_TEST)
         result = project.runpytest_subprocess(
             "-p", "asyncio", "--strict-config", "--loopscope-max-block=10"
         )

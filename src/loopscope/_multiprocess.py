@@ -37,6 +37,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from ._exit_hooks import at_exit
+from ._processes import pid_alive
 
 if TYPE_CHECKING:
     from ._installation import Installation
@@ -66,20 +67,6 @@ def _families_to_snapshot(families: Iterable[Metric]) -> Snapshot:
         for s in family.samples:
             entry["samples"].append([s.name, dict(s.labels), float(s.value)])
     return out
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except OSError:
-        return False
-    return True
 
 
 def _write_json(path: str, payload: object) -> None:
@@ -220,7 +207,7 @@ def merge_directory(directory: str, own: tuple[str, Snapshot] | None = None) -> 
                     continue
                 pid = data.get("pid")
                 families = data.get("families", {})
-                alive = isinstance(pid, int) and _pid_alive(pid)
+                alive = isinstance(pid, int) and pid_alive(pid)
                 merger.add(families, alive=alive)
                 if not alive:
                     dead.append((entry, families))

@@ -28,6 +28,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+from ._processes import pid_alive
+
 __all__ = ["Claim", "JoinRefused", "base_directory", "claim", "find_group_directory", "join"]
 
 #: How long a worker whose bind failed waits for the holder's claim to appear (the holder
@@ -68,20 +70,6 @@ def _endpoint_name(addr: str, port: int) -> str:
 
 def _group_name(group: int, addr: str, port: int) -> str:
     return f"group-{group}-{_endpoint_name(addr, port)}.d"
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except OSError:
-        return False
-    return True
 
 
 @dataclass
@@ -128,7 +116,7 @@ def _prune(base: str) -> None:
         full = os.path.join(base, name)
         if name.startswith("group-") and name.endswith(".d"):
             pid = name.split("-")[1]
-            if pid.isdigit() and not _alive(int(pid)):
+            if pid.isdigit() and not pid_alive(int(pid)):
                 shutil.rmtree(full, ignore_errors=True)
         elif name.endswith(".json"):
             try:
@@ -136,7 +124,7 @@ def _prune(base: str) -> None:
                     pid = json.load(fh).get("pid")
             except (OSError, ValueError):
                 continue
-            if not isinstance(pid, int) or not _alive(pid):
+            if not isinstance(pid, int) or not pid_alive(pid):
                 with contextlib.suppress(OSError):
                     os.unlink(full)
 
@@ -164,7 +152,7 @@ def join(addr: str, port: int) -> str:
     deadline = time.monotonic() + CLAIM_WAIT
     while True:
         host = _read_claim(addr, port)
-        if host is not None and host.pid != me and _alive(host.pid):
+        if host is not None and host.pid != me and pid_alive(host.pid):
             if host.pid == parent or host.ppid == parent:
                 break
             raise JoinRefused(f"process {host.pid}, which is not a worker of this service")

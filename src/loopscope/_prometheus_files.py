@@ -27,6 +27,7 @@ from prometheus_client.mmap_dict import MmapedDict, mmap_key
 
 from ._exit_hooks import at_exit
 from ._options import ConfigError
+from ._processes import pid_alive
 
 if TYPE_CHECKING:
     from ._installation import Installation
@@ -54,16 +55,6 @@ def directory_from_environment() -> str | None:
                 )
             return os.path.abspath(value)
     return None
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
 
 
 def _file_kind(family: Metric) -> str | None:
@@ -176,7 +167,7 @@ class PrometheusFiles:
             if not name.startswith("gauge_") or f"_{_TAG}" not in name:
                 continue
             pid = name.rsplit(_TAG, 1)[1].removesuffix(".db")
-            if pid.isdigit() and int(pid) != self.pid and not _pid_alive(int(pid)):
+            if pid.isdigit() and int(pid) != self.pid and not pid_alive(int(pid)):
                 with contextlib.suppress(OSError):
                     os.unlink(os.path.join(self.directory, name))
 
