@@ -394,6 +394,8 @@ def _remove_when_ended(argv: Sequence[str]) -> int:
 
 
 def _alive(pid: int) -> bool:
+    # Not _processes.pid_alive: the remover runs this file as a script under ``python -I``,
+    # where the loopscope package cannot be imported.
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
