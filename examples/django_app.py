@@ -1,6 +1,6 @@
 """A single-file Django project served over ASGI, instrumented at start-up, with /metrics.
 
-    uvicorn examples.django_app:application --port 8000          # --loop uvloop for uvloop
+    uvicorn examples.django_app:application --port 8000    # uvloop; --loop asyncio for asyncio's
     loopscope run -- daphne -p 8000 examples.django_app:application
 
 then GET /block, /offload and /metrics.  The settings are made in code, so there is no

@@ -6,7 +6,7 @@
 Each worker runs its own event loop in its own process.  Their figures are merged through a
 shared directory (``LOOPSCOPE_MULTIPROCESS_DIR``): this file creates one for the run when
 none is set, empties it when gunicorn starts, and removes it when gunicorn exits.  Then
-``/metrics`` on any worker (the FastAPI example mounts it) or on ``loopscope run``'s port
+``/metrics`` on any worker (the FastAPI example has a route for it) or on ``loopscope run``'s port
 (served by the gunicorn master) shows the totals over every worker, including workers that
 died and were replaced.
 """

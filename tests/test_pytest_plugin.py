@@ -93,7 +93,7 @@ class TestPlugin:
         result.stdout.fnmatch_lines(
             [
                 "*test_blocks*",
-                "event loop blocked longer than 0.05 s (1 time(s)):",
+                "event loop blocked for 0.05 s or longer (1 time(s)):",
                 "- * s on loop 'MainThread' in task *, at test_app.py:* in slow_lookup",
                 "      */test_app.py:* in test_blocks",
                 "      */test_app.py:* in slow_lookup",
@@ -123,7 +123,7 @@ class TestIniSetting:
         project.makepyprojecttoml("[tool.pytest.ini_options]\nloopscope_max_block = 0.05\n")
         result = project.runpytest_subprocess("-p", "asyncio", "--strict-config")
         result.assert_outcomes(passed=2, failed=1)
-        result.stdout.fnmatch_lines(["*event loop blocked longer than 0.05 s*"])
+        result.stdout.fnmatch_lines(["*event loop blocked for 0.05 s or longer*"])
 
     def test_option_wins_over_ini_and_marker_over_both(self, project: pytest.Pytester) -> None:
         """The option overrides the ini setting, and a test's marker overrides the option."""
@@ -179,13 +179,13 @@ class TestTeardown:
         result.stdout.fnmatch_lines(
             [
                 "*ERROR at teardown of test_uses_connection*",
-                "event loop blocked longer than 0.05 s (1 time(s)):",
+                "event loop blocked for 0.05 s or longer (1 time(s)):",
                 "*test_fixture.py:*in slow_close",
                 "*FAILURES*",
                 "*test_fails_and_blocks*",
                 "*ValueError: broken",
                 "*Captured loopscope call*",
-                "event loop blocked longer than 0.05 s (1 time(s)):",
+                "event loop blocked for 0.05 s or longer (1 time(s)):",
             ]
         )
 

@@ -37,6 +37,10 @@ class ConfigError(ValueError):
     """An option or ``LOOPSCOPE_*`` environment variable has a value loopscope cannot use."""
 
 
+# Named where users import it from (tracebacks then read ``loopscope.ConfigError``).
+ConfigError.__module__ = "loopscope"
+
+
 _MEASUREMENT = "measurement"
 _ENDPOINT = "/metrics endpoint"
 _PROCESSES = "worker processes"

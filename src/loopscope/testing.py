@@ -159,7 +159,7 @@ def _stack_lines(stack: list[str], full_stack: bool, hint: str) -> list[str]:
 
 
 def _format_blocks(blocks: list[Block], max_block: float, *, full_stack: bool, hint: str) -> str:
-    lines = [f"event loop blocked longer than {max_block:g} s ({len(blocks)} time(s)):"]
+    lines = [f"event loop blocked for {max_block:g} s or longer ({len(blocks)} time(s)):"]
     for block in blocks:
         lines.append(
             f"- {block.duration:.3f} s on loop {block.loop!r} in {block.what}, "
@@ -202,7 +202,9 @@ def detect_blocking(max_block: float) -> Iterator[BlockingRecorder]:
     elif installation.options.slow_threshold > max_block:
         raise ValueError(
             f"loopscope is already installed with slow_threshold="
-            f"{installation.options.slow_threshold:g}, above max_block={max_block:g}"
+            f"{installation.options.slow_threshold:g}, above max_block={max_block:g}: "
+            f"install it with slow_threshold at most {max_block:g} (under loopscope run: "
+            f"--slow-threshold {max_block:g} or LOOPSCOPE_SLOW_THRESHOLD={max_block:g})"
         )
     installation.events.add_listener(recorder)
     try:
