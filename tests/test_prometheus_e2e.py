@@ -354,6 +354,22 @@ def wait_for_demo(demo: Demo, deadline: float) -> None:
         pytest.fail(f"{demo.job} did not start:\n{tail(demo.log, 40)}")
 
 
+def restart_demo_on_other_ports(demo: Demo, logs: Path) -> Demo:
+    """A demo that could not bind a port free_port() handed out (another process took it
+    first) is started again on other ports, at most twice; any other failure fails."""
+    for attempt in range(3):
+        if "address already in use" not in tail(demo.log, 40).lower() or attempt == 2:
+            pytest.fail(f"{demo.job} did not start:\n{tail(demo.log, 40)}")
+        stop_process(demo.process)
+        demo = start_demo(demo.loop, demo.role, logs)
+        try:
+            wait_for_demo(demo, time.monotonic() + STARTUP_TIMEOUT_S)
+            return demo
+        except pytest.fail.Exception:
+            continue
+    raise AssertionError("unreachable")
+
+
 def executor_max_workers(demo: Demo) -> int:
     """The default executor's size as the demo reports it (after one offloaded call)."""
     http_get(f"http://127.0.0.1:{demo.port}/offload?ms=1", timeout=10)
@@ -381,8 +397,12 @@ def fixture_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 demos[(loop, role)] = demo
                 processes.append(demo.process)
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        for demo in demos.values():
-            wait_for_demo(demo, deadline)
+        for key, demo in demos.items():
+            try:
+                wait_for_demo(demo, deadline)
+            except pytest.fail.Exception:
+                demos[key] = restart_demo_on_other_ports(demo, workdir)
+                processes.append(demos[key].process)
 
         rule_files = rules_for_test(workdir / "rules")
         config = {
