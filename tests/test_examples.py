@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from .test_export import METRIC_NAMES
 from .test_workers import Samples, free_port, parse, stop_process, value
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,17 +33,7 @@ def example_env() -> dict[str, str]:
 
 
 # The asyncio_ families every instrumented loop exports (counters without "_total").
-LOOP_FAMILIES = {
-    "asyncio_loop_callback_duration_seconds",
-    "asyncio_loop_schedule_delay_seconds",
-    "asyncio_loop_lag_seconds",
-    "asyncio_loop_busy_seconds",
-    "asyncio_loop_task_steps",
-    "asyncio_loop_slow_callbacks",
-    "asyncio_tasks_created",
-    "asyncio_tasks",
-    "asyncio_loop_info",
-}
+LOOP_FAMILIES = {name for name in METRIC_NAMES if name.startswith("asyncio_")}
 
 
 def web_command(name: str, port: int, loop_kind: str) -> list[str]:

@@ -47,7 +47,7 @@ def base_directory() -> str:
 
     Raises OSError when it exists but is not a directory owned by this user and closed
     to others (someone else could otherwise steer the figures)."""
-    path = os.path.join(tempfile.gettempdir(), f".loopscope-{_uid()}")
+    path = _base_path()
     with contextlib.suppress(FileExistsError):
         os.mkdir(path, 0o700)
     info = os.lstat(path)
@@ -57,6 +57,19 @@ def base_directory() -> str:
         or info.st_mode & 0o077
     ):
         raise OSError(errno.EPERM, f"{path} is not a private directory of this user")
+    return path
+
+
+def _base_path() -> str:
+    return os.path.join(tempfile.gettempdir(), f".loopscope-{_uid()}")
+
+
+def _make_group_directory(group: int, addr: str, port: int) -> str:
+    """The directory of the workers whose group is named after process ``group``, made if
+    missing."""
+    path = os.path.join(base_directory(), _group_name(group, addr, port))
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700)
     return path
 
 
@@ -161,31 +174,20 @@ def join(addr: str, port: int) -> str:
         time.sleep(_POLL)
     if host.directory:
         return host.directory
-    group = host.pid if host.pid == parent else parent
-    path = os.path.join(base_directory(), _group_name(group, addr, port))
-    with contextlib.suppress(FileExistsError):
-        os.mkdir(path, 0o700)
-    return path
+    return _make_group_directory(host.pid if host.pid == parent else parent, addr, port)
 
 
 def find_group_directory(addr: str, port: int) -> str | None:
     """For the host: the directory its workers joined through, once one exists (workers
     forked by the host use a group named after it; its siblings, one named after their
     common parent)."""
-    try:
-        base = os.path.join(tempfile.gettempdir(), f".loopscope-{_uid()}")
-        for group in (os.getpid(), os.getppid()):
-            path = os.path.join(base, _group_name(group, addr, port))
-            if os.path.isdir(path):
-                return path
-    except OSError:
-        return None
+    for group in (os.getpid(), os.getppid()):
+        path = os.path.join(_base_path(), _group_name(group, addr, port))
+        if os.path.isdir(path):
+            return path
     return None
 
 
 def group_directory_for_child(addr: str, port: int) -> str:
     """For a worker forked by the host: its group's directory, made if missing."""
-    path = os.path.join(base_directory(), _group_name(os.getppid(), addr, port))
-    with contextlib.suppress(FileExistsError):
-        os.mkdir(path, 0o700)
-    return path
+    return _make_group_directory(os.getppid(), addr, port)
