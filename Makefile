@@ -31,7 +31,7 @@ test:
 # The suite runs twice: on the C accelerator (when it was built) and on the pure-Python path.
 test-one: $(VENV)/.installed
 	@echo "== tests on $$($(VENV)/bin/python --version), C accelerator"
-	@$(VENV)/bin/python -c 'import os, sys; from loopscope import _probe as p; print("hot path:", "C" if p.speedups else "pure Python (C accelerator not built)"); sys.exit(0 if p.speedups or not os.environ.get("CI") else "CI: the C accelerator was not built")'
+	@$(VENV)/bin/python -c 'import os, sys; from loopscope import _hotpath as h; c = h.twin is not h.pure; print("hot path:", "C" if c else "pure Python (C accelerator not built)"); sys.exit(0 if c or not os.environ.get("CI") else "CI: the C accelerator was not built")'
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 	@echo "== tests on $$($(VENV)/bin/python --version), pure Python (LOOPSCOPE_PURE_PYTHON=1)"
 	LOOPSCOPE_PURE_PYTHON=1 $(VENV)/bin/python -m pytest $(PYTEST_ARGS)

@@ -147,8 +147,9 @@ def server_env(python: str, extra: dict[str, str]) -> dict[str, str]:
 def describe_path(python: str, env: dict[str, str]) -> str:
     """Which hot path loopscope takes in this environment (a side check, same env)."""
     code = (
-        "import sys, loopscope._probe as p; s = p.speedups; "
-        "print(sys.version.split()[0], 'C accelerator ' + s.__file__ if s else 'pure Python')"
+        "import sys, loopscope._hotpath as h; s = h.twin; "
+        "print(sys.version.split()[0], "
+        "'pure Python' if s is h.pure else 'C accelerator ' + str(s.__file__))"
     )
     out = subprocess.run(
         [python, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT, check=True

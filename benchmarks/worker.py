@@ -55,9 +55,9 @@ class Setup:
             from prometheus_client import CollectorRegistry
 
             import loopscope
-            from loopscope import _probe
+            from loopscope import _hotpath
 
-            self.info["path"] = "C" if getattr(_probe, "speedups", None) else "pure"
+            self.info["path"] = "pure" if _hotpath.twin is _hotpath.pure else "C"
             loopscope.install(registry=CollectorRegistry())
         elif variant == "aiodebug":
             from aiodebug import log_slow_callbacks
@@ -205,22 +205,22 @@ def measure_paired(spec: Spec) -> dict[str, Any]:
     from prometheus_client import CollectorRegistry
 
     import loopscope
-    from loopscope import _probe
+    from loopscope import _hotpath
 
     kind, width, length = spec["loop"], spec["width"], spec["length"]
     workload = STORMS[spec.get("storm", "tasks")]
     loops = {"base": _new_loop(kind)}
     installation = loopscope.install(registry=CollectorRegistry())
     watchdog = installation.watchdog
-    speedups = _probe.speedups
+    twin = _hotpath.twin
     loops["loopscope"] = _new_loop(kind)
 
     def make_pure_loop() -> None:
-        _probe.speedups = None  # the next loop gets the pure-Python hooks
+        _hotpath.twin = _hotpath.pure  # the next loop gets the pure-Python hooks
         try:
             loops["loopscope-pure"] = _new_loop(kind)
         finally:
-            _probe.speedups = speedups
+            _hotpath.twin = twin
 
     peers = [
         peer
@@ -290,7 +290,7 @@ def measure_paired(spec: Spec) -> dict[str, Any]:
         loop.close()
     loopscope.uninstall()
     return {
-        "path": "C" if speedups else "pure",
+        "path": "pure" if twin is _hotpath.pure else "C",
         "ns_per_step": ns,
         "ratios": ratios,
         "watchdog_wait": waits,

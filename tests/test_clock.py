@@ -19,7 +19,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 import loopscope
-from loopscope import _probe
+from loopscope import _hotpath
 
 from .conftest import make_loop
 
@@ -138,7 +138,7 @@ def test_steps_timed_on_the_counter(
 ) -> None:
     """A 30 ms block measured by the C hooks on the native clock, the counter's rate being
     measured while the loop runs."""
-    monkeypatch.setattr(_probe, "speedups", speedups)  # the C hooks, on the pure run too
+    monkeypatch.setattr(_hotpath, "twin", speedups)  # the C hooks, on the pure run too
     loopscope.install(registry=registry, loop_name="clk", slow_threshold=10.0)
     loop = make_loop(loop_kind)
 

@@ -25,8 +25,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 import loopscope
-from loopscope import _server
-from loopscope._probe import speedups
+from loopscope import _hotpath, _server
+
+speedups = None if _hotpath.twin is _hotpath.pure else _hotpath.twin
 
 Run = Callable[[Callable[[], Awaitable[Any]]], Any]
 TIMEOUT = 10.0

@@ -1,7 +1,7 @@
 """The optional C accelerator (loopscope._speedups) against the pure-Python path.
 
-Both paths run in this one process: ``_probe.speedups`` is what new loops' hooks use, so
-each test picks a path by setting it before the loop is made.  These tests need the
+Both paths run in this one process: ``_hotpath.twin`` is what new loops' hooks are made
+of, so each test picks a path by setting it before the loop is made.  These tests need the
 extension built; the rest of the suite runs on whichever path the process selected
 (``LOOPSCOPE_PURE_PYTHON=1`` forces the pure one).
 """
@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
 import loopscope
-from loopscope import _installation, _probe, _uvloop_hooks
+from loopscope import _hotpath, _installation
 from loopscope._stats import LoopStats
 
 from .conftest import make_loop
@@ -38,7 +38,7 @@ HIST = "asyncio_loop_callback_duration_seconds"
 @pytest.fixture(name="path", params=PATHS)
 def fixture_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Select the C or the pure-Python hooks for loops made in this test."""
-    monkeypatch.setattr(_probe, "speedups", speedups if request.param == "c" else None)
+    monkeypatch.setattr(_hotpath, "twin", speedups if request.param == "c" else _hotpath.pure)
     return str(request.param)
 
 
@@ -105,7 +105,7 @@ def test_same_figures_and_events_on_both_paths(
 ) -> None:
     results = {}
     for path in PATHS:
-        monkeypatch.setattr(_probe, "speedups", speedups if path == "c" else None)
+        monkeypatch.setattr(_hotpath, "twin", speedups if path == "c" else _hotpath.pure)
         results[path] = _workload(loop_kind, CollectorRegistry())
     c_figures, c_events = results["c"]
     pure_figures, pure_events = results["pure"]
@@ -158,17 +158,17 @@ def test_uvloop_io_is_timed_in_c(path: str, registry: CollectorRegistry) -> None
         probe = _installation.current().probe_for(loop)  # type: ignore[union-attr]
         assert probe is not None
         loop.run_until_complete(main())
-        kind = speedups.TimedIO if path == "c" else _uvloop_hooks.TimedIO
+        kind = speedups.TimedIO if path == "c" else _hotpath.pure.TimedIO
         assert seen == [kind]
         assert probe.stats.slow_callbacks == 1
         assert probe.stats.blocked_seconds >= 0.03
-        assert probe.marks.current_start == 0.0
+        assert probe.recorder.current_start == 0.0
     finally:
         loop.close()
 
 
 def test_recorder_matches_after_step() -> None:
-    """Recorder.record + flush gives the figures LoopProbe.after_step writes."""
+    """Recorder.record + flush gives the figures of a reference computed with bisect."""
 
     class FakeProbe:
         pass
@@ -234,7 +234,7 @@ def test_step_markers(path: str, loop_kind: str, registry: CollectorRegistry) ->
     def callback() -> None:
         probe = _installation.current().probe_for(loop)  # type: ignore[union-attr]
         assert probe is not None
-        seen.append((probe.marks.current_start, probe.marks.current_callback))
+        seen.append((probe.recorder.current_start, probe.recorder.current_callback))
 
     async def main() -> None:
         asyncio.get_running_loop().call_soon(callback)
@@ -245,9 +245,9 @@ def test_step_markers(path: str, loop_kind: str, registry: CollectorRegistry) ->
         probe = _installation.current().probe_for(loop)  # type: ignore[union-attr]
         assert probe is not None
         assert seen and seen[0][0] > 0.0 and seen[0][1] is callback
-        assert probe.marks.current_start == 0.0 and probe.marks.current_callback is None
-        # on the C path the markers are the recorder's, and the probe's own stay unused
-        assert (probe.marks is probe.recorder) == (path == "c")
+        assert probe.recorder.current_start == 0.0 and probe.recorder.current_callback is None
+        # the markers are the recorder's, of the twin the path selected
+        assert type(probe.recorder) is (speedups if path == "c" else _hotpath.pure).Recorder
     finally:
         loop.close()
 
@@ -291,7 +291,7 @@ def test_odd_calls_raise_what_the_pure_path_raises(
 ) -> None:
     messages: dict[str, list[str]] = {}
     for path in PATHS:
-        monkeypatch.setattr(_probe, "speedups", speedups if path == "c" else None)
+        monkeypatch.setattr(_hotpath, "twin", speedups if path == "c" else _hotpath.pure)
         loopscope.install(registry=CollectorRegistry())
         loop = make_loop(loop_kind)
         got = messages[path] = []
@@ -408,7 +408,7 @@ def _refcount_workload(loop: asyncio.AbstractEventLoop, callback: Any, arg: Any,
 def test_no_reference_leaks(
     loop_kind: str, monkeypatch: pytest.MonkeyPatch, registry: CollectorRegistry
 ) -> None:
-    monkeypatch.setattr(_probe, "speedups", speedups)
+    monkeypatch.setattr(_hotpath, "twin", speedups)
     loopscope.install(registry=registry)
     loop = make_loop(loop_kind)
     loop.set_exception_handler(lambda _l, _c: None)
@@ -461,7 +461,7 @@ def test_c_objects_are_collected(path: str, loop_kind: str, registry: CollectorR
 
 @pytest.mark.parametrize("value", ["1", "true"])
 def test_pure_python_forced_by_the_variable(value: str) -> None:
-    code = "from loopscope import _probe; print(_probe.speedups is None)"
+    code = "from loopscope import _hotpath; print(_hotpath.twin is _hotpath.pure)"
     env = dict(os.environ, LOOPSCOPE_PURE_PYTHON=value)
     out = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
@@ -480,10 +480,10 @@ def test_a_stale_build_is_not_used(
     """An accelerator built from other sources (another INTERFACE) is refused, with a
     warning that says so, and the pure-Python hooks run."""
     monkeypatch.delenv("LOOPSCOPE_PURE_PYTHON", raising=False)
-    assert _probe._load_speedups() is speedups
-    monkeypatch.setattr(speedups, "INTERFACE", _probe.SPEEDUPS_INTERFACE - 1)
+    assert _hotpath.load() is speedups
+    monkeypatch.setattr(speedups, "INTERFACE", _hotpath.pure.INTERFACE - 1)
     with caplog.at_level("WARNING", logger="loopscope"):
-        assert _probe._load_speedups() is None
+        assert _hotpath.load() is _hotpath.pure
     assert "built from other sources" in caplog.text
 
 

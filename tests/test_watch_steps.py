@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
 import loopscope
-from loopscope import _probe
+from loopscope import _hotpath
 
 from .conftest import make_loop
 
@@ -146,7 +146,7 @@ def test_watchdog_waits_in_c_and_samples_the_block(
 ) -> None:
     """On the C path the watchdog sleeps in watch_steps, which hands the block over to the
     Python check: the slow step's event has the stack of the line that blocked."""
-    monkeypatch.setattr(_probe, "speedups", speedups)
+    monkeypatch.setattr(_hotpath, "twin", speedups)
     calls: list[bool] = []
     real = speedups.watch_steps
 
@@ -168,7 +168,7 @@ def test_a_loop_made_later_is_watched_at_once(
 ) -> None:
     """A loop instrumented while the watchdog sleeps in C: its recorder's slot is read from
     the next interval on, so its block is sampled before the once-a-second refresh."""
-    monkeypatch.setattr(_probe, "speedups", speedups)
+    monkeypatch.setattr(_hotpath, "twin", speedups)
     loopscope.install(registry=registry, slow_threshold=0.04)
     time.sleep(0.05)  # the watchdog is asleep in watch_steps, with no loop
     slow = _slow_events_of_a_block(loop_kind, 0.15)

@@ -16,7 +16,7 @@ from asyncio import AbstractEventLoop, TimerHandle, events
 from collections.abc import Callable
 from typing import Any
 
-from . import _probe
+from . import _hotpath
 from ._probe import LoopProbe
 
 __all__ = ["AsyncioProbe", "TimedSelector"]
@@ -52,72 +52,27 @@ class TimedSelector:
 def _timed_handle_classes(
     probe: LoopProbe,
 ) -> tuple[type[events.Handle], type[TimerHandle], type[events.Handle]]:
-    """Handle classes bound to one probe (a class attribute costs less than a slot).
-
-    The three ``_run`` bodies are written out rather than shared through a helper: this is
-    the pure-Python hot path, and a shared helper would add a call to every step.  They run
-    only on that path (the C accelerator replaces ``_run``), where the watchdog's markers
-    are the probe's own attributes (``probe.marks is probe``)."""
+    """Handle classes bound to one probe, whose ``_run`` is the hot path's ``TimedRun``
+    (asyncio's ``Handle._run`` timed around, recorded in the probe's recorder)."""
 
     class Handle(events.Handle):
         __slots__ = ("_loopscope_ready",)
 
-        def _run(self) -> None:
-            handle: Any = self
-            clock = probe.clock
-            start = clock()
-            probe.current_callback = handle._callback
-            probe.current_start = start
-            try:
-                _handle_run(self)  # re-raises only SystemExit and KeyboardInterrupt
-            finally:
-                probe.current_start = 0.0
-                probe.current_callback = None  # do not keep the step alive
-            try:
-                probe.after_step(handle._callback, handle._loopscope_ready, start, clock())
-            except Exception as exc:
-                probe.fault(exc)
-
     class TimerHandle(events.TimerHandle):
         __slots__ = ()
-
-        def _run(self) -> None:
-            handle: Any = self
-            clock = probe.clock
-            start = clock()
-            probe.current_callback = handle._callback
-            probe.current_start = start
-            try:
-                _handle_run(self)  # re-raises only SystemExit and KeyboardInterrupt
-            finally:
-                probe.current_start = 0.0
-                probe.current_callback = None  # do not keep the step alive
-            try:
-                probe.after_step(handle._callback, handle._when, start, clock())
-            except Exception as exc:
-                probe.fault(exc)
 
     class IOHandle(events.Handle):
         __slots__ = ()
 
-        def _run(self) -> None:
-            handle: Any = self
-            clock = probe.clock
-            start = clock()
-            probe.current_callback = handle._callback
-            probe.current_start = start
-            try:
-                _handle_run(self)  # re-raises only SystemExit and KeyboardInterrupt
-            finally:
-                probe.current_start = 0.0
-                probe.current_callback = None  # do not keep the step alive
-            try:
-                probe.after_io(handle._callback, start, clock())
-            except Exception as exc:
-                probe.fault(exc)
-
-    for cls, name in ((Handle, "Handle"), (TimerHandle, "TimerHandle"), (IOHandle, "Handle")):
+    classes: Any = (Handle, TimerHandle, IOHandle)
+    for cls, name, ready_attr in zip(
+        classes,
+        ("Handle", "TimerHandle", "Handle"),
+        ("_loopscope_ready", "_when", None),
+        strict=True,
+    ):
         cls.__name__ = cls.__qualname__ = name
+        cls._run = _hotpath.twin.TimedRun(probe.recorder, _handle_run, ready_attr, cls, _replay)
     return Handle, TimerHandle, IOHandle
 
 
@@ -151,17 +106,10 @@ class AsyncioProbe(LoopProbe):
                 timer.__class__ = timer_class
             return timer
 
-        hook: Any = _call_soon
-        recorder = self.start_recorder()
-        if recorder is not None:
-            # The same hooks in C (the pure _call_soon stays as the fallback for odd calls).
-            c = _probe.speedups
-            classes: Any = (handle_class, timer_class, io_class)
-            for cls, ready_attr in zip(classes, ("_loopscope_ready", "_when", None), strict=True):
-                cls._run = c.TimedRun(recorder, _handle_run, ready_attr, cls, _replay)
-            hook = c.CallSoon(
-                recorder, handle_class, loop, ready.append, "_loopscope_ready", _call_soon
-            )
+        # _call_soon above is what the hot path falls back to for calls of another shape.
+        hook = _hotpath.twin.CallSoon(
+            self.recorder, handle_class, loop, ready.append, "_loopscope_ready", _call_soon
+        )
         self.patch(loop, "_call_soon", hook)
         self.patch(loop, "call_at", call_at)
         for name in ("_add_reader", "_add_writer"):
@@ -221,8 +169,8 @@ class _Raise:
 
 
 def _replay(handle: Any, exc: BaseException) -> None:
-    """The C accelerator ran a handle's callback, which raised ``exc``: hand it to asyncio's
-    own ``Handle._run`` (this Python version's message, context and handler call)."""
+    """The hot path ran a handle's callback, which raised ``exc``: hand it to asyncio's own
+    ``Handle._run`` (this Python version's message, context and handler call)."""
     stand_in = _Raise(handle, exc)
     handle._context = stand_in
     try:

@@ -380,7 +380,7 @@ _PARSERS: dict[str, Callable[[str, object], Any]] = {
 ENV_PREFIX = "LOOPSCOPE_"
 
 #: ``LOOPSCOPE_*`` variables that are not options: accepted silently, never suggested.
-#: ``LOOPSCOPE_PURE_PYTHON`` is read at import (``_probe``); the ``LOOPSCOPE_RUN*`` ones are
+#: ``LOOPSCOPE_PURE_PYTHON`` is read at import (``_hotpath``); the ``LOOPSCOPE_RUN*`` ones are
 #: set by ``loopscope run`` for the processes it starts (``_run``).
 INTERNAL_VARIABLES = frozenset(
     {"LOOPSCOPE_PURE_PYTHON", "LOOPSCOPE_RUN", "LOOPSCOPE_RUN_OWNER", "LOOPSCOPE_RUN_TMPDIR"}

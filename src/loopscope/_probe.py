@@ -1,15 +1,16 @@
 """One :class:`LoopProbe` per instrumented loop: what every kind of loop shares.
 
 The loop-specific hooks (how callbacks are intercepted) live in ``_asyncio_hooks`` and
-``_uvloop_hooks``; both call :meth:`LoopProbe.after_step` once a callback has run.  The
-probe also owns the lag heartbeat, the label of the loop and the fault switch.
+``_uvloop_hooks``; both are made of the hot path's parts (``_hotpath.twin``: the C
+accelerator or its pure twin), which time each callback and record it in the probe's
+recorder.  The probe also owns the lag heartbeat, the label of the loop, the report of a
+slow step and the fault switch.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import sys
 import threading
 import weakref
@@ -18,6 +19,7 @@ from bisect import bisect_left
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from . import _hotpath
 from ._describe import TASK_TYPES
 from ._stats import BUCKETS, UNKNOWN_LOCATION, LoopStats
 
@@ -28,36 +30,6 @@ __all__ = ["LoopProbe"]
 
 _fallback = logging.getLogger("loopscope")
 _MISSING = object()
-
-
-#: The C accelerator's interface this Python code was written against (its INTERFACE).
-SPEEDUPS_INTERFACE = 6
-
-
-def _load_speedups() -> Any:
-    """The C accelerator, or None: not built, built from other sources than these (a stale
-    build left in a checkout), or LOOPSCOPE_PURE_PYTHON=1 (read at import)."""
-    if os.environ.get("LOOPSCOPE_PURE_PYTHON", "").strip().lower() in ("1", "true", "yes", "on"):
-        return None
-    try:
-        from . import _speedups
-    except ImportError:
-        return None
-    if getattr(_speedups, "INTERFACE", None) != SPEEDUPS_INTERFACE:
-        _fallback.warning(
-            "loopscope: the C accelerator %s was built from other sources than this "
-            "loopscope (interface %r, expected %r); using the pure-Python hooks; rebuild "
-            "it with `pip install .`",
-            getattr(_speedups, "__file__", "?"),
-            getattr(_speedups, "INTERFACE", None),
-            SPEEDUPS_INTERFACE,
-        )
-        return None
-    return _speedups
-
-
-#: ``loopscope._speedups`` when the hot path runs in C, else None (the pure-Python path).
-speedups = _load_speedups()
 
 
 #: How loop attributes are set, chosen by what was measured (benchmarks/http_icount.py,
@@ -117,19 +89,16 @@ class LoopProbe:
         self.heartbeat: TimerHandle | None = None
         self.heartbeat_due = 0.0
         self.busy_mark: float | None = None
-        # Read by the watchdog thread: the step running now (0.0 when none) and its callback.
-        # They are attributes of ``marks``: the probe itself on the pure-Python path, the C
-        # recorder once the C hooks run (start_recorder), so both paths write one place.
-        self.current_start = 0.0
-        self.current_callback: object = None
-        self.marks: Any = self
         self.thread_id = threading.get_ident()
         # Written by the watchdog: (step start, blocking stack, location) taken mid-step.
         self.sample: tuple[float, list[str], str | None] | None = None
         self.max_locations = options.max_locations
         self._saved_attrs: dict[str, object] = {}
-        #: The C accelerator's recorder, once the hooks use it (see :meth:`start_recorder`).
-        self.recorder: Any = None
+        #: Where the hooks record every step, and the watchdog's markers: the step running
+        #: now (``current_start``, 0.0 when none) and its callback, read by its thread.
+        self.recorder = _hotpath.twin.Recorder(
+            self, self.clock, self.threshold, self.busy_from_callbacks, TASK_TYPES
+        )
         self._attach(self.fixed_name or threading.current_thread().name)
 
     # --- labels --------------------------------------------------------------------------
@@ -171,14 +140,6 @@ class LoopProbe:
         orig_close = loop.close
         orig_create_task = loop.create_task
 
-        def create_task(coro: Any, **kwargs: Any) -> Any:
-            task = orig_create_task(coro, **kwargs)
-            trace = getattr(task, "_source_traceback", None)
-            if trace:  # debug mode: where the task was created, without this wrapper's frame
-                trace[:] = [frame for frame in trace if frame.filename != __file__]
-            probe.stats.tasks_created += 1
-            return task
-
         def run_forever() -> None:
             if loop.is_running() or loop.is_closed() or not probe.active:
                 return orig_run_forever()
@@ -203,11 +164,7 @@ class LoopProbe:
                 except Exception as exc:
                     probe.fault(exc)
 
-        if self.recorder is not None:
-            # The C path counts in its recorder, with no Python call per task.
-            self.patch(loop, "create_task", speedups.CreateTask(orig_create_task, self.recorder))
-        else:
-            self.patch(loop, "create_task", create_task)
+        self.patch(loop, "create_task", _hotpath.twin.CreateTask(orig_create_task, self.recorder))
         self.patch(loop, "run_forever", run_forever)
         self.patch(loop, "close", close)
         from ._executor import hook_loop  # run_in_executor and the executor figures
@@ -225,60 +182,6 @@ class LoopProbe:
         self._saved_attrs.clear()
 
     # --- hot path ------------------------------------------------------------------------
-
-    def start_recorder(self) -> Any:
-        """With the C accelerator, create the recorder the C hooks write into and return it
-        (call from install_hooks, once ``busy_from_callbacks`` is settled); else None."""
-        if speedups is None or (type(self).after_step, type(self).after_io) != _OWN_RECORDING:
-            return None  # a subclass (or a test) that records its own way keeps Python's hooks
-        self.recorder = speedups.Recorder(
-            self, self.clock, self.threshold, self.busy_from_callbacks, TASK_TYPES
-        )
-        self.stats.pending = self.recorder
-        self.marks = self.recorder
-        return self.recorder
-
-    def after_step(self, callback: object, ready: float, start: float, end: float) -> None:
-        """Record one callback that became runnable at ``ready`` and ran from start to end."""
-        if self.recorder is not None:  # the C path owns these figures
-            self.recorder.record(callback, ready, start, end)
-            return
-        stats = self.stats
-        duration = end - start
-        hist = stats.callback_duration
-        hist.counts[bisect_left(BUCKETS, duration)] += 1
-        hist.total += duration
-        delay = start - ready
-        if delay < 0.0:
-            delay = 0.0
-        hist = stats.schedule_delay
-        hist.counts[bisect_left(BUCKETS, delay)] += 1
-        hist.total += delay
-        if self.busy_from_callbacks:
-            stats.busy_seconds += duration
-        owner = getattr(callback, "__self__", None)
-        if owner is not None and isinstance(owner, TASK_TYPES):
-            stats.task_steps += 1
-        else:
-            owner = None
-        if duration >= self.threshold:
-            self.record_slow(callback, owner, start, duration)
-
-    def after_io(self, callback: object, start: float, end: float) -> None:
-        """Record one I/O callback (a reader, writer or protocol method): it has no
-        schedule delay and is not a task step."""
-        if self.recorder is not None:  # the C path owns these figures
-            self.recorder.record_io(callback, start, end)
-            return
-        stats = self.stats
-        duration = end - start
-        hist = stats.callback_duration
-        hist.counts[bisect_left(BUCKETS, duration)] += 1
-        hist.total += duration
-        if self.busy_from_callbacks:
-            stats.busy_seconds += duration
-        if duration >= self.threshold:
-            self.record_slow(callback, None, start, duration)
 
     def record_slow(self, callback: object, task: object, start: float, duration: float) -> None:
         """Count a slow step, by location too, and report it with the stack the watchdog
@@ -302,10 +205,6 @@ class LoopProbe:
             blocking_stack=stack,
             location=location,
         )
-
-    def task_created(self) -> None:
-        """Count one task created through ``loop.create_task``."""
-        self.stats.tasks_created += 1
 
     # --- run / stop ----------------------------------------------------------------------
 
@@ -419,10 +318,6 @@ class LoopProbe:
             self.remove()
         except Exception as second:
             _fallback.error("loopscope: could not remove instrumentation: %r", second)
-
-
-#: LoopProbe's own recording methods: the C path replaces exactly these.
-_OWN_RECORDING = (LoopProbe.after_step, LoopProbe.after_io)
 
 
 def _in_loop_thread(loop: Any) -> bool:

@@ -47,7 +47,7 @@ from urllib.parse import unquote
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import REGISTRY, CollectorRegistry
 
-from ._probe import speedups
+from . import _hotpath
 
 if TYPE_CHECKING:
     from ._options import Options
@@ -245,8 +245,9 @@ class _Endpoint:
         self.selector.register(self._wake_r, selectors.EVENT_READ, self._wake_r)
         #: The C engine doing the socket work without the GIL; None: the selector loop.
         self.engine: Any = None
-        if speedups is not None and tls is None:
-            self.engine = speedups.Engine(
+        engine_type = getattr(_hotpath.twin, "Engine", None)
+        if engine_type is not None and tls is None:
+            self.engine = engine_type(
                 listener.fileno(),
                 self._wake_r.fileno(),
                 self._respond,

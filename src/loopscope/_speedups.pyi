@@ -1,18 +1,18 @@
-"""Types of the optional C accelerator (src/loopscope/_speedups.c)."""
+"""The hot path's interface: what ``loopscope._speedups`` (the C accelerator, sources in
+``_c/``) and ``loopscope._pure`` (its pure-Python twin) both provide, with these names and
+signatures.  ``_hotpath.twin`` is typed as this module; tests/test_twins.py fails when
+either twin differs from it."""
 
 from collections.abc import Callable
-from typing import Any, Literal, TypedDict, final
+from typing import Any, final
 
+from ._pure.clock import ClockInfo
 from ._stats import LoopStats
 
+#: The interface's version (the C twin must have the pure twin's).
+INTERFACE: int
+#: Slots of a histogram: one per bucket bound, and +Inf.
 NBUCKETS: int
-
-class ClockInfo(TypedDict):
-    source: Literal["tsc", "clock_gettime"]
-    calibrated: bool
-    counter_hz: float
-    anchors: int
-    faults: int
 
 def clock_info() -> ClockInfo: ...
 def clock_now() -> float: ...
@@ -24,9 +24,13 @@ def _clock_reset() -> None: ...
 @final
 class Recorder:
     probe: Any
-    threshold: float
-    native_clock: int
     busy_from_callbacks: int
+    current_start: float
+    current_callback: object
+    @property
+    def threshold(self) -> float: ...
+    @property
+    def native_clock(self) -> int: ...
     @property
     def watched(self) -> bool: ...
     def __init__(
@@ -36,41 +40,62 @@ class Recorder:
         threshold: float,
         busy_from_callbacks: bool,
         task_types: tuple[type[Any], ...],
-        marker: str | None = ...,
     ) -> None: ...
     def flush(self, stats: LoopStats, /) -> None: ...
+    def pending(self) -> bool: ...
+    def now(self) -> float: ...
     def record(self, callback: object, ready: float, start: float, end: float, /) -> None: ...
     def record_io(self, callback: object, start: float, end: float, /) -> None: ...
-    def now(self) -> float: ...
-    def pending(self) -> bool: ...
+
+@final
+class CreateTask:
+    @property
+    def create_task(self) -> Callable[..., Any]: ...
+    def __init__(self, create_task: Callable[..., Any], recorder: Recorder) -> None: ...
+    def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
 
 @final
 class TimedCallback:
-    callback: Callable[..., object]
-    ready: float
-    probe: Any
+    @property
+    def callback(self) -> Callable[..., object]: ...
+    @property
+    def ready(self) -> float: ...
+    @property
+    def probe(self) -> Any: ...
     def __init__(
         self, callback: Callable[..., object], recorder: Recorder, ready: float
     ) -> None: ...
     def __call__(self, *args: Any) -> object: ...
 
 @final
+class TimedIO:
+    @property
+    def callback(self) -> Callable[..., object]: ...
+    @property
+    def probe(self) -> Any: ...
+    def __init__(self, callback: Callable[..., object], recorder: Recorder) -> None: ...
+    def __call__(self, *args: Any) -> object: ...
+
+@final
 class Intercept:
-    original: Callable[..., Any]
-    fallback: Callable[..., Any]
+    @property
+    def original(self) -> Callable[..., Any]: ...
+    @property
+    def fallback(self) -> Callable[..., Any]: ...
     def __init__(
         self,
         kind: str,
         recorder: Recorder,
         original: Callable[..., Any],
         fallback: Callable[..., Any],
-        loop_time: Callable[[], float] | None = ...,
+        loop_time: Callable[[], float] | None = None,
     ) -> None: ...
     def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
 
 @final
 class CallSoon:
-    fallback: Callable[..., Any]
+    @property
+    def fallback(self) -> Callable[..., Any]: ...
     def __init__(
         self,
         recorder: Recorder,
@@ -89,8 +114,25 @@ class TimedRun:
         recorder: Recorder,
         handle_run: Callable[[Any], None],
         ready_attr: str | None,
-        cls: type[Any] | None = ...,
-        report: Callable[[Any, BaseException], None] | None = ...,
+        cls: type[Any] | None = None,
+        report: Callable[[Any, BaseException], None] | None = None,
     ) -> None: ...
     def __call__(self, handle: Any, /) -> None: ...
     def __get__(self, obj: Any, owner: Any = None) -> Any: ...
+
+@final
+class Engine:
+    @property
+    def connections(self) -> int: ...
+    def __init__(
+        self,
+        listener: int,
+        wake: int,
+        respond: Callable[[bytes | None], tuple[bytes, float]],
+        timeout: float,
+        max_connections: int,
+        max_head: int,
+    ) -> None: ...
+    def run(self) -> None: ...
+    def stop(self) -> None: ...
+    def close_all(self) -> None: ...

@@ -1,9 +1,10 @@
 """Hooks for uvloop's loop.
 
 uvloop's handles are Cython objects that cannot be subclassed, so the callback itself is
-wrapped: :class:`TimedCallback` reads the clock around the user's callback and reports to
-the probe.  Its ``repr()`` is the callback's, so uvloop's "Exception in callback ..."
-messages still name the user's code, and exceptions pass through it unchanged.
+wrapped: the hot path's ``TimedCallback`` reads the clock around the user's callback and
+records it in the probe's recorder.  Its ``repr()`` is the callback's, so uvloop's
+"Exception in callback ..." messages still name the user's code, and exceptions pass
+through it unchanged.
 
 uvloop calls I/O callbacks straight from libuv, never through ``call_soon``: reader and
 writer callbacks are wrapped at ``add_reader``/``add_writer``, and protocol methods
@@ -21,11 +22,11 @@ from asyncio import AbstractEventLoop, TimerHandle
 from collections.abc import Callable
 from typing import Any
 
-from . import _probe
+from . import _hotpath
 from ._probe import LoopProbe
 from ._uvmetrics import idle_time_reader
 
-__all__ = ["TimedCallback", "TimedIO", "UvloopProbe"]
+__all__ = ["UvloopProbe"]
 
 #: Protocol methods uvloop calls from libuv callbacks.
 PROTOCOL_METHODS = (
@@ -59,82 +60,15 @@ FACTORY_METHODS = (
 )
 
 
-class TimedCallback:
-    """A scheduled callback that measures itself; created per scheduled call."""
-
-    __slots__ = ("callback", "probe", "ready")
-
-    def __init__(self, callback: Callable[..., object], probe: LoopProbe, ready: float) -> None:
-        self.callback = callback
-        self.probe = probe
-        self.ready = ready
-
-    def __call__(self, *args: Any) -> object:
-        probe = self.probe
-        marks = probe.marks  # the C recorder when this runs as the C hooks' fallback
-        clock = probe.clock
-        start = clock()
-        marks.current_callback = self.callback
-        marks.current_start = start
-        try:
-            return self.callback(*args)
-        finally:
-            marks.current_start = 0.0
-            marks.current_callback = None  # do not keep the step alive
-            try:
-                probe.after_step(self.callback, self.ready, start, clock())
-            except Exception as exc:
-                probe.fault(exc)
-
-    def __repr__(self) -> str:
-        return repr(self.callback)
-
-
-class TimedIO:
-    """An I/O callback (reader, writer or protocol method) that measures itself."""
-
-    __slots__ = ("callback", "probe")
-
-    def __init__(self, callback: Callable[..., object], probe: LoopProbe) -> None:
-        self.callback = callback
-        self.probe = probe
-
-    def __call__(self, *args: Any) -> object:
-        probe = self.probe
-        marks = probe.marks  # the C recorder on the C path
-        if marks.current_start or not probe.active:
-            # Called from inside a step that is already measured (or after uninstall).
-            return self.callback(*args)
-        clock = probe.clock
-        start = clock()
-        marks.current_callback = self.callback
-        marks.current_start = start
-        try:
-            return self.callback(*args)
-        finally:
-            marks.current_start = 0.0
-            marks.current_callback = None  # do not keep the step alive
-            try:
-                probe.after_io(self.callback, start, clock())
-            except Exception as exc:
-                probe.fault(exc)
-
-    def __repr__(self) -> str:
-        return repr(self.callback)
-
-
 def timed_io(callback: Callable[..., object], probe: LoopProbe) -> Callable[..., object]:
-    """``callback`` wrapped to measure itself: in C when the probe's hooks run in C."""
-    if probe.recorder is not None:
-        wrapper: Callable[..., object] = _probe.speedups.TimedIO(callback, probe.recorder)
-        return wrapper
-    return TimedIO(callback, probe)
+    """``callback`` wrapped to measure itself, recorded in the probe's recorder."""
+    wrapper: Callable[..., object] = _hotpath.twin.TimedIO(callback, probe.recorder)
+    return wrapper
 
 
 def is_timed_io(value: object) -> bool:
     """Whether ``value`` is already one of the I/O wrappers."""
-    c_path = _probe.speedups
-    return isinstance(value, TimedIO) or (c_path is not None and isinstance(value, c_path.TimedIO))
+    return isinstance(value, _hotpath.twin.TimedIO)
 
 
 def instrument_protocol(protocol: object, probe: LoopProbe) -> None:
@@ -169,7 +103,9 @@ class UvloopProbe(LoopProbe):
         if self.idle_nanoseconds is not None:
             self.busy_from_callbacks = False
             self.idle_mark = self.idle_nanoseconds()
-        probe = self
+        self.recorder.busy_from_callbacks = self.busy_from_callbacks
+        recorder = self.recorder
+        timed = _hotpath.twin.TimedCallback
         clock = self.clock
         loop_time = loop.time
         orig_call_soon = loop.call_soon
@@ -177,29 +113,26 @@ class UvloopProbe(LoopProbe):
         orig_call_later = loop.call_later
         self.raw_call_later = orig_call_later
 
+        # What the hot path's Intercept falls back to for calls of another shape.
         def call_soon(callback: Any, *args: Any, context: Any = None) -> Any:
-            return orig_call_soon(TimedCallback(callback, probe, clock()), *args, context=context)
+            return orig_call_soon(timed(callback, recorder, clock()), *args, context=context)
 
         def call_soon_threadsafe(callback: Any, *args: Any, context: Any = None) -> Any:
             return orig_call_soon_threadsafe(
-                TimedCallback(callback, probe, clock()), *args, context=context
+                timed(callback, recorder, clock()), *args, context=context
             )
 
         # uvloop's call_at calls self.call_later, so this covers both.
         def call_later(delay: float, callback: Any, *args: Any, context: Any = None) -> Any:
-            wrapped = TimedCallback(callback, probe, loop_time() + max(delay, 0.0))
+            wrapped = timed(callback, recorder, loop_time() + max(delay, 0.0))
             return orig_call_later(delay, wrapped, *args, context=context)
 
-        hooks: tuple[Any, Any, Any] = (call_soon, call_soon_threadsafe, call_later)
-        recorder = self.start_recorder()
-        if recorder is not None:
-            # The same three hooks in C; they hand anything unusual to the ones above.
-            intercept = _probe.speedups.Intercept
-            hooks = (
-                intercept("call_soon", recorder, orig_call_soon, call_soon),
-                intercept("call_soon", recorder, orig_call_soon_threadsafe, call_soon_threadsafe),
-                intercept("call_later", recorder, orig_call_later, call_later, loop_time),
-            )
+        intercept = _hotpath.twin.Intercept
+        hooks = (
+            intercept("call_soon", recorder, orig_call_soon, call_soon),
+            intercept("call_soon", recorder, orig_call_soon_threadsafe, call_soon_threadsafe),
+            intercept("call_later", recorder, orig_call_later, call_later, loop_time),
+        )
         self.patch(loop, "call_soon", hooks[0])
         self.patch(loop, "call_soon_threadsafe", hooks[1])
         self.patch(loop, "call_later", hooks[2])

@@ -8,10 +8,11 @@ stack.  A step that ends up slow is then reported with that stack; a step still 
 at the threshold, and at twice, four times... the threshold after that, is reported as
 ``loop_blocked``, so a hang that never ends is still seen.
 
-With the C accelerator the wake-ups happen in C without the GIL (``_speedups.watch_steps``),
-and the thread takes the GIL only when a step has run for half the threshold, when a loop
-is added, or once a second: a Python thread waking 40 times a second, while a busy loop
-drops and retakes the GIL on every iteration, spent about 8% of a CPU waiting for it.
+The thread sleeps in the hot path's ``watch_steps``: the C twin's wakes up without the GIL
+and reads the step markers in C, so the thread takes the GIL only when a step has run for
+half the threshold, when a loop is added, or once a second: a Python thread waking 40
+times a second, while a busy loop drops and retakes the GIL on every iteration, spent
+about 8% of a CPU waiting for it.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import time
 import weakref
 from typing import TYPE_CHECKING
 
-from . import _probe
+from . import _hotpath
 from ._describe import TASK_TYPES
 from ._stacks import application_location, format_stack
 
@@ -64,9 +65,7 @@ class Watchdog:
 
     def wake(self) -> None:
         """Make the thread look at the loops again now (one was added, or stop)."""
-        speedups = _probe.speedups
-        if speedups is not None:
-            speedups.wake_watchers()
+        _hotpath.twin.wake_watchers()
 
     def stop(self) -> None:
         """Stop the thread and wait for it."""
@@ -86,9 +85,9 @@ class Watchdog:
                 installation = self.installation_ref()
                 if installation is None:
                     return
-                in_c = self._c_can_wait(installation)
+                steps_seen = self._wait_sees_every_step(installation)
                 del installation  # not kept alive while the thread sleeps
-                if not self._wait(in_c):
+                if not self._wait(steps_seen):
                     return
                 installation = self.installation_ref()
                 if installation is None:
@@ -100,24 +99,23 @@ class Watchdog:
             if installation is not None:
                 installation.report_fault("watching for blocked loops (the watchdog)", exc)
 
-    def _wait(self, in_c: bool) -> bool:
-        """Sleep until the next check (in C without the GIL when it sees every loop);
-        False once stopped."""
-        speedups = _probe.speedups
-        if not in_c or speedups is None:
+    def _wait(self, steps_seen: bool) -> bool:
+        """Sleep until the next check: in the hot path's wait when it sees every loop's
+        steps, else for one interval; False once stopped."""
+        if not steps_seen:
             return not self.stopped.wait(self.interval)
-        speedups.watch_steps(self.sample_after, self.interval, REFRESH_INTERVAL)
+        _hotpath.twin.watch_steps(self.sample_after, self.interval, REFRESH_INTERVAL)
         return not self.stopped.is_set()
 
-    def _c_can_wait(self, installation: Installation) -> bool:
-        """Whether the C wait sees every loop's steps: each loop's markers are a C recorder
-        on the native clock with a start slot (``watched``)."""
-        speedups = _probe.speedups
-        if speedups is None or self.clock is not time.monotonic:
+    def _wait_sees_every_step(self, installation: Installation) -> bool:
+        """Whether the hot path's wait sees every loop's steps: each loop's recorder is one
+        of that twin's, on the native clock (``watched``)."""
+        if self.clock is not time.monotonic:
             return False
+        recorder_type = _hotpath.twin.Recorder
         return all(
-            type(marks) is speedups.Recorder and marks.watched
-            for marks in (probe.marks for probe in installation.live_probes())
+            type(recorder) is recorder_type and recorder.watched
+            for recorder in (probe.recorder for probe in installation.live_probes())
         )
 
     def check(self, installation: Installation) -> None:
@@ -125,7 +123,7 @@ class Watchdog:
         frames = None
         now = self.clock()
         for probe in installation.live_probes():
-            marks = probe.marks  # where the hooks write them (the probe, or its C recorder)
+            marks = probe.recorder  # where the hooks write the step markers
             start = marks.current_start
             if not start:
                 continue

@@ -1,0 +1,36 @@
+"""The pure-Python twin of the C accelerator (``loopscope._speedups``).
+
+The same names, with the same signatures and behaviour, split by the same concerns as the
+C sources under ``_c/``: the recorder, the interception of asyncio's loop and of uvloop,
+the watchdog's wait, the clock and the /metrics engine.  ``loopscope._hotpath`` picks one
+of the two twins; nothing else in the package asks which one runs.
+"""
+
+from .asyncio_hooks import CallSoon, TimedRun
+from .clock import _clock_reset, _clock_skew, clock_info, clock_now
+from .recorder import CreateTask, Recorder
+from .uvloop_hooks import Intercept, TimedCallback, TimedIO
+from .watch import wake_watchers, watch_steps
+
+__all__ = [
+    "INTERFACE",
+    "NBUCKETS",
+    "CallSoon",
+    "CreateTask",
+    "Intercept",
+    "Recorder",
+    "TimedCallback",
+    "TimedIO",
+    "TimedRun",
+    "_clock_reset",
+    "_clock_skew",
+    "clock_info",
+    "clock_now",
+    "wake_watchers",
+    "watch_steps",
+]
+
+#: The interface both twins implement (the C twin's INTERFACE must equal it).
+INTERFACE = 6
+#: Slots of a histogram: one per bucket bound, and +Inf.
+NBUCKETS = 20

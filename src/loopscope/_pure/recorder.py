@@ -1,0 +1,137 @@
+"""The pure-Python twin of the C recorder (``_c/recorder.c``): the per-loop figures of the
+measured steps, and the watchdog's step markers.
+
+The C recorder keeps its figures in C arrays and folds them into the loop's
+:class:`~loopscope._stats.LoopStats` when asked (:meth:`Recorder.flush`, at scrape time,
+with the GIL making the two exclusive).  Python code cannot make a read-modify-write atomic
+against a flush from another thread, so this twin writes straight into the probe's
+``LoopStats``, whose only writer is the loop's thread; it has nothing to fold.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from bisect import bisect_left
+from collections.abc import Callable
+from typing import Any
+
+from .._stats import BUCKETS, LoopStats
+
+__all__ = ["CreateTask", "Recorder", "watched_recorders"]
+
+#: Recorders on the native clock, which the watchdog's wait reads (``watch.py``).
+watched_recorders: weakref.WeakSet[Recorder] = weakref.WeakSet()
+
+
+class Recorder:
+    """Per-loop figures (written into ``probe.stats``) and the step markers."""
+
+    __slots__ = (
+        "__weakref__",
+        "_clock",
+        "_task_types",
+        "busy_from_callbacks",
+        "current_callback",
+        "current_start",
+        "native_clock",
+        "probe",
+        "threshold",
+    )
+
+    def __init__(
+        self,
+        probe: Any,
+        clock: Callable[[], float],
+        threshold: float,
+        busy_from_callbacks: bool,
+        task_types: tuple[type[Any], ...],
+    ) -> None:
+        if not isinstance(task_types, tuple):
+            raise TypeError("Recorder() argument 'task_types' must be tuple")
+        self.probe = probe
+        self._clock = clock
+        self.threshold = float(threshold)
+        self.busy_from_callbacks = int(bool(busy_from_callbacks))
+        self._task_types = task_types
+        self.native_clock = int(clock is time.monotonic)
+        #: Start of the step running now (the probe's clock), 0.0 between steps.
+        self.current_start = 0.0
+        #: The callback of the step running now, or None.
+        self.current_callback: object = None
+        if self.native_clock:
+            watched_recorders.add(self)
+
+    @property
+    def watched(self) -> bool:
+        """Whether watch_steps() sees this recorder's steps."""
+        return bool(self.native_clock)
+
+    def flush(self, stats: LoopStats, /) -> None:
+        """Fold the figures kept here into a LoopStats: this twin keeps none (see above)."""
+
+    def pending(self) -> bool:
+        """True if figures are waiting for flush(): never, in this twin."""
+        return False
+
+    def now(self) -> float:
+        """Read the recorder's clock."""
+        return self._clock()
+
+    def record(self, callback: object, ready: float, start: float, end: float, /) -> None:
+        """One callback that became runnable at ``ready`` and ran from start to end."""
+        stats = self.probe.stats
+        duration = end - start if end > start else 0.0
+        hist = stats.callback_duration
+        hist.counts[bisect_left(BUCKETS, duration)] += 1
+        hist.total += duration
+        delay = start - ready
+        if delay < 0.0:
+            delay = 0.0
+        hist = stats.schedule_delay
+        hist.counts[bisect_left(BUCKETS, delay)] += 1
+        hist.total += delay
+        if self.busy_from_callbacks:
+            stats.busy_seconds += duration
+        owner = getattr(callback, "__self__", None)
+        if owner is not None and isinstance(owner, self._task_types):
+            stats.task_steps += 1
+        else:
+            owner = None
+        if duration >= self.threshold:
+            self.probe.record_slow(callback, owner, start, duration)
+
+    def record_io(self, callback: object, start: float, end: float, /) -> None:
+        """One I/O callback (reader, writer, protocol method): no schedule delay, no task."""
+        stats = self.probe.stats
+        duration = end - start if end > start else 0.0
+        hist = stats.callback_duration
+        hist.counts[bisect_left(BUCKETS, duration)] += 1
+        hist.total += duration
+        if self.busy_from_callbacks:
+            stats.busy_seconds += duration
+        if duration >= self.threshold:
+            self.probe.record_slow(callback, None, start, duration)
+
+
+class CreateTask:
+    """The loop's create_task, counting the tasks it creates; repr() is the loop's."""
+
+    __slots__ = ("_recorder", "create_task")
+
+    def __init__(self, create_task: Callable[..., Any], recorder: Recorder) -> None:
+        if not isinstance(recorder, Recorder):
+            raise TypeError("CreateTask() argument 'recorder' must be a Recorder")
+        self.create_task = create_task
+        self._recorder = recorder
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        task = self.create_task(*args, **kwargs)
+        trace = getattr(task, "_source_traceback", None)
+        if trace:  # debug mode: where the task was created, without this frame
+            trace[:] = [frame for frame in trace if frame.filename != __file__]
+        self._recorder.probe.stats.tasks_created += 1
+        return task
+
+    def __repr__(self) -> str:
+        return repr(self.create_task)
