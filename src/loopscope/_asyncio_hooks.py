@@ -11,6 +11,7 @@ asyncio's own error messages are unchanged.  Busy time is measured around ``sele
 
 from __future__ import annotations
 
+import contextlib
 import selectors
 from asyncio import AbstractEventLoop, TimerHandle, events
 from collections.abc import Callable
@@ -83,6 +84,10 @@ class AsyncioProbe(LoopProbe):
 
     def install_hooks(self, loop: AbstractEventLoop) -> None:
         handle_class, timer_class, io_class = _timed_handle_classes(self)
+        self.timed_classes: dict[type[Any], type[Any]] = {
+            timer_class: _timer_class,
+            io_class: _handle_class,
+        }
         clock = self.clock
         base: Any = loop
         ready = base._ready
@@ -139,7 +144,30 @@ class AsyncioProbe(LoopProbe):
 
     def remove_hooks(self, loop: AbstractEventLoop) -> None:
         self.unwrap_selector(loop)
+        self.untime_handles(loop)
         super().remove_hooks(loop)
+
+    def untime_handles(self, loop: AbstractEventLoop) -> None:
+        """Give the handles that outlive the hooks their own class back: the readers and
+        writers registered meanwhile (the loop's self-pipe among them) and the timers
+        still scheduled, so that nothing is timed after uninstall().  (A plain handle
+        already in the ready queue runs once more, timed: its class has a slot asyncio's
+        has not, so it cannot be switched back.)"""
+        classes = getattr(self, "timed_classes", None)
+        if not classes:
+            return
+        base: Any = loop
+        handles: list[Any] = list(getattr(base, "_scheduled", ()))
+        selector = getattr(base, "_selector", None)
+        if selector is not None:
+            with contextlib.suppress(Exception):  # closed meanwhile
+                for key in list(selector.get_map().values()):
+                    if isinstance(key.data, tuple):
+                        handles.extend(key.data)
+        for handle in handles:
+            own = classes.get(type(handle))
+            if own is not None:
+                handle.__class__ = own
 
     def schedule_raw(
         self, loop: AbstractEventLoop, delay: float, callback: Callable[[], None]
