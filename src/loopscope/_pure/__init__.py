@@ -8,6 +8,7 @@ of the two twins; nothing else in the package asks which one runs.
 
 from .asyncio_hooks import CallSoon, TimedRun
 from .clock import _clock_reset, _clock_skew, clock_info, clock_now
+from .endpoint import Engine
 from .recorder import CreateTask, Recorder
 from .uvloop_hooks import Intercept, TimedCallback, TimedIO
 from .watch import wake_watchers, watch_steps
@@ -17,6 +18,7 @@ __all__ = [
     "NBUCKETS",
     "CallSoon",
     "CreateTask",
+    "Engine",
     "Intercept",
     "Recorder",
     "TimedCallback",
