@@ -27,7 +27,16 @@ from prometheus_client.registry import Collector
 import loopscope
 from loopscope import _hotpath, _server
 
-speedups = None if _hotpath.twin is _hotpath.pure else _hotpath.twin
+
+def _engine_types() -> list[Any]:
+    """The endpoint engines of both twins (the C one where it is built)."""
+    types: list[Any] = [pytest.param(_hotpath.pure.Engine, id="pure")]
+    try:
+        from loopscope import _speedups
+    except ImportError:
+        return types
+    return [pytest.param(_speedups.Engine, id="c"), *types]
+
 
 Run = Callable[[Callable[[], Awaitable[Any]]], Any]
 TIMEOUT = 10.0
@@ -226,10 +235,10 @@ class TestEngine:
     head it has seen answered with the exposition from its own copy; these hold on both
     paths, with the difference noted where there is one."""
 
-    def test_engine_used_on_the_c_path(self, registry: CollectorRegistry) -> None:
+    def test_engine_serves_plain_http(self, registry: CollectorRegistry) -> None:
         installation = loopscope.install(registry=registry, port=0)
         assert installation.server is not None
-        assert (installation.server.httpd.engine is not None) == (speedups is not None)
+        assert isinstance(installation.server.httpd.engine, _hotpath.twin.Engine)
 
     def test_kept_answer_only_for_the_same_head(
         self, registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch
@@ -261,8 +270,8 @@ class TestEngine:
     def test_python_asked_once_per_second_of_date(
         self, registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        """The engine asks Python again only when the answer's Date second has passed (or
-        the exposition is due to be built again); the selector loop asks every time."""
+        """The engine (either twin) asks for an answer again only when the answer's Date
+        second has passed (or the exposition is due to be built again)."""
         monkeypatch.setattr(_server, "REUSE_SECONDS", 3600.0)
         asked = [0]
         original = _server._Exposition.answer
@@ -275,12 +284,9 @@ class TestEngine:
         installation = loopscope.install(registry=registry, port=0)
         assert installation.port is not None
         dates = {_get(installation.port)[1]["Date"] for _ in range(20)}
-        if speedups is None:
-            assert asked[0] == 20
-        else:
-            # One question per second seen; one more where a kept answer ran out a moment
-            # before the second changed on the wall clock.
-            assert len(dates) <= asked[0] <= len(dates) + 1
+        # One question per second seen; one more where a kept answer ran out a moment
+        # before the second changed on the wall clock.
+        assert len(dates) <= asked[0] <= len(dates) + 1
 
     def test_fault_while_answering(
         self, registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch
@@ -304,19 +310,22 @@ class TestEngine:
         assert _get(installation.port)[0] == 200
 
 
-@pytest.mark.skipif(speedups is None, reason="the engine is part of the C accelerator")
+@pytest.mark.parametrize("engine_type", _engine_types())
 class TestEngineDirect:
-    """The engine on its own, with a Python ``respond`` of the test's making."""
+    """The engine on its own (each twin's), with a Python ``respond`` of the test's making."""
+
+    @pytest.fixture(autouse=True)
+    def _engine_type(self, engine_type: Any) -> None:
+        self.engine_type = engine_type
 
     def _serve(self, respond: Callable[[bytes | None], Any]) -> tuple[Any, int, Callable[[], None]]:
-        assert speedups is not None
         listener = socket.socket()
         listener.bind(("127.0.0.1", 0))
         listener.listen(16)
         listener.setblocking(False)
         wake_r, wake_w = socket.socketpair()
         wake_r.setblocking(False)
-        engine = speedups.Engine(listener.fileno(), wake_r.fileno(), respond, 5.0, 4, 64)
+        engine = self.engine_type(listener.fileno(), wake_r.fileno(), respond, 5.0, 4, 64)
         thread = threading.Thread(target=engine.run, daemon=True)
         thread.start()
 
@@ -399,11 +408,10 @@ class TestEngineDirect:
         assert engine.connections == 0
 
     def test_bad_arguments(self) -> None:
-        assert speedups is not None
         with pytest.raises(TypeError, match="respond must be callable"):
-            speedups.Engine(0, 0, None, 5.0, 4, 64)
+            self.engine_type(0, 0, None, 5.0, 4, 64)
         with pytest.raises(ValueError, match="must be positive"):
-            speedups.Engine(0, 0, print, 5.0, 0, 64)
+            self.engine_type(0, 0, print, 5.0, 0, 64)
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")

@@ -17,13 +17,13 @@ the same loop, so a client that never completes one holds up nobody else; a conn
 has not sent its request within ``CONNECTION_TIMEOUT`` of being accepted, or that stalls for
 that long while its answer is written, is dropped.
 
-With the C accelerator and without TLS, the socket work is done by
-``loopscope._speedups.Engine`` with the GIL released: the thread takes the GIL only to ask
-this module for an answer (``_Endpoint._respond``), and a scrape whose request head is the
-same, byte for byte, as one answered with the exposition within ``REUSE_SECONDS`` (and
-within the second of its ``Date`` header) gets the same bytes from the engine without
-Python, so scrapes no longer interrupt a busy loop, only the builds of the exposition do.
-What is answered to what stays decided here.
+Without TLS, the socket work is done by the hot path's ``Engine``: the C twin's works with
+the GIL released, taking it only to ask this module for an answer (``_Endpoint._respond``),
+and a scrape whose request head is the same, byte for byte, as one answered with the
+exposition within ``REUSE_SECONDS`` (and within the second of its ``Date`` header) gets the
+same bytes from the engine without Python, so scrapes no longer interrupt a busy loop, only
+the builds of the exposition do.  The pure twin's does the same in Python.  What is
+answered to what stays decided here.
 """
 
 from __future__ import annotations
@@ -243,11 +243,10 @@ class _Endpoint:
         self._wake_r.setblocking(False)
         self.selector.register(listener, selectors.EVENT_READ, None)
         self.selector.register(self._wake_r, selectors.EVENT_READ, self._wake_r)
-        #: The C engine doing the socket work without the GIL; None: the selector loop.
+        #: The engine doing the socket work (without TLS); None: the selector loop.
         self.engine: Any = None
-        engine_type = getattr(_hotpath.twin, "Engine", None)
-        if engine_type is not None and tls is None:
-            self.engine = engine_type(
+        if tls is None:
+            self.engine = _hotpath.twin.Engine(
                 listener.fileno(),
                 self._wake_r.fileno(),
                 self._respond,
