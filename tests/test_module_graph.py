@@ -145,6 +145,15 @@ class TestImportGraph:
         cycle = find_cycle(import_graph())
         assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
 
+    def test_only_the_public_layer_imports_the_installation(self) -> None:
+        """Pieces below the installation get a narrow context from it, never import it."""
+        graph = import_graph()
+        importers = {
+            name for name, targets in graph.items() if "loopscope._installation" in targets
+        }
+        public = {f"{PACKAGE}.{name}" for name in ("_apps", "_factories", "_run", "testing")}
+        assert importers <= {PACKAGE, *public}
+
     def test_a_cycle_is_found(self) -> None:
         """The cycle finder finds a cycle through function-level imports."""
         graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}

@@ -45,7 +45,8 @@ __all__ = ["MergedCollector", "ProcessFiles", "attach", "merge_directory"]
 PREFIX = "loopscope-"
 RETIRED = "loopscope-retired.json"
 LOCK = ".loopscope.lock"
-#: Seconds between two writes of a process's file by its writer thread.
+#: Seconds between two writes of a process's files by its writer thread (here and in
+#: ``_prometheus_files``).
 WRITE_INTERVAL = 1.0
 
 # A snapshot: family name -> {"type", "help", "samples": [[name, labels, value], ...]}.
@@ -146,13 +147,11 @@ class ProcessFiles:
         self.path = os.path.join(directory, f"{PREFIX}{self.pid}-{uuid.uuid4().hex[:12]}.json")
         self.lock = threading.Lock()
         self.stopped = threading.Event()
-        self.thread: threading.Thread | None = None
 
     def start(self) -> None:
         """Write the file now and every :data:`WRITE_INTERVAL` seconds from now on."""
         self.write()
-        self.thread = threading.Thread(target=self._run, name="loopscope-multiprocess", daemon=True)
-        self.thread.start()
+        threading.Thread(target=self._run, name="loopscope-multiprocess", daemon=True).start()
 
     def _run(self) -> None:
         while not self.stopped.wait(WRITE_INTERVAL):

@@ -25,6 +25,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
 
 from ._exit_hooks import at_exit
+from ._multiprocess import WRITE_INTERVAL
 from ._options import ConfigError
 from ._processes import pid_alive
 
@@ -32,8 +33,6 @@ __all__ = ["ENV_VARIABLES", "PrometheusFiles", "directory_from_environment"]
 
 #: The variable prometheus_client reads, and its deprecated lower-case spelling.
 ENV_VARIABLES = ("PROMETHEUS_MULTIPROC_DIR", "prometheus_multiproc_dir")
-#: Seconds between two writes.
-WRITE_INTERVAL = 1.0
 _TAG = "loopscope-"
 
 

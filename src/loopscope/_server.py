@@ -525,7 +525,6 @@ class MetricsServer:
         self.httpd = _Endpoint(addr, port, registry, tls, credentials, before_build)
         self.port: int = self.httpd.server_port
         self.addr = addr
-        self.scheme = "https" if tls is not None else "http"
         self.thread = threading.Thread(
             target=self.httpd.serve_forever, name="loopscope-metrics", daemon=True
         )
