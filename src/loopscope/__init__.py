@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from typing import Any as _Any
 
+from ._apps import aiohttp_metrics_handler, metrics_asgi_app
 from ._factories import new_event_loop, new_uvloop_event_loop
 from ._factories import policy_class as _policy_class
 from ._installation import Installation, install, instrument, uninstall
 from ._options import ConfigError
-from ._server import aiohttp_metrics_handler, metrics_asgi_app
 
 __version__ = "0.1.0"
 

@@ -27,16 +27,12 @@ import sys
 import threading
 import weakref
 from bisect import bisect_left
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
-
-from ._collector import bucket_samples
 from ._stats import BUCKETS, OVERFLOW_LABEL, Histogram
 
 if TYPE_CHECKING:
-    from ._installation import Installation
     from ._probe import LoopProbe
 
 # asyncio's own check: on 3.10 it also knows @asyncio.coroutine functions (removed in 3.11),
@@ -52,16 +48,12 @@ __all__ = [
     "ExecutorBook",
     "ExecutorStats",
     "TimedCall",
-    "book_for",
-    "executor_families",
     "executor_label",
     "hook_loop",
 ]
 
 #: ``executor`` label of the loop's default executor.
 DEFAULT_LABEL = "default"
-#: Distinct ``executor`` label values kept before further executors count as ``other``.
-MAX_EXECUTOR_LABELS = 20
 
 # ThreadPoolExecutor names its threads "ThreadPoolExecutor-<n>" when given no prefix: a
 # counter per instance, which must not become a label value.
@@ -120,9 +112,10 @@ class ExecutorStats:
 
 
 class ExecutorBook:
-    """Every :class:`ExecutorStats` of one installation, with a cap on executor labels."""
+    """Every :class:`ExecutorStats` of one installation, with a cap on executor labels
+    (``max_executor_labels``)."""
 
-    def __init__(self, max_labels: int = MAX_EXECUTOR_LABELS) -> None:
+    def __init__(self, max_labels: int) -> None:
         self.max_labels = max_labels
         self.lock = threading.Lock()
         self.stats: dict[tuple[str, str], ExecutorStats] = {}
@@ -150,19 +143,16 @@ class ExecutorBook:
         with self.lock:
             return sorted(self.stats.items(), key=lambda item: item[0])
 
-
-_books: weakref.WeakKeyDictionary[Any, ExecutorBook] = weakref.WeakKeyDictionary()
-_books_lock = threading.Lock()
-
-
-def book_for(installation: Installation) -> ExecutorBook:
-    """The executor figures of ``installation``."""
-    with _books_lock:
-        book = _books.get(installation)
-        if book is None:
-            cap = getattr(installation.options, "max_executor_labels", MAX_EXECUTOR_LABELS)
-            book = _books[installation] = ExecutorBook(cap)
-        return book
+    def after_fork_in_child(self, *, keep_figures: bool) -> None:
+        """In a forked child: new locks (a thread of the parent may have held one at the
+        fork); without ``keep_figures``, start from zero (the parent's figures are the
+        parent's).  Loops alive at the fork keep this book and count into it."""
+        self.lock = threading.Lock()
+        if not keep_figures:
+            self.stats = {}
+            self.labels = set()
+        for stats in self.stats.values():
+            stats.lock = threading.Lock()
 
 
 def _max_workers(executor: object) -> int:
@@ -228,10 +218,16 @@ def _peek_executor(loop: object) -> Any:
     return None
 
 
-def hook_loop(probe: LoopProbe, loop: asyncio.AbstractEventLoop) -> None:
+def hook_loop(
+    book: ExecutorBook,
+    report_fault: Callable[[str, BaseException], None],
+    probe: LoopProbe,
+    loop: asyncio.AbstractEventLoop,
+) -> None:
     """Shadow ``run_in_executor`` and ``set_default_executor`` on ``loop`` (restored with the
-    probe's other patches).  Called from ``LoopProbe.patch_lifecycle``."""
-    book = book_for(probe.installation)
+    probe's other patches), counting into ``book``.  One of the installation's loop hooks
+    (``Installation.loop_hooks``, bound to its book), called from
+    ``LoopProbe.patch_lifecycle``."""
     clock = probe.clock
     orig_run_in_executor = loop.run_in_executor
     orig_set_default_executor = loop.set_default_executor
@@ -276,7 +272,7 @@ def hook_loop(probe: LoopProbe, loop: asyncio.AbstractEventLoop) -> None:
                 label = DEFAULT_LABEL if executor is current_default() else executor_label(executor)
             stats = book.get(probe.label, label)
         except Exception as exc:
-            probe.installation.report_fault("measuring run_in_executor", exc)
+            report_fault("measuring run_in_executor", exc)
             return orig_run_in_executor(executor, func, *args)
         if target is None or _is_thread_pool(target):
             future = orig_run_in_executor(executor, TimedCall(func, args, stats, clock))
@@ -306,38 +302,3 @@ def hook_loop(probe: LoopProbe, loop: asyncio.AbstractEventLoop) -> None:
 
     probe.patch(loop, "run_in_executor", run_in_executor)
     probe.patch(loop, "set_default_executor", set_default_executor)
-
-
-def executor_families(installation: Installation) -> Iterator[Metric]:
-    """The ``asyncio_executor_*`` families of ``installation`` (read at scrape time)."""
-    labels = ["loop", "executor"]
-    queue_delay = HistogramMetricFamily(
-        "asyncio_executor_queue_delay_seconds",
-        "Time a run_in_executor call waited for a free executor worker, in seconds.",
-        labels=labels,
-    )
-    run_duration = HistogramMetricFamily(
-        "asyncio_executor_run_duration_seconds",
-        "Time a run_in_executor call ran in an executor worker, in seconds.",
-        labels=labels,
-    )
-    busy = GaugeMetricFamily(
-        "asyncio_executor_workers_busy",
-        "Executor workers running a call now.",
-        labels=labels,
-    )
-    maximum = GaugeMetricFamily(
-        "asyncio_executor_workers_max",
-        "Maximum number of workers of the executors in use.",
-        labels=labels,
-    )
-    for (loop_label, executor), stats in book_for(installation).items():
-        delay_hist, run_hist, busy_now, max_now = stats.snapshot()
-        queue_delay.add_metric([loop_label, executor], bucket_samples(delay_hist), delay_hist.total)
-        run_duration.add_metric([loop_label, executor], bucket_samples(run_hist), run_hist.total)
-        busy.add_metric([loop_label, executor], float(busy_now))
-        maximum.add_metric([loop_label, executor], float(max_now))
-    yield queue_delay
-    yield run_duration
-    yield busy
-    yield maximum

@@ -4,6 +4,11 @@ Every loop created while loopscope is installed is instrumented from its constru
 (``asyncio.BaseEventLoop.__init__`` and ``uvloop.Loop.__init__`` are wrapped), which covers
 ``asyncio.run()``, ``asyncio.Runner``, ``asyncio.new_event_loop()``, ``uvloop.run()`` and
 ``uvloop.new_event_loop()`` without relying on event-loop policies, deprecated in 3.14.
+
+The installation owns everything loopscope keeps per process (the probes, the loops' book,
+the executor book, the watchdog, the endpoint, the shared and multiprocess files) and hands
+the pieces below it only what they need.  It also owns the one fork handler
+(:func:`_after_fork_in_child`), which sets a forked child up in one place.
 """
 
 from __future__ import annotations
@@ -11,7 +16,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import logging
+import os
 import socket
 import threading
 import time
@@ -20,21 +27,22 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
-from prometheus_client.registry import CollectorRegistry
+from prometheus_client.registry import Collector, CollectorRegistry
 
 from . import _port_sharing
 from ._asyncio_hooks import AsyncioProbe
 from ._collector import LoopCollector
 from ._events import SlowEventLog
+from ._executor import ExecutorBook, hook_loop
 from ._exit_hooks import at_exit
 from ._infrastructure import created_by_server_infrastructure
-from ._multiprocess import register_fork_hook
+from ._multiprocess import MergedCollector, ProcessFiles
 from ._options import ConfigError, Options, conflicting_options, resolve_options
 from ._probe import LoopProbe
 from ._prometheus_files import PrometheusFiles, directory_from_environment
 from ._server import MetricsServer
-from ._stats import SeriesBook
-from ._watchdog import Watchdog, register_for_fork
+from ._stats import LoopStats, SeriesBook
+from ._watchdog import Watchdog
 
 __all__ = ["Installation", "current", "install", "instrument", "uninstall"]
 
@@ -46,6 +54,12 @@ _MISSING = object()
 _ADDRESS_ERRNOS = frozenset(
     {errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT, errno.EINVAL, getattr(errno, "EAI_NONAME", -1)}
 )
+#: Seconds a fork waits for an exposition the endpoint is building to be done.
+FORK_BUILD_WAIT = 1.0
+
+#: What an installation runs on each loop it instruments, after the probe's own patches:
+#: ``hook(probe, loop)`` (see ``LoopProbe.patch_lifecycle``).
+LoopHook = Callable[[LoopProbe, asyncio.AbstractEventLoop], None]
 
 
 def uvloop_loop_class() -> type[Any] | None:
@@ -76,8 +90,18 @@ class Installation:
         self.options = options
         self.clock = clock
         self.book = SeriesBook(options.max_loop_labels, options.max_locations)
+        self.executor_book = ExecutorBook(options.max_executor_labels)
         self.events = SlowEventLog(options.slow_events)
-        self.collector = LoopCollector(self)
+        #: Run on every loop instrumented (``LoopProbe.patch_lifecycle``).
+        self.loop_hooks: tuple[LoopHook, ...] = (
+            functools.partial(hook_loop, self.executor_book, self.report_fault),
+        )
+        #: This process's own figures; ``exported`` is what the registry holds: this
+        #: collector, or the merged view of a shared directory around it.
+        self.collector = LoopCollector(
+            self.book, self.executor_book, self.live_probes, self.report_fault
+        )
+        self.exported: Collector = self.collector
         self.server: MetricsServer | None = None
         self.watchdog = Watchdog(self)
         self.constructors_patched = False
@@ -88,6 +112,10 @@ class Installation:
         #: Removes this process's claim on its port (see _port_sharing), while it has one.
         self.release_claim: Callable[[], None] | None = None
         self._joined = False
+        #: This process's file in a shared directory (``multiprocess_dir``, or the group
+        #: of the workers sharing a port), once the figures are merged through one.
+        self.shared_files: ProcessFiles | None = None
+        self._share_lock = threading.Lock()
         #: The figures written for prometheus_client's multiprocess mode, when it is on.
         self.prometheus_files: PrometheusFiles | None = None
 
@@ -111,13 +139,38 @@ class Installation:
                 registry.unregister(self.collector)
                 raise
         self.watchdog.start()
-        register_for_fork(self.watchdog)
         if shared_directory:
             # Worker processes merge their figures through a shared directory.
-            from ._multiprocess import attach
+            self.share_figures(shared_directory)
+        self.prometheus_files = PrometheusFiles.start_from_environment(
+            self.collector.collect, self.report_fault
+        )
 
-            attach(self, shared_directory)
-        self.prometheus_files = PrometheusFiles.start_from_environment(self)
+    def share_figures(self, directory: str | None = None) -> ProcessFiles | None:
+        """Merge this process's figures with those of the other processes writing to
+        ``directory`` (else the ``multiprocess_dir`` option): write them there and export
+        the merged view.  Once per process; None when there is no directory."""
+        directory = directory or self.options.multiprocess_dir
+        if not directory:
+            return None
+        with self._share_lock:
+            files = self.shared_files
+            if files is not None and files.pid == os.getpid():
+                return files
+            files = ProcessFiles(self.collector.collect, directory, self.report_fault)
+            self._export(MergedCollector(self.collector, files))
+            self.shared_files = files
+            files.start()
+            at_exit(files.at_exit)
+            return files
+
+    def _export(self, collector: Collector) -> None:
+        """Register ``collector`` in place of what the registry holds of loopscope's."""
+        registry = self.options.registry
+        with contextlib.suppress(KeyError):
+            registry.unregister(self.exported)
+        registry.register(collector)
+        self.exported = collector
 
     def _serve(self, registry: CollectorRegistry) -> str | None:
         """Start the endpoint; or, when a sibling or parent process of the same service
@@ -149,7 +202,6 @@ class Installation:
                 f"({exc.strerror or exc}); choose a free port from 0 to 65535 (0 picks "
                 "one) or another addr"
             ) from None
-        register_fork_hook()  # a worker forked from here joins instead of serving
         record = _port_sharing.claim(addr, self.server.port, self.options.multiprocess_dir)
         if record is not None:
             self.release_claim = record.release
@@ -163,9 +215,7 @@ class Installation:
         try:
             directory = _port_sharing.find_group_directory(self.server.addr, self.server.port)
             if directory is not None:
-                from ._multiprocess import attach
-
-                self._joined = attach(self, directory) is not None
+                self._joined = self.share_figures(directory) is not None
         except Exception as exc:
             self._joined = True  # not tried again
             self.report_fault("merging the workers that joined the /metrics endpoint", exc)
@@ -217,7 +267,9 @@ class Installation:
             except Exception as exc:
                 self.report_fault("removing instrumentation", exc)
         with contextlib.suppress(KeyError):
-            self.options.registry.unregister(self.collector)
+            self.options.registry.unregister(self.exported)
+        if self.shared_files is not None:
+            self.shared_files.stopped.set()  # its thread ends; no last write
         if self.prometheus_files is not None:
             self.prometheus_files.stop()
             self.prometheus_files = None
@@ -305,6 +357,95 @@ class Installation:
         except Exception:
             pass
 
+    # --- fork ----------------------------------------------------------------------------
+
+    def before_fork(self) -> Callable[[], None] | None:
+        """Before ``os.fork()``: wait for an exposition being built, so that no thread of
+        this process holds the registry's lock in the child.  Returns what to call after
+        the fork in the parent, if anything."""
+        server = self.server
+        if server is not None and server.hold_builds(FORK_BUILD_WAIT):
+            return server.release_builds
+        return None
+
+    def after_fork_in_child(self) -> None:
+        """Set a forked child up (gunicorn's workers, ``os.fork()``): every lock a thread of
+        the parent may have held, the watchdog, and, when the parent served the port or
+        shared a directory, the child's own file and figures; its own prometheus_client
+        multiprocess files.  Threads did not survive the fork; the parent's files,
+        endpoint and port claim stay the parent's."""
+        self._probes_lock = threading.Lock()
+        self._share_lock = threading.Lock()
+        self.book.lock = threading.Lock()
+        sharing = self.shared_files is not None or self.server is not None
+        # The parent's figures are in the parent's file: a sharing child starts from zero.
+        self.executor_book.after_fork_in_child(keep_figures=not sharing)
+        if not self.watchdog.stopped.is_set():
+            self.watchdog.start()
+        try:
+            if self.shared_files is not None:
+                self._share_from_forked_child(self.shared_files)
+            elif self.server is not None:
+                self._join_forking_host(self.server)
+        except Exception as exc:
+            self.report_fault("setting up a forked worker", exc)
+        if self.prometheus_files is not None:
+            self.prometheus_files = self.prometheus_files.for_forked_child()
+
+    def _share_from_forked_child(self, inherited: ProcessFiles) -> None:
+        """A worker forked by a process that merges through a shared directory: a file of
+        its own in the same directory, figures from zero, no endpoint."""
+        inherited.stopped.set()
+        if self.server is not None:
+            self.server.close_in_forked_child()
+            self.server = None
+        try:
+            self._reset_figures()
+        except Exception as exc:
+            self.report_fault("resetting a forked worker's figures", exc)
+        files = ProcessFiles(inherited.collect, inherited.directory, self.report_fault)
+        if isinstance(self.exported, MergedCollector):
+            self.exported.files = files
+        self.shared_files = files
+        files.start()
+        at_exit(files.at_exit)
+
+    def _join_forking_host(self, server: MetricsServer) -> None:
+        """A worker forked by the process that serves the port (``gunicorn --preload`` with
+        ``install(port=...)`` at import): it does not serve, it sends its figures to the
+        parent through their group's directory, which the parent merges from its next
+        scrape on."""
+        self.server = None
+        server.close_in_forked_child()
+        self.release_claim = None  # the claim is the parent's
+        try:
+            self._reset_figures()
+            directory = _port_sharing.group_directory_for_child(server.addr, server.port)
+        except Exception as exc:
+            self.report_fault("joining the parent's /metrics endpoint", exc)
+            return
+        self.share_figures(directory)
+
+    def _reset_figures(self) -> None:
+        """A child whose parent's figures are in the parent's file starts from zero; the
+        loops alive at the fork count into fresh figures."""
+        book = self.book
+        with book.lock:
+            for series in book.series.values():
+                series.retired = LoopStats()
+                for key in list(series.live):
+                    series.live[key] = LoopStats()
+        for probe in self.live_probes():
+            owner = book.series.get(probe.label)
+            if owner is not None and probe.key in owner.live:
+                stats = owner.live[probe.key]
+                if probe.recorder is not None:
+                    # The recorder still holds figures of the parent's not yet flushed:
+                    # drop them, then let it flush into the child's fresh figures.
+                    probe.recorder.flush(LoopStats())
+                    stats.pending = probe.recorder
+                probe.stats = stats
+
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
     try:
@@ -369,6 +510,39 @@ def instrument(loop: asyncio.AbstractEventLoop) -> asyncio.AbstractEventLoop:
     """Instrument one loop explicitly and return it."""
     ensure_installed().instrument(loop)
     return loop
+
+
+def _before_fork() -> None:
+    global _release_after_fork
+    installation = _current
+    _release_after_fork = installation.before_fork() if installation is not None else None
+
+
+def _after_fork_in_parent() -> None:
+    global _release_after_fork
+    release, _release_after_fork = _release_after_fork, None
+    if release is not None:
+        release()
+
+
+def _after_fork_in_child() -> None:
+    """The one fork handler: a forked child of an installed process sets itself up."""
+    global _lock, _release_after_fork
+    _lock = threading.RLock()
+    _release_after_fork = None  # the endpoint's thread stayed in the parent
+    installation = _current
+    if installation is not None:
+        installation.after_fork_in_child()
+
+
+#: What to call in the parent once a fork is done (see Installation.before_fork).
+_release_after_fork: Callable[[], None] | None = None
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(
+        before=_before_fork,
+        after_in_parent=_after_fork_in_parent,
+        after_in_child=_after_fork_in_child,
+    )
 
 
 def uninstall() -> None:

@@ -29,30 +29,25 @@ import json
 import os
 import threading
 import uuid
-import weakref
-from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from ._exit_hooks import at_exit
 from ._processes import pid_alive
 
 if TYPE_CHECKING:
-    from ._installation import Installation
+    from ._collector import LoopCollector
 
 __all__ = ["MergedCollector", "ProcessFiles", "attach", "merge_directory"]
 
 PREFIX = "loopscope-"
 RETIRED = "loopscope-retired.json"
 LOCK = ".loopscope.lock"
-#: Seconds between two writes of a process's file by its writer thread.
+#: Seconds between two writes of a process's files by its writer thread (here and in
+#: ``_prometheus_files``).
 WRITE_INTERVAL = 1.0
-
-_attach_lock = threading.Lock()
-_attached: weakref.WeakKeyDictionary[Any, ProcessFiles] = weakref.WeakKeyDictionary()
-_fork_hook_registered = False
 
 # A snapshot: family name -> {"type", "help", "samples": [[name, labels, value], ...]}.
 Snapshot = dict[str, dict[str, Any]]
@@ -133,47 +128,50 @@ class _Merger:
 
 
 class ProcessFiles:
-    """This process's file in the shared directory and the thread that keeps it current."""
+    """This process's file in the shared directory and the thread that keeps it current.
 
-    def __init__(self, installation: Installation, local: Collector, directory: str) -> None:
-        self.installation = installation
-        self.local = local
+    ``collect`` gives this process's own families (its collector's, not the merged view);
+    ``report_fault`` is the installation's.  The installation sets ``stopped`` when it is
+    uninstalled, and makes a new object in a forked child."""
+
+    def __init__(
+        self,
+        collect: Callable[[], Iterable[Metric]],
+        directory: str,
+        report_fault: Callable[[str, BaseException], None],
+    ) -> None:
+        self.collect = collect
+        self.report_fault = report_fault
         self.directory = directory
         self.pid = os.getpid()
         self.path = os.path.join(directory, f"{PREFIX}{self.pid}-{uuid.uuid4().hex[:12]}.json")
         self.lock = threading.Lock()
         self.stopped = threading.Event()
-        self.thread: threading.Thread | None = None
 
     def start(self) -> None:
         """Write the file now and every :data:`WRITE_INTERVAL` seconds from now on."""
         self.write()
-        self.thread = threading.Thread(target=self._run, name="loopscope-multiprocess", daemon=True)
-        self.thread.start()
+        threading.Thread(target=self._run, name="loopscope-multiprocess", daemon=True).start()
 
     def _run(self) -> None:
-        from ._installation import current
-
         while not self.stopped.wait(WRITE_INTERVAL):
-            if current() is not self.installation or os.getpid() != self.pid:
-                return  # uninstalled, or the copy of this object in a forked child
+            if os.getpid() != self.pid:
+                return  # the copy of this object in a forked child
             self.write()
 
     def write(self) -> Snapshot:
         """Snapshot this process's figures, write them, and return them."""
         with self.lock:
-            snapshot = _families_to_snapshot(self.local.collect())
+            snapshot = _families_to_snapshot(self.collect())
             try:
                 _write_json(self.path, {"pid": self.pid, "families": snapshot})
             except OSError as exc:
-                self.installation.report_fault("writing the multiprocess file", exc)
+                self.report_fault("writing the multiprocess file", exc)
             return snapshot
 
     def at_exit(self) -> None:
         """Last write when the interpreter exits normally, if still installed."""
-        from ._installation import current
-
-        if os.getpid() == self.pid and current() is self.installation:
+        if os.getpid() == self.pid and not self.stopped.is_set():
             self.stopped.set()
             with contextlib.suppress(Exception):
                 self.write()
@@ -262,13 +260,12 @@ class MergedCollector(Collector):
     """Registered in place of the installation's collector: the merged figures of every
     process writing to the shared directory."""
 
-    def __init__(self, local: Collector, files: ProcessFiles) -> None:
+    def __init__(self, local: LoopCollector, files: ProcessFiles) -> None:
         self.local = local
         self.files = files
 
     def describe(self) -> Iterable[Metric]:
-        describe = getattr(self.local, "describe", None)
-        return list(describe()) if describe is not None else []
+        return list(self.local.describe())
 
     def collect(self) -> Iterable[Metric]:
         files = self.files
@@ -277,144 +274,16 @@ class MergedCollector(Collector):
             merger = merge_directory(files.directory, (files.path, own))
             return list(merger.families())
         except Exception as exc:
-            files.installation.report_fault("merging the multiprocess directory", exc)
+            files.report_fault("merging the multiprocess directory", exc)
             return []
 
 
-def attach(installation: Installation, directory: str | None = None) -> ProcessFiles | None:
-    """Switch ``installation`` to a shared directory: ``directory``, else its
-    ``multiprocess_dir`` option (once per process); None when there is neither."""
-    directory = directory or getattr(installation.options, "multiprocess_dir", None)
-    if not directory:
-        return None
-    with _attach_lock:
-        files = _attached.get(installation)
-        if files is not None and files.pid == os.getpid():
-            return files
-        _register_fork_hook()
-        local: Collector = installation.collector
-        if isinstance(local, MergedCollector):
-            local = local.local
-        files = ProcessFiles(installation, local, directory)
-        merged = MergedCollector(local, files)
-        registry = installation.options.registry
-        with contextlib.suppress(KeyError):
-            registry.unregister(installation.collector)
-        registry.register(merged)
-        installation.collector = merged  # type: ignore[assignment]
-        _attached[installation] = files
-        files.start()
-        at_exit(files.at_exit)
-        return files
+class _SharesFigures(Protocol):
+    def share_figures(self, directory: str | None = None) -> ProcessFiles | None: ...
 
 
-def register_fork_hook() -> None:
-    """Make forked children of this process set themselves up as workers (idempotent)."""
-    _register_fork_hook()
-
-
-def _register_fork_hook() -> None:
-    global _fork_hook_registered
-    if _fork_hook_registered or not hasattr(os, "register_at_fork"):
-        return
-    os.register_at_fork(after_in_child=_after_fork_in_child)
-    _fork_hook_registered = True
-
-
-def _after_fork_in_child() -> None:
-    """A forked worker (gunicorn's): it must not reuse its parent's file, endpoint or
-    figures, and its writer thread did not survive the fork."""
-    global _attach_lock
-    _attach_lock = threading.Lock()
-    try:
-        from ._installation import current
-
-        installation = current()
-        if installation is None:
-            return
-        if installation not in _attached:
-            if installation.server is not None:
-                _join_forking_host(installation)
-            return
-        old = _attached[installation]
-        old.stopped.set()
-        server = installation.server
-        if server is not None:
-            # The serving thread stayed in the parent: close the inherited socket only
-            # (shutdown() would wait for that thread forever).
-            with contextlib.suppress(Exception):
-                server.httpd.socket.close()
-            installation.server = None
-        registry = installation.options.registry
-        if isinstance(getattr(registry, "_lock", None), type(threading.Lock())):
-            # A scrape in a thread of the parent may have held it at the fork.
-            registry._lock = threading.Lock()
-        try:
-            _reset_figures(installation)
-        except Exception as exc:
-            installation.report_fault("resetting a forked worker's figures", exc)
-        files = ProcessFiles(installation, old.local, old.directory)
-        merged = installation.collector
-        if isinstance(merged, MergedCollector):
-            merged.files = files
-        _attached[installation] = files
-        files.start()
-        at_exit(files.at_exit)
-    except Exception as exc:
-        with contextlib.suppress(Exception):
-            from ._installation import current
-
-            inst = current()
-            if inst is not None:
-                inst.report_fault("setting up a forked worker", exc)
-
-
-def _join_forking_host(installation: Installation) -> None:
-    """A worker forked by the process that serves the port (``gunicorn --preload`` with
-    ``install(port=...)`` at import): it does not serve, it sends its figures to the parent
-    through their group's directory, which the parent merges from its next scrape on."""
-    from ._port_sharing import group_directory_for_child
-
-    server = installation.server
-    assert server is not None
-    installation.server = None
-    with contextlib.suppress(Exception):
-        server.httpd.socket.close()
-    installation.release_claim = None  # the claim is the parent's
-    try:
-        _reset_figures(installation)
-        directory = group_directory_for_child(server.addr, server.port)
-    except Exception as exc:
-        installation.report_fault("joining the parent's /metrics endpoint", exc)
-        return
-    attach(installation, directory)
-
-
-def _reset_figures(installation: Installation) -> None:
-    """The parent's figures are in the parent's file: the child starts from zero."""
-    from . import _executor
-
-    book = installation.book
-    # A thread of the parent may have held these locks at the fork.
-    book.lock = threading.Lock()
-    with contextlib.suppress(AttributeError):
-        installation._probes_lock = threading.Lock()
-    with book.lock:
-        for series in book.series.values():
-            series.retired = type(series.retired)()
-            for key in list(series.live):
-                series.live[key] = type(series.live[key])()
-    for probe in installation.live_probes():
-        owner = book.series.get(probe.label)
-        if owner is not None and probe.key in owner.live:
-            stats = owner.live[probe.key]
-            if probe.recorder is not None:
-                # The C recorder still holds figures of the parent's not yet flushed: drop
-                # them, then let it flush into the child's fresh figures.
-                probe.recorder.flush(type(stats)())
-                stats.pending = probe.recorder
-            probe.stats = stats
-    _executor._books_lock = threading.Lock()
-    old = _executor._books.get(installation)
-    if old is not None:
-        _executor._books[installation] = _executor.ExecutorBook(old.max_labels)
+def attach(installation: _SharesFigures, directory: str | None = None) -> ProcessFiles | None:
+    """``installation.share_figures(directory)``: kept for ``loopscope run`` (``_run``),
+    which calls it by this name.  The installation owns its files; see
+    ``Installation.share_figures``."""
+    return installation.share_figures(directory)

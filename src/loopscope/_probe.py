@@ -167,9 +167,8 @@ class LoopProbe:
         self.patch(loop, "create_task", _hotpath.twin.CreateTask(orig_create_task, self.recorder))
         self.patch(loop, "run_forever", run_forever)
         self.patch(loop, "close", close)
-        from ._executor import hook_loop  # run_in_executor and the executor figures
-
-        hook_loop(self, loop)
+        for hook in self.installation.loop_hooks:
+            hook(self, loop)
 
     def unpatch_all(self, loop: AbstractEventLoop) -> None:
         """Undo every :meth:`patch`."""

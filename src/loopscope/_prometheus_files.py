@@ -19,25 +19,20 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable
 
 from prometheus_client.metrics_core import Metric
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
 
 from ._exit_hooks import at_exit
+from ._multiprocess import WRITE_INTERVAL
 from ._options import ConfigError
 from ._processes import pid_alive
-
-if TYPE_CHECKING:
-    from ._installation import Installation
 
 __all__ = ["ENV_VARIABLES", "PrometheusFiles", "directory_from_environment"]
 
 #: The variable prometheus_client reads, and its deprecated lower-case spelling.
 ENV_VARIABLES = ("PROMETHEUS_MULTIPROC_DIR", "prometheus_multiproc_dir")
-#: Seconds between two writes.
-WRITE_INTERVAL = 1.0
 _TAG = "loopscope-"
 
 
@@ -95,10 +90,19 @@ def _samples_to_write(family: Metric) -> Iterable[tuple[str, dict[str, str], flo
 
 
 class PrometheusFiles:
-    """This process's files in the multiprocess directory and the thread that writes them."""
+    """This process's files in the multiprocess directory and the thread that writes them.
 
-    def __init__(self, installation: Installation, directory: str) -> None:
-        self.installation = installation
+    ``collect`` gives this process's own families (its collector's, never a merged view);
+    ``report_fault`` is the installation's."""
+
+    def __init__(
+        self,
+        collect: Callable[[], Iterable[Metric]],
+        directory: str,
+        report_fault: Callable[[str, BaseException], None],
+    ) -> None:
+        self.collect = collect
+        self.report_fault = report_fault
         self.directory = directory
         self.pid = os.getpid()
         self.lock = threading.Lock()
@@ -107,18 +111,29 @@ class PrometheusFiles:
         self.thread: threading.Thread | None = None
 
     @classmethod
-    def start_from_environment(cls, installation: Installation) -> PrometheusFiles | None:
+    def start_from_environment(
+        cls,
+        collect: Callable[[], Iterable[Metric]],
+        report_fault: Callable[[str, BaseException], None],
+    ) -> PrometheusFiles | None:
         """Start writing when prometheus_client's multiprocess mode is on, else None."""
         directory = directory_from_environment()
         if directory is None:
             return None
-        files = cls(installation, directory)
+        files = cls(collect, directory, report_fault)
         files.start(first_write_now=True)
+        return files
+
+    def for_forked_child(self) -> PrometheusFiles:
+        """In a forked child: files of the child's own pid, written from one interval on;
+        the parent's mappings (and its thread) stay the parent's."""
+        self.files.clear()
+        files = PrometheusFiles(self.collect, self.directory, self.report_fault)
+        files.start(first_write_now=False)
         return files
 
     def start(self, *, first_write_now: bool) -> None:
         """Write now (or after one interval, in a forked child) and then every second."""
-        _register_fork_hook()
         if first_write_now:
             self.write()
         self.thread = threading.Thread(
@@ -139,9 +154,7 @@ class PrometheusFiles:
     def write(self) -> None:
         """Write this process's current figures; never raises."""
         try:
-            collector: Any = self.installation.collector
-            local = getattr(collector, "local", collector)  # not the merged view
-            families = list(local.collect())
+            families = list(self.collect())
             with self.lock:
                 if self.stopped.is_set() and self.thread is not None:
                     return
@@ -160,7 +173,7 @@ class PrometheusFiles:
                         store.write_value(key, value, 0.0)  # type: ignore[no-untyped-call]
             self._remove_dead_gauges()
         except Exception as exc:
-            self.installation.report_fault("writing prometheus_client multiprocess files", exc)
+            self.report_fault("writing prometheus_client multiprocess files", exc)
 
     def _remove_dead_gauges(self) -> None:
         for name in os.listdir(self.directory):
@@ -187,34 +200,7 @@ class PrometheusFiles:
             self.files.clear()
 
     def at_exit(self) -> None:
-        """At interpreter exit: as :meth:`stop`, if this object is still in use."""
-        if self.installation.prometheus_files is self:
-            with contextlib.suppress(Exception):
-                self.stop()
-
-
-_fork_hook_registered = False
-
-
-def _register_fork_hook() -> None:
-    global _fork_hook_registered
-    if not _fork_hook_registered and hasattr(os, "register_at_fork"):
-        os.register_at_fork(after_in_child=_after_fork_in_child)
-        _fork_hook_registered = True
-
-
-def _after_fork_in_child() -> None:
-    """A forked worker writes files of its own pid; the parent's stay the parent's."""
-    try:
-        from ._installation import current
-
-        installation = current()
-        old = installation.prometheus_files if installation is not None else None
-        if installation is None or old is None or old.pid == os.getpid():
-            return
-        old.files.clear()  # the parent's mappings (and its thread) stay the parent's
-        files = PrometheusFiles(installation, old.directory)
-        installation.prometheus_files = files
-        files.start(first_write_now=False)
-    except Exception:
-        pass
+        """At interpreter exit: as :meth:`stop` (nothing once stopped, or in a forked child,
+        which has files of its own)."""
+        with contextlib.suppress(Exception):
+            self.stop()

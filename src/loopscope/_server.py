@@ -1,5 +1,6 @@
 """The /metrics endpoint: a small HTTP server on its own thread, so that a scrape is answered
-while the loop is blocked; plus helpers that mount /metrics into an ASGI or aiohttp app.
+while the loop is blocked.  (The helpers that mount /metrics into an ASGI or aiohttp app are
+in ``_apps``.)
 
 The endpoint serves nothing but the exposition: ``GET``/``HEAD`` on ``/metrics`` (and ``/``).
 It binds 127.0.0.1 unless told otherwise, can serve HTTPS (``tls_certfile``/``tls_keyfile``),
@@ -40,19 +41,20 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from prometheus_client.registry import REGISTRY, CollectorRegistry
+from prometheus_client.registry import CollectorRegistry
 
 from . import _hotpath
+from ._options import ConfigError, tls_context
 
 if TYPE_CHECKING:
     from ._options import Options
 
-__all__ = ["MetricsServer", "aiohttp_metrics_handler", "metrics_asgi_app"]
+__all__ = ["MetricsServer"]
 
 METRICS_PATHS = frozenset({"/metrics", "/"})
 #: Seconds a client has to send its request (TLS handshake included) once accepted, and
@@ -152,6 +154,9 @@ class _Exposition:
         self.answers_body: bytes | None = None  # the exposition self.answers hold
         self.answers_second = -1  # and the second of their Date header
         self.failures = 0
+        #: Held while an exposition is built (the registry's own lock is taken meanwhile);
+        #: the installation holds it across a fork (see MetricsServer.hold_builds).
+        self.build_lock = threading.Lock()
 
     def now(self) -> str:
         """The ``Date`` header's value, formatted once a second."""
@@ -165,9 +170,10 @@ class _Exposition:
         if time.monotonic() - self.built_at >= REUSE_SECONDS or self.body is None:
             # A failed build is not kept: the next scrape tries again.
             self.body = None
-            if self.before_build is not None:
-                self.before_build()
-            self.body = generate_latest(self.registry)
+            with self.build_lock:
+                if self.before_build is not None:
+                    self.before_build()
+                self.body = generate_latest(self.registry)
             self.built_at = time.monotonic()
         date = self.now()
         if self.answers_body is not self.body or self.answers_second != self.second:
@@ -501,27 +507,24 @@ class MetricsServer:
         addr: str,
         port: int,
         registry: CollectorRegistry,
-        options: Options | None = None,
+        options: Options,
         before_build: Callable[[], None] | None = None,
     ) -> None:
-        """``before_build`` is called on the endpoint's thread before each build of the
-        exposition (at most once per ``REUSE_SECONDS``); what it raises fails that scrape."""
+        """TLS and basic authentication come from ``options``; ``before_build`` is called on
+        the endpoint's thread before each build of the exposition (at most once per
+        ``REUSE_SECONDS``); what it raises fails that scrape."""
         tls: ssl.SSLContext | None = None
         credentials: bytes | None = None
-        if options is not None:
-            if options.tls_certfile is not None:
-                from ._options import ConfigError, tls_context
-
-                try:
-                    tls = tls_context(options)
-                except ConfigError as exc:  # the files changed since validation
-                    raise OSError(str(exc)) from None
-            if options.basic_auth_username is not None and options.basic_auth_password is not None:
-                credentials = _credentials(options.basic_auth_username, options.basic_auth_password)
+        if options.tls_certfile is not None:
+            try:
+                tls = tls_context(options)
+            except ConfigError as exc:  # the files changed since validation
+                raise OSError(str(exc)) from None
+        if options.basic_auth_username is not None and options.basic_auth_password is not None:
+            credentials = _credentials(options.basic_auth_username, options.basic_auth_password)
         self.httpd = _Endpoint(addr, port, registry, tls, credentials, before_build)
         self.port: int = self.httpd.server_port
         self.addr = addr
-        self.scheme = "https" if tls is not None else "http"
         self.thread = threading.Thread(
             target=self.httpd.serve_forever, name="loopscope-metrics", daemon=True
         )
@@ -533,46 +536,19 @@ class MetricsServer:
         self.thread.join(timeout=5)
         self.httpd.server_close()
 
+    def hold_builds(self, timeout: float) -> bool:
+        """Keep the endpoint's thread from building an exposition until
+        :meth:`release_builds`, waiting up to ``timeout`` seconds for a build under way to
+        end; False (nothing held) when it did not.  Held across ``os.fork()``, so that no
+        thread of the parent holds the registry's lock when the child starts."""
+        return self.httpd.exposition.build_lock.acquire(timeout=timeout)
 
-class MetricsASGIApp:
-    """The ASGI app :func:`metrics_asgi_app` returns.  An object rather than a function:
-    Starlette's ``Route`` takes a plain function for a request handler, and any other
-    callable for an ASGI app."""
+    def release_builds(self) -> None:
+        """Let the endpoint build again (after a successful :meth:`hold_builds`)."""
+        self.httpd.exposition.build_lock.release()
 
-    def __init__(self, serve: Callable[..., Awaitable[None]]) -> None:
-        self.serve = serve
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        await self.serve(scope, receive, send)
-
-
-def metrics_asgi_app(registry: CollectorRegistry | None = None) -> MetricsASGIApp:
-    """An ASGI app serving the registry (default: loopscope's, else prometheus_client's).
-
-    In Starlette or FastAPI, ``app.add_route("/metrics", loopscope.metrics_asgi_app())``
-    answers ``/metrics`` itself; ``app.mount("/metrics", ...)`` works too, but Starlette then
-    redirects ``/metrics`` to ``/metrics/``."""
-    from prometheus_client import make_asgi_app
-
-    return MetricsASGIApp(make_asgi_app(registry if registry is not None else _default_registry()))
-
-
-def aiohttp_metrics_handler(
-    registry: CollectorRegistry | None = None,
-) -> Callable[[Any], Awaitable[Any]]:
-    """An aiohttp request handler serving the registry:
-    ``app.router.add_get("/metrics", loopscope.aiohttp_metrics_handler())``."""
-    from aiohttp import web
-
-    async def handler(request: web.Request) -> web.Response:
-        output = generate_latest(registry if registry is not None else _default_registry())
-        return web.Response(body=output, headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-    return handler
-
-
-def _default_registry() -> CollectorRegistry:
-    from ._installation import current
-
-    inst = current()
-    return inst.options.registry if inst is not None else REGISTRY
+    def close_in_forked_child(self) -> None:
+        """In a forked child: close the inherited listening socket only; the serving thread
+        stayed in the parent (shutdown() would wait for it forever)."""
+        with contextlib.suppress(Exception):
+            self.httpd.socket.close()

@@ -122,8 +122,7 @@ class LabelSeries:
     per loop is kept once the loop is gone.
     """
 
-    def __init__(self, label: str, implementation: str) -> None:
-        self.label = label
+    def __init__(self, implementation: str) -> None:
         self.implementations: set[str] = {implementation}
         self.retired = LoopStats()
         self.live: dict[int, LoopStats] = {}
@@ -153,7 +152,7 @@ class SeriesBook:
                 label = OVERFLOW_LABEL
             series = self.series.get(label)
             if series is None:
-                series = self.series[label] = LabelSeries(label, implementation)
+                series = self.series[label] = LabelSeries(implementation)
             series.implementations.add(implementation)
             stats = LoopStats()
             series.live[key] = stats
