@@ -30,7 +30,7 @@ import os
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
@@ -40,7 +40,7 @@ from ._processes import pid_alive
 if TYPE_CHECKING:
     from ._collector import LoopCollector
 
-__all__ = ["MergedCollector", "ProcessFiles", "attach", "merge_directory"]
+__all__ = ["MergedCollector", "ProcessFiles", "merge_directory"]
 
 PREFIX = "loopscope-"
 RETIRED = "loopscope-retired.json"
@@ -276,14 +276,3 @@ class MergedCollector(Collector):
         except Exception as exc:
             files.report_fault("merging the multiprocess directory", exc)
             return []
-
-
-class _SharesFigures(Protocol):
-    def share_figures(self, directory: str | None = None) -> ProcessFiles | None: ...
-
-
-def attach(installation: _SharesFigures, directory: str | None = None) -> ProcessFiles | None:
-    """``installation.share_figures(directory)``: kept for ``loopscope run`` (``_run``),
-    which calls it by this name.  The installation owns its files; see
-    ``Installation.share_figures``."""
-    return installation.share_figures(directory)

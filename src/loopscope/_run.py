@@ -432,7 +432,6 @@ def bootstrap() -> None:
 
 def _install() -> None:
     from . import _installation
-    from ._multiprocess import attach
     from ._options import ConfigError
 
     command = os.environ.get(OWNER_FLAG, "") == str(os.getpid())
@@ -450,7 +449,7 @@ def _install() -> None:
         installation = _installation.install(port=None)
     if installation.port is not None:
         # This process serves the merged view; the others join when they make a loop.
-        attach(installation)
+        installation.share_figures()
 
 
 def _remove_at_exit(directory: str, owner: int) -> None:

@@ -17,7 +17,6 @@ about 8% of a CPU waiting for it.
 
 from __future__ import annotations
 
-import os
 import sys
 import threading
 import time
@@ -169,21 +168,3 @@ class Watchdog:
             blocking_stack=stack,
             location=location,
         )
-
-
-_watchdogs: weakref.WeakSet[Watchdog] = weakref.WeakSet()
-
-
-def register_for_fork(watchdog: Watchdog) -> None:
-    """Restart ``watchdog`` in a child process after ``os.fork()`` (gunicorn --preload)."""
-    _watchdogs.add(watchdog)
-
-
-def _restart_after_fork() -> None:
-    for watchdog in list(_watchdogs):
-        if not watchdog.stopped.is_set():
-            watchdog.start()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_restart_after_fork)
