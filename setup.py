@@ -23,7 +23,7 @@ C_SOURCES = [
     "clock.c",
     "endpoint.c",
 ]
-C_HEADERS = ["speedups.h", "compat.h", "clock.h"]
+C_HEADERS = ["speedups.h", "compat.h", "timed.h", "clock.h"]
 
 ext_modules = []
 if platform.python_implementation() == "CPython" and sys.platform != "win32":

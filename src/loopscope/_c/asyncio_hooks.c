@@ -4,6 +4,7 @@
  * _run method of the per-loop Handle and TimerHandle subclasses).
  */
 #include "speedups.h"
+#include "timed.h"
 
 /* ---------------------------------------------------------------------------------------
  * CallSoon (asyncio's loop._call_soon)
@@ -164,57 +165,62 @@ static PyObject *run_handle(TimedRun *self, PyObject *handle) {
     return reported;
 }
 
+/* The hooks of timed_call() (timed.h) for TimedRun: the callback and the ready time are
+ * the handle's (step->args[0]). */
+LS_ALWAYS_INLINE PyObject *handle_callback(TimedStep *step) {
+    TimedRun *self = (TimedRun *)step->wrapper;
+    return get_slot(step->args[0], self->cls, self->callback_offset, ls_str.callback);
+}
+
+LS_ALWAYS_INLINE PyObject *call_run_handle(TimedStep *step) {
+    return run_handle((TimedRun *)step->wrapper, step->args[0]);
+}
+
+/* What is recorded is read from the handle after the call, as the pure path does: the
+ * callback may have cancelled its own handle (which clears _callback). */
+LS_ALWAYS_INLINE int reread_callback(TimedStep *step) {
+    Py_CLEAR(step->callback);
+    step->callback = handle_callback(step);
+    return step->callback == NULL ? -1 : 0;
+}
+
+LS_ALWAYS_INLINE int record_run(TimedStep *step, double start, double end) {
+    TimedRun *self = (TimedRun *)step->wrapper;
+    if (self->ready_attr == NULL)
+        return ls_record_io(step->recorder, step->callback, start, end);
+    PyObject *ready_obj = get_slot(step->args[0], self->cls, self->ready_offset,
+                                   self->ready_attr);
+    if (ready_obj == NULL)
+        return -1;
+    double ready = PyFloat_AsDouble(ready_obj);
+    Py_DECREF(ready_obj);
+    if (ready == -1.0 && PyErr_Occurred())
+        return -1;
+    return ls_record(step->recorder, step->callback, ready, start, end);
+}
+
+/* The clock's error is raised; nothing is recorded when the call raised (SystemExit or
+ * KeyboardInterrupt: the pure path stops there too); try: probe.after_step(...) except
+ * Exception as exc: probe.fault(exc), so a BaseException of the bookkeeping is raised. */
+static const TimedCall timed_run = {
+    .is_timed = NULL,
+    .clock_fault = CLOCK_FAULT_RAISES,
+    .callback = handle_callback,
+    .call = call_run_handle,
+    .record_raised = 0,
+    .after_call = reread_callback,
+    .record = record_run,
+    .raise_base_faults = 1,
+};
+
 static PyObject *TimedRun_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf,
                                      PyObject *kwnames) {
     TimedRun *self = (TimedRun *)op;
     if (PyVectorcall_NARGS(nargsf) != 1 || kwnames != NULL)
         return PyObject_Vectorcall(self->handle_run, args, nargsf, kwnames);
-    Recorder *r = self->recorder;
-    PyObject *handle = args[0];
-    double start, end;
-    if (read_clock(r, &start) < 0)
-        return NULL;
-    PyObject *callback = get_slot(handle, self->cls, self->callback_offset, ls_str.callback);
-    if (callback == NULL)
-        return NULL;
-    mark_start(r, callback, start);
-    PyObject *result = run_handle(self, handle);
-    if (result == NULL) {
-        /* SystemExit / KeyboardInterrupt: nothing is recorded (the pure path stops there
-         * too), but the step is over: a marker left set would make the watchdog report an
-         * idle loop as blocked from then on. */
-        mark_end(r);
-        Py_DECREF(callback);
-        return NULL;
-    }
-    mark_end(r);
-    /* try: probe.after_step(...) except Exception as exc: probe.fault(exc) */
-    Py_DECREF(callback);
-    callback = get_slot(handle, self->cls, self->callback_offset, ls_str.callback);
-    int rc = -1;
-    if (callback != NULL && read_clock(r, &end) == 0) {
-        if (self->ready_attr == NULL)
-            rc = ls_record_io(r, callback, start, end);
-        else {
-            PyObject *ready_obj =
-                get_slot(handle, self->cls, self->ready_offset, self->ready_attr);
-            if (ready_obj != NULL) {
-                double ready = PyFloat_AsDouble(ready_obj);
-                Py_DECREF(ready_obj);
-                if (!(ready == -1.0 && PyErr_Occurred()))
-                    rc = ls_record(r, callback, ready, start, end);
-            }
-        }
-    }
-    Py_XDECREF(callback);
-    if (rc < 0) {
-        if (!PyErr_ExceptionMatches(PyExc_Exception)) {
-            Py_DECREF(result);
-            return NULL;
-        }
-        ls_report_fault(r);
-    }
-    return result;
+    TimedStep step = {.wrapper = op, .recorder = self->recorder, .args = args,
+                      .nargsf = nargsf, .kwnames = kwnames};
+    return timed_call(&step, &timed_run);
 }
 
 static PyObject *TimedRun_descr_get(PyObject *self, PyObject *obj,

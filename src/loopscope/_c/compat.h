@@ -18,6 +18,14 @@
 #define LS_HIDDEN
 #endif
 
+/* A function of the per-callback hot path that is always inlined (timed.h's timed_call and
+ * its hooks, which are written as functions for clarity only). */
+#if defined(__GNUC__) || defined(__clang__)
+#define LS_ALWAYS_INLINE static inline __attribute__((always_inline))
+#else
+#define LS_ALWAYS_INLINE static inline
+#endif
+
 /* ---------------------------------------------------------------------------------------
  * exception save / restore across 3.10 .. 3.14
  */

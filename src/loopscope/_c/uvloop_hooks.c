@@ -4,6 +4,7 @@
  * call_later instance attributes, which wrap the callback in a TimedCallback).
  */
 #include "speedups.h"
+#include "timed.h"
 
 #include <string.h>
 
@@ -70,31 +71,39 @@ static inline PyObject *call_callback(PyObject *callback, PyObject *const *args,
     return PyObject_Vectorcall(callback, args, nargsf, kwnames);
 }
 
+/* The hooks of timed_call() (timed.h) that TimedCallback and TimedIO share: the callback is
+ * the wrapper's (held for the bookkeeping even if the call drops the wrapper). */
+LS_ALWAYS_INLINE PyObject *wrapped_callback(TimedStep *step) {
+    return Py_NewRef(((Wrapper *)step->wrapper)->callback);
+}
+
+LS_ALWAYS_INLINE PyObject *call_timed_callback(TimedStep *step) {
+    return call_callback(step->callback, step->args, step->nargsf, step->kwnames);
+}
+
+LS_ALWAYS_INLINE int record_timed_callback(TimedStep *step, double start, double end) {
+    return ls_record(step->recorder, step->callback, step->ready, start, end);
+}
+
+/* Timed even when the clock fails (from when it was made ready), recorded even when the
+ * callback raised. */
+static const TimedCall timed_callback = {
+    .is_timed = NULL,
+    .clock_fault = CLOCK_FAULT_START_AT_READY,
+    .callback = wrapped_callback,
+    .call = call_timed_callback,
+    .record_raised = 1,
+    .after_call = NULL,
+    .record = record_timed_callback,
+    .raise_base_faults = 0,
+};
+
 static PyObject *TimedCallback_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf,
                                           PyObject *kwnames) {
     TimedCallback *self = (TimedCallback *)op;
-    Recorder *r = self->recorder;
-    double start, end;
-    if (read_clock(r, &start) < 0) {
-        ls_report_fault(r);
-        start = self->ready;
-    }
-    /* keep the callback alive for the bookkeeping even if it drops itself */
-    PyObject *callback = Py_NewRef(self->callback);
-    mark_start(r, callback, start);
-    PyObject *result = call_callback(callback, args, nargsf, kwnames);
-    /* finally: (the callback's exception, if any, is kept aside and restored) */
-    saved_exc saved = {0};
-    if (result == NULL)
-        exc_save(&saved);
-    mark_end(r);
-    if (read_clock(r, &end) < 0 ||
-        ls_record(r, callback, self->ready, start, end) < 0)
-        ls_report_fault(r);
-    if (result == NULL)
-        exc_restore(&saved);
-    Py_DECREF(callback);
-    return result;
+    TimedStep step = {.wrapper = op, .recorder = self->recorder, .args = args,
+                      .nargsf = nargsf, .kwnames = kwnames, .ready = self->ready};
+    return timed_call(&step, &timed_callback);
 }
 
 /* One TimedCallback is made and dropped per scheduled callback: keep a few dropped ones
@@ -199,31 +208,33 @@ static int io_is_timed(Recorder *r) {
     return timed;
 }
 
+LS_ALWAYS_INLINE PyObject *call_timed_io(TimedStep *step) {
+    return PyObject_Vectorcall(step->callback, step->args, step->nargsf, step->kwnames);
+}
+
+LS_ALWAYS_INLINE int record_timed_io(TimedStep *step, double start, double end) {
+    return ls_record_io(step->recorder, step->callback, start, end);
+}
+
+/* Only when io_is_timed(), called untimed when the clock fails, recorded even when the
+ * callback raised (with record_io: no schedule delay, not a task step). */
+static const TimedCall timed_io = {
+    .is_timed = io_is_timed,
+    .clock_fault = CLOCK_FAULT_UNTIMED,
+    .callback = wrapped_callback,
+    .call = call_timed_io,
+    .record_raised = 1,
+    .after_call = NULL,
+    .record = record_timed_io,
+    .raise_base_faults = 0,
+};
+
 static PyObject *TimedIO_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf,
                                     PyObject *kwnames) {
     TimedIO *self = (TimedIO *)op;
-    Recorder *r = self->recorder;
-    PyObject *callback = Py_NewRef(self->callback);
-    double start, end;
-    if (!io_is_timed(r) || read_clock(r, &start) < 0) {
-        if (PyErr_Occurred())
-            ls_report_fault(r);
-        PyObject *result = PyObject_Vectorcall(callback, args, nargsf, kwnames);
-        Py_DECREF(callback);
-        return result;
-    }
-    mark_start(r, callback, start);
-    PyObject *result = PyObject_Vectorcall(callback, args, nargsf, kwnames);
-    saved_exc saved = {0};
-    if (result == NULL)
-        exc_save(&saved);
-    mark_end(r);
-    if (read_clock(r, &end) < 0 || ls_record_io(r, callback, start, end) < 0)
-        ls_report_fault(r);
-    if (result == NULL)
-        exc_restore(&saved);
-    Py_DECREF(callback);
-    return result;
+    TimedStep step = {.wrapper = op, .recorder = self->recorder, .args = args,
+                      .nargsf = nargsf, .kwnames = kwnames};
+    return timed_call(&step, &timed_io);
 }
 
 static PyObject *TimedIO_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
