@@ -1,7 +1,8 @@
 /*
  * loopscope._speedups: the module (see speedups.h for what each file holds).  Its init
- * interns the attribute names, sets up the recorder, the native clock and the watchdog's
- * condition variable, and readies the types.
+ * interns the attribute names, sets up the recorder (with the bucket bounds of
+ * loopscope._stats), the native clock and the watchdog's condition variable, and readies
+ * the types.
  */
 #include "speedups.h"
 
@@ -44,6 +45,23 @@ static int intern_names(void) {
     return 0;
 }
 
+/* The histograms' bucket bounds, from the one place they are kept: loopscope._stats.BUCKETS
+ * (_stats imports nothing of loopscope's, so importing it from here makes no cycle).  A
+ * new reference, or NULL with ImportError set. */
+static PyObject *import_bounds(void) {
+    PyObject *stats = PyImport_ImportModule("loopscope._stats");
+    if (stats == NULL)
+        return NULL;
+    PyObject *bounds = PyObject_GetAttrString(stats, "BUCKETS");
+    Py_DECREF(stats);
+    if (bounds == NULL && PyErr_ExceptionMatches(PyExc_AttributeError)) {
+        PyErr_Clear();
+        PyErr_SetString(PyExc_ImportError,
+                        "loopscope._speedups: loopscope._stats has no BUCKETS");
+    }
+    return bounds;
+}
+
 static struct PyModuleDef speedups_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "loopscope._speedups",
@@ -58,7 +76,12 @@ PyMODINIT_FUNC PyInit__speedups(void) {
     ls_empty_tuple = PyTuple_New(0);
     if (ls_empty_tuple == NULL)
         return NULL;
-    if (ls_recorder_init(NULL) < 0)
+    PyObject *bounds = import_bounds();
+    if (bounds == NULL)
+        return NULL;
+    int rc = ls_recorder_init(bounds);
+    Py_DECREF(bounds);
+    if (rc < 0)
         return NULL;
 
     PyTypeObject *types[] = {&ls_Recorder_Type, &ls_TimedCallback_Type, &ls_TimedIO_Type,

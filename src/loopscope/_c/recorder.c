@@ -3,18 +3,13 @@
  */
 #include "speedups.h"
 
+#include <float.h>
 #include <math.h>
+#include <stdio.h>
 #include <string.h>
 
-static const double BUCKETS[NBUCKETS - 1] = {
-    0.00001, 0.000025, 0.00005,
-    0.0001, 0.00025, 0.0005,
-    0.001, 0.0025, 0.005,
-    0.01, 0.025, 0.05,
-    0.1, 0.25, 0.5,
-    1.0, 2.5, 5.0,
-    10.0,
-};
+/* The histograms' bounds: loopscope._stats.BUCKETS, read at module init (set_bounds). */
+static double BUCKETS[NBUCKETS - 1];
 
 /* Where getattr(callback, "__self__") is a getset of an immutable type (asyncio's C task
  * step wrapper), that getter is called directly: same result, a tenth of the work. */
@@ -26,34 +21,11 @@ static PyObject *time_monotonic; /* time.monotonic, to recognise the default clo
 /* ---------------------------------------------------------------------------------------
  * The bucket search
  */
-/* bisect_left(BUCKETS, value): the first bound >= value.  The value's binary exponent picks
- * the first bound at or above its power of two (bucket_start, filled at module init); no
- * two bounds share a power of two (each is at least twice the one before), so at most
- * one more comparison finishes the search. */
-#define EXP_LOW (-18) /* 2**-18 < BUCKETS[0] */
-#define EXP_HIGH 4    /* BUCKETS[NBUCKETS - 2] < 2**4 */
-static unsigned char bucket_start[EXP_HIGH - EXP_LOW];
-
-static int fill_bucket_start(void) {
-    if (!(BUCKETS[0] > ldexp(1.0, EXP_LOW) && BUCKETS[NBUCKETS - 2] < ldexp(1.0, EXP_HIGH))) {
-        PyErr_SetString(PyExc_SystemError, "BUCKETS outside the exponent table");
-        return -1;
-    }
-    for (int i = 0; i + 1 < NBUCKETS - 1; i++) {
-        if (!(BUCKETS[i + 1] >= 2.0 * BUCKETS[i])) {
-            PyErr_SetString(PyExc_SystemError, "two BUCKETS bounds within a power of two");
-            return -1;
-        }
-    }
-    for (int e = EXP_LOW; e < EXP_HIGH; e++) {
-        double power = ldexp(1.0, e);
-        int i = 0;
-        while (i < NBUCKETS - 1 && BUCKETS[i] < power)
-            i++;
-        bucket_start[e - EXP_LOW] = (unsigned char)i;
-    }
-    return 0;
-}
+/* bisect_left(BUCKETS, value): the first bound >= value.  The value's binary exponent (the
+ * exponent field of the double) picks the first bound at or above its power of two
+ * (bucket_start, filled at module init); no two bounds share a power of two (each is at
+ * least twice the one before), so at most one more comparison finishes the search. */
+static unsigned char bucket_start[2048];
 
 static inline Py_ssize_t bucket_of(double value) {
     if (!(value > BUCKETS[0])) /* also 0, negatives and NaN, as bisect_left puts them */
@@ -62,11 +34,62 @@ static inline Py_ssize_t bucket_of(double value) {
         return NBUCKETS - 1;
     uint64_t bits;
     memcpy(&bits, &value, sizeof(bits));
-    int e = (int)((bits >> 52) & 0x7ff) - 1023; /* 2**e <= value < 2**(e+1) */
-    Py_ssize_t i = bucket_start[e - EXP_LOW];
+    Py_ssize_t i = bucket_start[(bits >> 52) & 0x7ff]; /* 2**e <= value < 2**(e+1) */
     if (BUCKETS[i] < value)
         i++;
     return i;
+}
+
+static int bad_bounds(const char *what) {
+    PyErr_Format(PyExc_ImportError,
+                 "loopscope._speedups: loopscope._stats.BUCKETS %s: it must hold %d finite "
+                 "positive bounds, each at least twice the one before (as the C bucket "
+                 "search requires)",
+                 what, NBUCKETS - 1);
+    return -1;
+}
+
+/* BUCKETS and bucket_start from the Python bounds; -1 with ImportError set if they are not
+ * what bucket_of() needs. */
+static int set_bounds(PyObject *bounds) {
+    double values[NBUCKETS - 1];
+    PyObject *seq = PySequence_Fast(bounds, "");
+    if (seq == NULL) {
+        PyErr_Clear();
+        return bad_bounds("is not a sequence");
+    }
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    if (n != NBUCKETS - 1) {
+        char what[64];
+        snprintf(what, sizeof what, "has %zd bounds", n);
+        Py_DECREF(seq);
+        return bad_bounds(what);
+    }
+    for (Py_ssize_t i = 0; i < NBUCKETS - 1; i++) {
+        values[i] = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(seq, i));
+        if (values[i] == -1.0 && PyErr_Occurred()) {
+            PyErr_Clear();
+            Py_DECREF(seq);
+            return bad_bounds("holds something other than a number");
+        }
+    }
+    Py_DECREF(seq);
+    if (!(isfinite(values[0]) && values[0] >= DBL_MIN)) /* a positive normal double */
+        return bad_bounds("starts with a bound that is not a positive finite number");
+    for (int i = 1; i < NBUCKETS - 1; i++) {
+        if (!(isfinite(values[i]) && values[i] >= 2.0 * values[i - 1]))
+            return bad_bounds("has a bound less than twice the one before, or not finite");
+    }
+    memcpy(BUCKETS, values, sizeof(BUCKETS));
+    for (int biased = 0; biased < 2048; biased++) {
+        /* the exponent field's power of two; 0 for the subnormals (below every bound) */
+        double power = biased == 0 ? 0.0 : ldexp(1.0, biased - 1023);
+        int i = 0;
+        while (i < NBUCKETS - 2 && BUCKETS[i] < power)
+            i++;
+        bucket_start[biased] = (unsigned char)i;
+    }
+    return 0;
 }
 
 /* ---------------------------------------------------------------------------------------
@@ -543,8 +566,7 @@ PyTypeObject ls_CreateTask_Type = {
  * module init
  */
 int ls_recorder_init(PyObject *bounds) {
-    (void)bounds;
-    if (fill_bucket_start() < 0)
+    if (set_bounds(bounds) < 0)
         return -1;
     PyObject *time_module = PyImport_ImportModule("time");
     if (time_module == NULL)

@@ -99,8 +99,9 @@ LS_HIDDEN int ls_record(Recorder *r, PyObject *callback, double ready, double st
 LS_HIDDEN int ls_record_io(Recorder *r, PyObject *callback, double start, double end);
 /* probe.fault(exc) for the exception currently set; never leaves one set. */
 LS_HIDDEN void ls_report_fault(Recorder *r);
-/* At module init: the bucket bounds (a sequence of NBUCKETS - 1 floats, loopscope._stats'
- * BUCKETS) and time.monotonic.  -1 with an exception set (ImportError for bad bounds). */
+/* At module init: the bucket bounds (loopscope._stats.BUCKETS: NBUCKETS - 1 finite
+ * positive floats, each at least twice the one before) and time.monotonic.  -1 with an
+ * exception set (ImportError for bounds the bucket search cannot use). */
 LS_HIDDEN int ls_recorder_init(PyObject *bounds);
 
 /* The clock as a C double; -1 with an exception set on failure. */
