@@ -1,4 +1,4 @@
-"""Types of the optional C accelerator (src/loopscope/_speedups.c)."""
+"""Types of the optional C accelerator (its sources: src/loopscope/_c/)."""
 
 from collections.abc import Callable
 from typing import Any, Literal, TypedDict, final

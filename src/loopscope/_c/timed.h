@@ -94,7 +94,7 @@ LS_ALWAYS_INLINE PyObject *timed_call(TimedStep *step, const TimedCall *how) {
     saved_exc saved = {0};
     if (result == NULL)
         exc_save(&saved);
-    mark_end(r); /* a marker left set would make the watchdog report an idle loop */
+    mark_end(r); /* a marker left set: the watchdog would report an idle loop as blocked */
     int fault = 0;
     if (result != NULL || how->record_raised) {
         fault = (how->after_call != NULL && how->after_call(step) < 0) ||
