@@ -12,8 +12,7 @@ PIP_FLAGS ?= --quiet --disable-pip-version-check
 
 .PHONY: demo test test-one bench bench-quick lint typecheck clean
 
-$(VENV)/.installed: pyproject.toml setup.py src/loopscope/_speedups.c src/loopscope/_endpoint.c \
-		src/loopscope/_clock.c src/loopscope/_clock.h
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard src/loopscope/_c/*.c src/loopscope/_c/*.h)
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install $(PIP_FLAGS) -e '.[test]'
 	touch $@

@@ -10,17 +10,28 @@ import sys
 
 from setuptools import Extension, setup
 
+# The module's sources (src/loopscope/_c/speedups.h says what each file holds).  Listed by
+# name rather than globbed, so that an sdist is built from what is named here; a test
+# (tests/test_c_sources.py) checks that every .c file of the folder is listed.
+C_DIR = "src/loopscope/_c"
+C_SOURCES = [
+    "module.c",
+    "recorder.c",
+    "uvloop_hooks.c",
+    "asyncio_hooks.c",
+    "watch.c",
+    "clock.c",
+    "endpoint.c",
+]
+C_HEADERS = ["speedups.h", "compat.h", "timed.h", "clock.h"]
+
 ext_modules = []
 if platform.python_implementation() == "CPython" and sys.platform != "win32":
     ext_modules.append(
         Extension(
             "loopscope._speedups",
-            sources=[
-                "src/loopscope/_speedups.c",
-                "src/loopscope/_endpoint.c",
-                "src/loopscope/_clock.c",
-            ],
-            depends=["src/loopscope/_clock.h"],
+            sources=[f"{C_DIR}/{name}" for name in C_SOURCES],
+            depends=[f"{C_DIR}/{name}" for name in C_HEADERS],
             optional=True,
         )
     )

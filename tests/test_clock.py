@@ -1,4 +1,4 @@
-"""The C accelerator's native clock (``_clock.c``): time.monotonic() read from the
+"""The C accelerator's native clock (``_c/clock.c``): time.monotonic() read from the
 processor's time-stamp counter where the kernel keeps CLOCK_MONOTONIC with it.
 
 These check that what it hands out is time.monotonic()'s time, that it never goes back,

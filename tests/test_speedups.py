@@ -487,6 +487,61 @@ def test_a_stale_build_is_not_used(
     assert "built from other sources" in caplog.text
 
 
+_BOUNDS_SCRIPT = """
+import math, os, sys, time
+from bisect import bisect_left
+import loopscope._stats as stats
+stats.BUCKETS = BOUNDS
+try:
+    from loopscope import _speedups
+except ImportError as exc:
+    from loopscope import _probe
+    os.environ.pop("LOOPSCOPE_PURE_PYTHON")
+    print("ImportError" if _probe._load_speedups() is None else "loaded", exc)
+    sys.exit(0)
+recorder = _speedups.Recorder(object(), time.monotonic, math.inf, False, ())
+want = [0] * _speedups.NBUCKETS
+samples = [0.0, 1e-9, 1e9]
+for bound in stats.BUCKETS:
+    samples += [math.nextafter(bound, 0.0), bound, math.nextafter(bound, math.inf)]
+samples += [2.0**e * m for e in range(-40, 40) for m in (1.0, 1.3, 1.9999)]
+for duration in samples:
+    recorder.record_io(print, 0.0, duration)
+    want[bisect_left(stats.BUCKETS, duration)] += 1
+got = stats.LoopStats()
+recorder.flush(got)
+print("same" if got.callback_duration.counts == want else f"{got.callback_duration.counts} {want}")
+"""
+
+
+@pytest.mark.parametrize(
+    ("bounds", "expected"),
+    [
+        ("tuple(b / 7 for b in stats.BUCKETS)", "same"),
+        ("tuple(b * 1000 for b in stats.BUCKETS)", "same"),
+        ("stats.BUCKETS[:-1]", "ImportError"),
+        ("stats.BUCKETS[:1] + (stats.BUCKETS[0] * 1.5,) + stats.BUCKETS[2:]", "ImportError"),
+        ("stats.BUCKETS[:-1] + (math.inf,)", "ImportError"),
+        ("(-1.0,) + stats.BUCKETS[1:]", "ImportError"),
+        ("('a',) * len(stats.BUCKETS)", "ImportError"),
+    ],
+)
+def test_bucket_bounds_come_from_stats(bounds: str, expected: str) -> None:
+    """The C module's buckets are loopscope._stats.BUCKETS, read when it is imported; bounds
+    its search cannot use fail the import with an ImportError (the pure path is used)."""
+    env = dict(os.environ, LOOPSCOPE_PURE_PYTHON="1")  # nothing imports _speedups first
+    out = subprocess.run(
+        [sys.executable, "-c", _BOUNDS_SCRIPT.replace("BOUNDS", bounds, 1)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.split(" ", 1)[0].strip() == expected, out.stdout
+    if expected == "ImportError":
+        assert "loopscope._stats.BUCKETS" in out.stdout
+
+
 def test_create_task_counts_and_forwards(
     path: str, loop_kind: str, registry: CollectorRegistry
 ) -> None:

@@ -22,7 +22,8 @@
 #ifndef LOOPSCOPE_CLOCK_H
 #define LOOPSCOPE_CLOCK_H
 
-#include <Python.h>
+#include "compat.h" /* Python.h, LS_HIDDEN */
+
 #include <stdint.h>
 #include <time.h>
 
@@ -46,7 +47,7 @@ typedef struct {
     unsigned long long anchors, faults;
 } FastClock;
 
-extern FastClock fast_clock;
+LS_HIDDEN extern FastClock ls_fast_clock;
 
 /* time.monotonic()'s own clock */
 static inline double clock_gettime_seconds(void) {
@@ -60,33 +61,33 @@ static inline double clock_gettime_seconds(void) {
 }
 
 #if FAST_CLOCK
-double fast_clock_anchor(uint64_t tsc); /* _clock.c: the slow path */
+LS_HIDDEN double ls_fast_clock_anchor(uint64_t tsc); /* clock.c: the slow path */
 #endif
 
 /* time.monotonic(), as a double. */
 static inline double native_now(void) {
 #if FAST_CLOCK
-    if (fast_clock.enabled) {
+    if (ls_fast_clock.enabled) {
         uint64_t tsc = __rdtsc();
-        uint64_t ticks = tsc - fast_clock.anchor_tsc;
-        if (ticks < fast_clock.horizon) {
-            double now = fast_clock.anchor_sec + (double)ticks * fast_clock.scale;
-            if (now < fast_clock.last)
-                return fast_clock.last;
-            fast_clock.last = now;
+        uint64_t ticks = tsc - ls_fast_clock.anchor_tsc;
+        if (ticks < ls_fast_clock.horizon) {
+            double now = ls_fast_clock.anchor_sec + (double)ticks * ls_fast_clock.scale;
+            if (now < ls_fast_clock.last)
+                return ls_fast_clock.last;
+            ls_fast_clock.last = now;
             return now;
         }
-        return fast_clock_anchor(tsc);
+        return ls_fast_clock_anchor(tsc);
     }
 #endif
     return clock_gettime_seconds();
 }
 
-/* Module functions (_clock.c): clock_info(), and the test hooks _clock_skew(seconds) and
+/* Module functions (clock.c): clock_info(), and the test hooks _clock_skew(seconds) and
  * _clock_reset(). */
-extern PyMethodDef clock_methods[];
+LS_HIDDEN extern PyMethodDef ls_clock_methods[];
 
 /* Called once at module init: decides whether the counter may be used. */
-void fast_clock_init(void);
+LS_HIDDEN void ls_fast_clock_init(void);
 
 #endif

@@ -1,8 +1,8 @@
 /*
- * loopscope's native clock: the slow path of native_now() (see _clock.h) and its module
+ * loopscope's native clock: the slow path of native_now() (see clock.h) and its module
  * functions.
  */
-#include "_clock.h"
+#include "clock.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -11,7 +11,7 @@
 #include <sys/prctl.h>
 #endif
 
-FastClock fast_clock;
+FastClock ls_fast_clock;
 
 #if FAST_CLOCK
 /* A pair (counter, clock_gettime) is taken only when the counter reads before and after
@@ -35,14 +35,14 @@ static int calibrated;         /* the scale has been measured */
 static int loose_pairs;        /* unusable pairs in a row */
 
 static void start_over(uint64_t tsc, double now) {
-    fast_clock.base_tsc = fast_clock.anchor_tsc = tsc;
-    fast_clock.base_sec = fast_clock.anchor_sec = now;
-    fast_clock.horizon = 0;
+    ls_fast_clock.base_tsc = ls_fast_clock.anchor_tsc = tsc;
+    ls_fast_clock.base_sec = ls_fast_clock.anchor_sec = now;
+    ls_fast_clock.horizon = 0;
     calibrated = 0;
 }
 
-double fast_clock_anchor(uint64_t before) {
-    FastClock *c = &fast_clock;
+double ls_fast_clock_anchor(uint64_t before) {
+    FastClock *c = &ls_fast_clock;
     double now = clock_gettime_seconds();
     uint64_t after = __rdtsc();
     if (after < before || after - before > PAIR_TICKS) {
@@ -114,14 +114,14 @@ static int counter_allowed(void) {
 }
 
 static void clock_restart(void) {
-    memset(&fast_clock, 0, sizeof(fast_clock));
+    memset(&ls_fast_clock, 0, sizeof(ls_fast_clock));
     calibrated = 0;
     loose_pairs = 0;
-    fast_clock.enabled = fast_clock_allowed;
+    ls_fast_clock.enabled = fast_clock_allowed;
 }
 #endif
 
-void fast_clock_init(void) {
+void ls_fast_clock_init(void) {
 #if FAST_CLOCK
     fast_clock_allowed = counter_allowed();
     clock_restart();
@@ -130,11 +130,11 @@ void fast_clock_init(void) {
 
 static PyObject *clock_info(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(ignored)) {
 #if FAST_CLOCK
-    const char *source = fast_clock.enabled ? "tsc" : "clock_gettime";
-    double hz = fast_clock.enabled && calibrated ? 1.0 / fast_clock.scale : 0.0;
+    const char *source = ls_fast_clock.enabled ? "tsc" : "clock_gettime";
+    double hz = ls_fast_clock.enabled && calibrated ? 1.0 / ls_fast_clock.scale : 0.0;
     return Py_BuildValue("{s:s,s:O,s:d,s:K,s:K}", "source", source, "calibrated",
-                         fast_clock.enabled && calibrated ? Py_True : Py_False, "counter_hz",
-                         hz, "anchors", fast_clock.anchors, "faults", fast_clock.faults);
+                         ls_fast_clock.enabled && calibrated ? Py_True : Py_False, "counter_hz",
+                         hz, "anchors", ls_fast_clock.anchors, "faults", ls_fast_clock.faults);
 #else
     return Py_BuildValue("{s:s,s:O,s:d,s:K,s:K}", "source", "clock_gettime", "calibrated",
                          Py_False, "counter_hz", 0.0, "anchors", 0ULL, "faults", 0ULL);
@@ -148,12 +148,12 @@ static PyObject *clock_skew(PyObject *Py_UNUSED(module), PyObject *arg) {
     if (seconds == -1.0 && PyErr_Occurred())
         return NULL;
 #if FAST_CLOCK
-    if (!(fast_clock.enabled && calibrated)) {
+    if (!(ls_fast_clock.enabled && calibrated)) {
         PyErr_SetString(PyExc_RuntimeError, "the counter is not in use or not calibrated");
         return NULL;
     }
-    fast_clock.anchor_sec += seconds;
-    fast_clock.horizon = 0;
+    ls_fast_clock.anchor_sec += seconds;
+    ls_fast_clock.horizon = 0;
     Py_RETURN_NONE;
 #else
     PyErr_SetString(PyExc_RuntimeError, "the counter is not in use on this platform");
@@ -172,7 +172,7 @@ static PyObject *clock_now(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(igno
     return PyFloat_FromDouble(native_now());
 }
 
-PyMethodDef clock_methods[] = {
+PyMethodDef ls_clock_methods[] = {
     {"clock_info", clock_info, METH_NOARGS,
      "The native clock: its source ('tsc' or 'clock_gettime'), whether the counter's rate "
      "is measured yet, that rate, how many pairs were taken and how many faults seen."},

@@ -16,8 +16,8 @@
  * the serving thread only, except `stopping`, which stop() sets from any thread.
  */
 
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
+#include "speedups.h" /* and clock.h: clock_gettime_seconds(), no GIL needed */
+
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
@@ -26,8 +26,6 @@
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
-
-#include "_clock.h" /* clock_gettime_seconds(): no GIL needed */
 
 #ifndef MSG_NOSIGNAL
 #define MSG_NOSIGNAL 0
@@ -413,19 +411,12 @@ static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kwds) 
     return (PyObject *)self;
 }
 
-static int Engine_traverse(Engine *self, visitproc visit, void *arg) {
-    Py_VISIT(self->respond);
-    return 0;
-}
-
-static int Engine_tp_clear(Engine *self) {
-    Py_CLEAR(self->respond);
-    return 0;
-}
+#define ENGINE_FIELDS(X) X(respond)
+LS_GC_FUNCTIONS(Engine, ENGINE_FIELDS)
 
 static void Engine_dealloc(Engine *self) {
     PyObject_GC_UnTrack(self);
-    Engine_tp_clear(self);
+    Engine_clear(self);
     if (self->conns != NULL)
         engine_clear_state(self);
     PyMem_RawFree(self->conns);
@@ -491,7 +482,7 @@ static PyGetSetDef Engine_getset[] = {
     {NULL, NULL, NULL, NULL, NULL},
 };
 
-PyTypeObject Engine_Type = {
+PyTypeObject ls_Engine_Type = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "loopscope._speedups.Engine",
     .tp_basicsize = sizeof(Engine),
@@ -501,7 +492,7 @@ PyTypeObject Engine_Type = {
     .tp_new = Engine_new,
     .tp_dealloc = (destructor)Engine_dealloc,
     .tp_traverse = (traverseproc)Engine_traverse,
-    .tp_clear = (inquiry)Engine_tp_clear,
+    .tp_clear = (inquiry)Engine_clear,
     .tp_methods = Engine_methods,
     .tp_getset = Engine_getset,
 };

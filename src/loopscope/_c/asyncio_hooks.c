@@ -1,0 +1,287 @@
+/*
+ * asyncio's hooks: CallSoon (the loop's _call_soon instance attribute, which makes handles
+ * of the per-loop Handle subclass and notes when they were made ready) and TimedRun (the
+ * _run method of the per-loop Handle and TimerHandle subclasses).
+ */
+#include "speedups.h"
+#include "timed.h"
+
+/* ---------------------------------------------------------------------------------------
+ * CallSoon (asyncio's loop._call_soon)
+ */
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    Recorder *recorder;
+    PyObject *handle_class;
+    PyObject *loop;
+    PyObject *append;     /* loop._ready.append */
+    PyObject *ready_attr; /* "_loopscope_ready" */
+    PyObject *fallback;
+    Py_ssize_t ready_offset; /* slot of handle_class, or -1 */
+} CallSoon;
+
+static PyObject *CallSoon_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf,
+                                     PyObject *kwnames) {
+    CallSoon *self = (CallSoon *)op;
+    if (PyVectorcall_NARGS(nargsf) != 3 || kwnames != NULL)
+        return PyObject_Vectorcall(self->fallback, args, nargsf, kwnames);
+    /* handle = handle_class(callback, args, loop, context) */
+    PyObject *stack[5] = {NULL, args[0], args[1], self->loop, args[2]};
+    PyObject *handle =
+        PyObject_Vectorcall(self->handle_class, stack + 1, 4 | PY_VECTORCALL_ARGUMENTS_OFFSET,
+                            NULL);
+    if (handle == NULL)
+        return NULL;
+    double now;
+    if (read_clock(self->recorder, &now) < 0)
+        goto error;
+    PyObject *value = PyFloat_FromDouble(now);
+    if (value == NULL)
+        goto error;
+    PyTypeObject *tp = (PyTypeObject *)self->handle_class;
+    if (self->ready_offset >= 0 && Py_TYPE(handle) == tp) {
+        Py_XSETREF(*(PyObject **)((char *)handle + self->ready_offset), value);
+    }
+    else {
+        int rc = PyObject_SetAttr(handle, self->ready_attr, value);
+        Py_DECREF(value);
+        if (rc < 0)
+            goto error;
+    }
+    /* No "del handle._source_traceback[-1]" here: the pure-Python _call_soon removes its
+     * own frame from the debug-mode stack, and this one has no frame. */
+    PyObject *res = PyObject_CallOneArg(self->append, handle);
+    if (res == NULL)
+        goto error;
+    Py_DECREF(res);
+    return handle;
+error:
+    Py_DECREF(handle);
+    return NULL;
+}
+
+static PyObject *CallSoon_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"recorder", "handle_class", "loop", "append", "ready_attr",
+                             "fallback", NULL};
+    PyObject *recorder, *handle_class, *loop, *append, *ready_attr, *fallback;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!OOOUO:CallSoon", kwlist, &ls_Recorder_Type,
+                                     &recorder, &handle_class, &loop, &append, &ready_attr,
+                                     &fallback))
+        return NULL;
+    if (ls_ready_recorder((Recorder *)recorder) < 0)
+        return NULL;
+    CallSoon *self = (CallSoon *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    self->vectorcall = CallSoon_vectorcall;
+    self->recorder = (Recorder *)Py_NewRef(recorder);
+    self->handle_class = Py_NewRef(handle_class);
+    self->loop = Py_NewRef(loop);
+    self->append = Py_NewRef(append);
+    Py_INCREF(ready_attr);
+    PyUnicode_InternInPlace(&ready_attr);
+    self->ready_attr = ready_attr;
+    self->fallback = Py_NewRef(fallback);
+    self->ready_offset = -1;
+    if (PyType_Check(handle_class))
+        self->ready_offset = slot_offset((PyTypeObject *)handle_class, ready_attr);
+    return (PyObject *)self;
+}
+
+#define CALLSOON_FIELDS(X) \
+    X(recorder) X(handle_class) X(loop) X(append) X(ready_attr) X(fallback)
+LS_GC_FUNCTIONS(CallSoon, CALLSOON_FIELDS)
+
+static PyMemberDef CallSoon_members[] = {
+    {"fallback", T_OBJECT, offsetof(CallSoon, fallback), READONLY, NULL},
+    LS_VECTORCALL_MEMBER(CallSoon),
+    {NULL}};
+
+PyTypeObject ls_CallSoon_Type = {
+    LS_CALLABLE_TYPE(CallSoon, 0),
+    .tp_doc = "asyncio's loop._call_soon, making timed handles.",
+    .tp_dealloc = ls_gc_dealloc,
+    .tp_members = CallSoon_members,
+};
+
+/* ---------------------------------------------------------------------------------------
+ * TimedRun (asyncio: Handle._run of the per-loop subclasses), a method descriptor
+ */
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    Recorder *recorder;
+    PyObject *handle_run; /* asyncio.events.Handle._run */
+    PyObject *ready_attr; /* "_loopscope_ready" or "_when" (NULL for I/O handles) */
+    PyTypeObject *cls;    /* the handle class it is the _run of (slots read directly) */
+    Py_ssize_t callback_offset, ready_offset, context_offset, args_offset;
+    PyObject *report; /* report(handle, exc): asyncio's own except block, or NULL */
+} TimedRun;
+
+#define RUN_STACK 8
+
+/* events.Handle._run: self._context.run(self._callback, *self._args).  An exception other
+ * than SystemExit/KeyboardInterrupt is handed to report(), which replays it through
+ * asyncio's own Handle._run so the loop's exception handler gets what it always gets. */
+static PyObject *run_handle(TimedRun *self, PyObject *handle) {
+    if (self->report == NULL || Py_TYPE(handle) != self->cls || self->context_offset < 0 ||
+        self->args_offset < 0 || self->callback_offset < 0)
+        return PyObject_Vectorcall(self->handle_run, &handle, 1, NULL);
+    PyObject *context = *(PyObject **)((char *)handle + self->context_offset);
+    PyObject *callback = *(PyObject **)((char *)handle + self->callback_offset);
+    PyObject *cargs = *(PyObject **)((char *)handle + self->args_offset);
+    if (context == NULL || callback == NULL || cargs == NULL || !PyTuple_CheckExact(cargs) ||
+        PyTuple_GET_SIZE(cargs) > RUN_STACK - 3)
+        return PyObject_Vectorcall(self->handle_run, &handle, 1, NULL);
+    Py_ssize_t n = PyTuple_GET_SIZE(cargs);
+    PyObject *stack[RUN_STACK];
+    /* the callback may cancel its own handle, which clears these slots: hold them */
+    Py_INCREF(context);
+    Py_INCREF(callback);
+    Py_INCREF(cargs);
+    stack[1] = context;
+    stack[2] = callback;
+    for (Py_ssize_t i = 0; i < n; i++)
+        stack[3 + i] = PyTuple_GET_ITEM(cargs, i);
+    PyObject *result = PyObject_VectorcallMethod(
+        ls_str.run, stack + 1, (size_t)(2 + n) | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    Py_DECREF(context);
+    Py_DECREF(callback);
+    Py_DECREF(cargs);
+    if (result != NULL) {
+        Py_DECREF(result);
+        Py_RETURN_NONE;
+    }
+    if (PyErr_ExceptionMatches(PyExc_SystemExit) ||
+        PyErr_ExceptionMatches(PyExc_KeyboardInterrupt))
+        return NULL;
+    PyObject *exc = exc_take();
+    if (exc == NULL)
+        return NULL;
+    PyObject *report_args[2] = {handle, exc};
+    PyObject *reported = PyObject_Vectorcall(self->report, report_args, 2, NULL);
+    Py_DECREF(exc);
+    return reported;
+}
+
+/* The hooks of timed_call() (timed.h) for TimedRun: the callback and the ready time are
+ * the handle's (step->args[0]). */
+LS_ALWAYS_INLINE PyObject *handle_callback(TimedStep *step) {
+    TimedRun *self = (TimedRun *)step->wrapper;
+    return get_slot(step->args[0], self->cls, self->callback_offset, ls_str.callback);
+}
+
+LS_ALWAYS_INLINE PyObject *call_run_handle(TimedStep *step) {
+    return run_handle((TimedRun *)step->wrapper, step->args[0]);
+}
+
+/* What is recorded is read from the handle after the call, as the pure path does: the
+ * callback may have cancelled its own handle (which clears _callback). */
+LS_ALWAYS_INLINE int reread_callback(TimedStep *step) {
+    Py_CLEAR(step->callback);
+    step->callback = handle_callback(step);
+    return step->callback == NULL ? -1 : 0;
+}
+
+LS_ALWAYS_INLINE int record_run(TimedStep *step, double start, double end) {
+    TimedRun *self = (TimedRun *)step->wrapper;
+    if (self->ready_attr == NULL)
+        return ls_record_io(step->recorder, step->callback, start, end);
+    PyObject *ready_obj = get_slot(step->args[0], self->cls, self->ready_offset,
+                                   self->ready_attr);
+    if (ready_obj == NULL)
+        return -1;
+    double ready = PyFloat_AsDouble(ready_obj);
+    Py_DECREF(ready_obj);
+    if (ready == -1.0 && PyErr_Occurred())
+        return -1;
+    return ls_record(step->recorder, step->callback, ready, start, end);
+}
+
+/* The clock's error is raised; nothing is recorded when the call raised (SystemExit or
+ * KeyboardInterrupt: the pure path stops there too); try: probe.after_step(...) except
+ * Exception as exc: probe.fault(exc), so a BaseException of the bookkeeping is raised. */
+static const TimedCall timed_run = {
+    .is_timed = NULL,
+    .clock_fault = CLOCK_FAULT_RAISES,
+    .callback = handle_callback,
+    .call = call_run_handle,
+    .record_raised = 0,
+    .after_call = reread_callback,
+    .record = record_run,
+    .raise_base_faults = 1,
+};
+
+static PyObject *TimedRun_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf,
+                                     PyObject *kwnames) {
+    TimedRun *self = (TimedRun *)op;
+    if (PyVectorcall_NARGS(nargsf) != 1 || kwnames != NULL)
+        return PyObject_Vectorcall(self->handle_run, args, nargsf, kwnames);
+    TimedStep step = {.wrapper = op, .recorder = self->recorder, .args = args,
+                      .nargsf = nargsf, .kwnames = kwnames};
+    return timed_call(&step, &timed_run);
+}
+
+static PyObject *TimedRun_descr_get(PyObject *self, PyObject *obj,
+                                    PyObject *Py_UNUSED(type)) {
+    if (obj == NULL || obj == Py_None)
+        return Py_NewRef(self);
+    return PyMethod_New(self, obj);
+}
+
+static PyObject *TimedRun_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"recorder", "handle_run", "ready_attr", "cls", "report", NULL};
+    PyObject *recorder, *handle_run, *ready_attr, *cls = Py_None, *report = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!OO|OO:TimedRun", kwlist, &ls_Recorder_Type,
+                                     &recorder, &handle_run, &ready_attr, &cls, &report))
+        return NULL;
+    if (cls != Py_None && !PyType_Check(cls)) {
+        PyErr_SetString(PyExc_TypeError, "cls must be a type or None");
+        return NULL;
+    }
+    if (ready_attr != Py_None && !PyUnicode_Check(ready_attr)) {
+        PyErr_SetString(PyExc_TypeError, "ready_attr must be a str, or None for I/O handles");
+        return NULL;
+    }
+    if (ls_ready_recorder((Recorder *)recorder) < 0)
+        return NULL;
+    TimedRun *self = (TimedRun *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    self->vectorcall = TimedRun_vectorcall;
+    self->recorder = (Recorder *)Py_NewRef(recorder);
+    self->handle_run = Py_NewRef(handle_run);
+    if (ready_attr != Py_None) {
+        Py_INCREF(ready_attr);
+        PyUnicode_InternInPlace(&ready_attr);
+        self->ready_attr = ready_attr;
+    }
+    self->callback_offset = self->ready_offset = self->context_offset = self->args_offset = -1;
+    if (report != Py_None)
+        self->report = Py_NewRef(report);
+    if (cls != Py_None) {
+        self->cls = (PyTypeObject *)Py_NewRef(cls);
+        self->callback_offset = slot_offset(self->cls, ls_str.callback);
+        self->context_offset = slot_offset(self->cls, ls_str.context_slot);
+        self->args_offset = slot_offset(self->cls, ls_str.args);
+        if (self->ready_attr != NULL)
+            self->ready_offset = slot_offset(self->cls, self->ready_attr);
+    }
+    return (PyObject *)self;
+}
+
+#define TIMEDRUN_FIELDS(X) X(recorder) X(handle_run) X(ready_attr) X(cls) X(report)
+LS_GC_FUNCTIONS(TimedRun, TIMEDRUN_FIELDS)
+
+static PyMemberDef TimedRun_members[] = {
+    LS_VECTORCALL_MEMBER(TimedRun),
+    {NULL}};
+
+PyTypeObject ls_TimedRun_Type = {
+    LS_CALLABLE_TYPE(TimedRun, Py_TPFLAGS_METHOD_DESCRIPTOR),
+    .tp_doc = "Handle._run that times the handle (asyncio's loop).",
+    .tp_dealloc = ls_gc_dealloc,
+    .tp_descr_get = TimedRun_descr_get,
+    .tp_members = TimedRun_members,
+};

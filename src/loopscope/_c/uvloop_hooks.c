@@ -1,0 +1,427 @@
+/*
+ * uvloop's hooks: TimedCallback (each scheduled callback), TimedIO (reader/writer callbacks
+ * and protocol methods) and Intercept (the loop's call_soon, call_soon_threadsafe and
+ * call_later instance attributes, which wrap the callback in a TimedCallback).
+ */
+#include "speedups.h"
+#include "timed.h"
+
+#include <string.h>
+
+static PyObject *seen_context; /* a "context" keyword name object seen from callers */
+
+/* ---------------------------------------------------------------------------------------
+ * Wrapper: what TimedCallback and TimedIO share (their first fields, and the functions
+ * that only look at those).
+ */
+#define WRAPPER_HEAD \
+    PyObject_HEAD    \
+    PyObject *callback; \
+    Recorder *recorder;
+
+typedef struct {
+    WRAPPER_HEAD
+} Wrapper;
+
+/* Their object fields, for LS_GC_FUNCTIONS */
+#define WRAPPER_FIELDS(X) X(callback) X(recorder)
+
+static PyObject *Wrapper_repr(Wrapper *self) {
+    if (self->callback == NULL)
+        return PyUnicode_FromFormat("<%s (cleared)>", Py_TYPE(self)->tp_name);
+    return PyObject_Repr(self->callback);
+}
+
+static PyObject *Wrapper_get_probe(Wrapper *self, void *Py_UNUSED(closure)) {
+    if (self->recorder == NULL || self->recorder->probe == NULL)
+        Py_RETURN_NONE;
+    return Py_NewRef(self->recorder->probe);
+}
+
+static PyGetSetDef Wrapper_getset[] = {
+    {"probe", (getter)Wrapper_get_probe, NULL, NULL, NULL}, {NULL}};
+
+/* ---------------------------------------------------------------------------------------
+ * TimedCallback (uvloop)
+ */
+typedef struct {
+    WRAPPER_HEAD
+    double ready;
+    vectorcallfunc vectorcall;
+} TimedCallback;
+
+LS_GC_FUNCTIONS(TimedCallback, WRAPPER_FIELDS)
+
+/* callback(*args): a callable without vectorcall (asyncio's C task step wrapper) called
+ * with no arguments goes straight to its tp_call with the empty tuple, as uvloop's own
+ * handles call it, rather than through the generic path that would build the tuple. */
+static inline PyObject *call_callback(PyObject *callback, PyObject *const *args, size_t nargsf,
+                                      PyObject *kwnames) {
+    ternaryfunc call = Py_TYPE(callback)->tp_call;
+    if (PyVectorcall_NARGS(nargsf) == 0 && kwnames == NULL && call != NULL &&
+        PyVectorcall_Function(callback) == NULL) {
+        if (Py_EnterRecursiveCall(" while calling a Python object"))
+            return NULL;
+        PyObject *result = call(callback, ls_empty_tuple, NULL);
+        Py_LeaveRecursiveCall();
+        if (result == NULL && !PyErr_Occurred())
+            PyErr_SetString(PyExc_SystemError, "a callback returned NULL without an exception");
+        return result;
+    }
+    return PyObject_Vectorcall(callback, args, nargsf, kwnames);
+}
+
+/* The hooks of timed_call() (timed.h) that TimedCallback and TimedIO share: the callback is
+ * the wrapper's (held for the bookkeeping even if the call drops the wrapper). */
+LS_ALWAYS_INLINE PyObject *wrapped_callback(TimedStep *step) {
+    return Py_NewRef(((Wrapper *)step->wrapper)->callback);
+}
+
+LS_ALWAYS_INLINE PyObject *call_timed_callback(TimedStep *step) {
+    return call_callback(step->callback, step->args, step->nargsf, step->kwnames);
+}
+
+LS_ALWAYS_INLINE int record_timed_callback(TimedStep *step, double start, double end) {
+    return ls_record(step->recorder, step->callback, step->ready, start, end);
+}
+
+/* Timed even when the clock fails (from when it was made ready), recorded even when the
+ * callback raised. */
+static const TimedCall timed_callback = {
+    .is_timed = NULL,
+    .clock_fault = CLOCK_FAULT_START_AT_READY,
+    .callback = wrapped_callback,
+    .call = call_timed_callback,
+    .record_raised = 1,
+    .after_call = NULL,
+    .record = record_timed_callback,
+    .raise_base_faults = 0,
+};
+
+static PyObject *TimedCallback_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf,
+                                          PyObject *kwnames) {
+    TimedCallback *self = (TimedCallback *)op;
+    TimedStep step = {.wrapper = op, .recorder = self->recorder, .args = args,
+                      .nargsf = nargsf, .kwnames = kwnames, .ready = self->ready};
+    return timed_call(&step, &timed_callback);
+}
+
+/* One TimedCallback is made and dropped per scheduled callback: keep a few dropped ones
+ * for reuse, as CPython does for its own small objects (the GIL guards the list; builds
+ * without a GIL or with reference tracing do without it). */
+#if !defined(Py_GIL_DISABLED) && !defined(Py_TRACE_REFS)
+#define TC_FREELIST 256
+#else
+#define TC_FREELIST 0
+#endif
+#if TC_FREELIST > 0
+static TimedCallback *tc_free[TC_FREELIST];
+static int tc_free_count;
+#endif
+
+static TimedCallback *TimedCallback_create(PyObject *callback, Recorder *recorder, double ready) {
+    TimedCallback *self;
+#if TC_FREELIST > 0
+    if (tc_free_count > 0) {
+        self = tc_free[--tc_free_count];
+        PyObject_Init((PyObject *)self, &ls_TimedCallback_Type);
+    }
+    else
+#endif
+    {
+        self = PyObject_GC_New(TimedCallback, &ls_TimedCallback_Type);
+        if (self == NULL)
+            return NULL;
+    }
+    self->callback = Py_NewRef(callback);
+    self->recorder = (Recorder *)Py_NewRef((PyObject *)recorder);
+    self->ready = ready;
+    self->vectorcall = TimedCallback_vectorcall;
+    PyObject_GC_Track(self);
+    return self;
+}
+
+static PyObject *TimedCallback_new(PyTypeObject *Py_UNUSED(type), PyObject *args,
+                                   PyObject *kwds) {
+    PyObject *callback, *recorder;
+    double ready;
+    static char *kwlist[] = {"callback", "recorder", "ready", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO!d:TimedCallback", kwlist, &callback,
+                                     &ls_Recorder_Type, &recorder, &ready))
+        return NULL;
+    if (ls_ready_recorder((Recorder *)recorder) < 0)
+        return NULL;
+    return (PyObject *)TimedCallback_create(callback, (Recorder *)recorder, ready);
+}
+
+static void TimedCallback_dealloc(TimedCallback *self) {
+    PyObject_GC_UnTrack(self);
+    TimedCallback_clear(self);
+#if TC_FREELIST > 0
+    if (tc_free_count < TC_FREELIST && Py_IS_TYPE(self, &ls_TimedCallback_Type)) {
+        tc_free[tc_free_count++] = self;
+        return;
+    }
+#endif
+    PyObject_GC_Del(self);
+}
+
+static PyMemberDef TimedCallback_members[] = {
+    {"callback", T_OBJECT, offsetof(TimedCallback, callback), READONLY, NULL},
+    {"ready", T_DOUBLE, offsetof(TimedCallback, ready), READONLY, NULL},
+    LS_VECTORCALL_MEMBER(TimedCallback),
+    {NULL}};
+
+PyTypeObject ls_TimedCallback_Type = {
+    LS_CALLABLE_TYPE(TimedCallback, 0),
+    .tp_doc = "A callback that measures itself (uvloop); repr() is the callback's.",
+    .tp_dealloc = (destructor)TimedCallback_dealloc,
+    .tp_repr = (reprfunc)Wrapper_repr,
+    .tp_getset = Wrapper_getset,
+    .tp_members = TimedCallback_members,
+};
+
+/* ---------------------------------------------------------------------------------------
+ * TimedIO (uvloop): _uvloop_hooks.TimedIO in C.  Made once per reader, writer or protocol
+ * method, called by libuv's callbacks; it has no schedule delay and is not a task step.
+ */
+typedef struct {
+    WRAPPER_HEAD
+    vectorcallfunc vectorcall;
+} TimedIO;
+
+LS_GC_FUNCTIONS(TimedIO, WRAPPER_FIELDS)
+
+/* Whether this call is measured: not when it runs inside a step that already is (a
+ * protocol method called from a timed callback), nor once the probe is no longer active
+ * (after uninstall() the protocol keeps its attributes). */
+static int io_is_timed(Recorder *r) {
+    if (load_start(r) != 0.0)
+        return 0;
+    PyObject *active = PyObject_GetAttr(r->probe, ls_str.active);
+    int timed = active == NULL ? -1 : PyObject_IsTrue(active);
+    Py_XDECREF(active);
+    if (timed < 0) {
+        ls_report_fault(r);
+        return 0;
+    }
+    return timed;
+}
+
+LS_ALWAYS_INLINE PyObject *call_timed_io(TimedStep *step) {
+    return PyObject_Vectorcall(step->callback, step->args, step->nargsf, step->kwnames);
+}
+
+LS_ALWAYS_INLINE int record_timed_io(TimedStep *step, double start, double end) {
+    return ls_record_io(step->recorder, step->callback, start, end);
+}
+
+/* Only when io_is_timed(), called untimed when the clock fails, recorded even when the
+ * callback raised (with record_io: no schedule delay, not a task step). */
+static const TimedCall timed_io = {
+    .is_timed = io_is_timed,
+    .clock_fault = CLOCK_FAULT_UNTIMED,
+    .callback = wrapped_callback,
+    .call = call_timed_io,
+    .record_raised = 1,
+    .after_call = NULL,
+    .record = record_timed_io,
+    .raise_base_faults = 0,
+};
+
+static PyObject *TimedIO_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf,
+                                    PyObject *kwnames) {
+    TimedIO *self = (TimedIO *)op;
+    TimedStep step = {.wrapper = op, .recorder = self->recorder, .args = args,
+                      .nargsf = nargsf, .kwnames = kwnames};
+    return timed_call(&step, &timed_io);
+}
+
+static PyObject *TimedIO_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    PyObject *callback, *recorder;
+    static char *kwlist[] = {"callback", "recorder", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO!:TimedIO", kwlist, &callback,
+                                     &ls_Recorder_Type, &recorder))
+        return NULL;
+    if (ls_ready_recorder((Recorder *)recorder) < 0)
+        return NULL;
+    TimedIO *self = (TimedIO *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    self->callback = Py_NewRef(callback);
+    self->recorder = (Recorder *)Py_NewRef(recorder);
+    self->vectorcall = TimedIO_vectorcall;
+    return (PyObject *)self;
+}
+
+static PyMemberDef TimedIO_members[] = {
+    {"callback", T_OBJECT, offsetof(TimedIO, callback), READONLY, NULL},
+    LS_VECTORCALL_MEMBER(TimedIO),
+    {NULL}};
+
+PyTypeObject ls_TimedIO_Type = {
+    LS_CALLABLE_TYPE(TimedIO, 0),
+    .tp_doc = "An I/O callback that measures itself (uvloop); repr() is the callback's.",
+    .tp_dealloc = ls_gc_dealloc,
+    .tp_repr = (reprfunc)Wrapper_repr,
+    .tp_getset = Wrapper_getset,
+    .tp_members = TimedIO_members,
+};
+
+/* ---------------------------------------------------------------------------------------
+ * Intercept (uvloop's call_soon, call_soon_threadsafe, call_later)
+ */
+enum { KIND_SOON = 0, KIND_LATER = 1 };
+
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    int kind;
+    Recorder *recorder;
+    PyObject *original;  /* the loop's own bound method */
+    PyObject *function;  /* what is called: original, or its function when it is a method */
+    PyObject *bound;     /* the method's self (the loop) passed first to function, or NULL */
+    PyObject *fallback;  /* the pure-Python replacement: used for anything unusual */
+    PyObject *loop_time; /* loop.time (call_later only) */
+} Intercept;
+
+#define STACK_ARGS 8
+
+static PyObject *Intercept_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf,
+                                      PyObject *kwnames) {
+    Intercept *self = (Intercept *)op;
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    Py_ssize_t nkw = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
+    Py_ssize_t cb_index = self->kind == KIND_SOON ? 0 : 1;
+    double ready;
+    if (nargs <= cb_index || nargs + nkw > STACK_ARGS || nkw > 1)
+        goto fallback;
+    if (nkw == 1) {
+        PyObject *name = PyTuple_GET_ITEM(kwnames, 0);
+        if (name != ls_str.context && name != seen_context) {
+            if (!PyUnicode_CheckExact(name) || PyUnicode_Compare(name, ls_str.context) != 0)
+                goto fallback;
+            Py_INCREF(name);
+            Py_XSETREF(seen_context, name);
+        }
+    }
+    if (self->kind == KIND_SOON) {
+        if (read_clock(self->recorder, &ready) < 0)
+            return NULL;
+    }
+    else {
+        PyObject *delay = args[0];
+        double d;
+        if (PyFloat_CheckExact(delay))
+            d = PyFloat_AS_DOUBLE(delay);
+        else if (PyLong_CheckExact(delay)) {
+            d = PyLong_AsDouble(delay);
+            if (d == -1.0 && PyErr_Occurred()) {
+                PyErr_Clear();
+                goto fallback;
+            }
+        }
+        else
+            goto fallback;
+        if (d != d) /* NaN: let max() decide, as the pure path does */
+            goto fallback;
+        PyObject *now = PyObject_CallNoArgs(self->loop_time);
+        if (now == NULL)
+            return NULL;
+        ready = PyFloat_AsDouble(now);
+        Py_DECREF(now);
+        if (ready == -1.0 && PyErr_Occurred())
+            return NULL;
+        ready += d > 0.0 ? d : 0.0;
+    }
+    {
+        TimedCallback *wrapped = TimedCallback_create(args[cb_index], self->recorder, ready);
+        if (wrapped == NULL)
+            return NULL;
+        /* stack[0] is free for the callee (PY_VECTORCALL_ARGUMENTS_OFFSET); a bound method
+         * is called as its function with the loop first, as asyncio's C task calls the
+         * loop's method when nothing shadows it (no method object in between). */
+        PyObject *stack[STACK_ARGS + 2];
+        PyObject **call = stack + 1;
+        Py_ssize_t first = 0;
+        if (self->bound != NULL)
+            call[first++] = self->bound;
+        for (Py_ssize_t i = 0; i < nargs + nkw; i++)
+            call[first + i] = args[i];
+        call[first + cb_index] = (PyObject *)wrapped;
+        PyObject *result = PyObject_Vectorcall(
+            self->function, call, (size_t)(first + nargs) | PY_VECTORCALL_ARGUMENTS_OFFSET,
+            kwnames);
+        Py_DECREF(wrapped);
+        return result;
+    }
+fallback:
+    return PyObject_Vectorcall(self->fallback, args, nargsf, kwnames);
+}
+
+static PyObject *Intercept_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"kind", "recorder", "original", "fallback", "loop_time", NULL};
+    const char *kind;
+    PyObject *recorder, *original, *fallback, *loop_time = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "sO!OO|O:Intercept", kwlist, &kind,
+                                     &ls_Recorder_Type, &recorder, &original, &fallback,
+                                     &loop_time))
+        return NULL;
+    int k;
+    if (strcmp(kind, "call_soon") == 0)
+        k = KIND_SOON;
+    else if (strcmp(kind, "call_later") == 0)
+        k = KIND_LATER;
+    else {
+        PyErr_SetString(PyExc_ValueError, "kind must be 'call_soon' or 'call_later'");
+        return NULL;
+    }
+    if (k == KIND_LATER && !PyCallable_Check(loop_time)) {
+        PyErr_SetString(PyExc_TypeError, "call_later needs loop_time");
+        return NULL;
+    }
+    if (ls_ready_recorder((Recorder *)recorder) < 0)
+        return NULL;
+    Intercept *self = (Intercept *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    self->vectorcall = Intercept_vectorcall;
+    self->kind = k;
+    self->recorder = (Recorder *)Py_NewRef(recorder);
+    self->original = Py_NewRef(original);
+    if (PyMethod_Check(original)) {
+        self->function = Py_NewRef(PyMethod_GET_FUNCTION(original));
+        self->bound = Py_NewRef(PyMethod_GET_SELF(original));
+    }
+    else {
+        self->function = Py_NewRef(original);
+        self->bound = NULL;
+    }
+    self->fallback = Py_NewRef(fallback);
+    self->loop_time = Py_NewRef(loop_time);
+    return (PyObject *)self;
+}
+
+#define INTERCEPT_FIELDS(X) \
+    X(recorder) X(original) X(function) X(bound) X(fallback) X(loop_time)
+LS_GC_FUNCTIONS(Intercept, INTERCEPT_FIELDS)
+
+static PyObject *Intercept_repr(Intercept *self) {
+    return PyUnicode_FromFormat("<loopscope %s of %R>",
+                                self->kind == KIND_SOON ? "call_soon" : "call_later",
+                                self->original);
+}
+
+static PyMemberDef Intercept_members[] = {
+    {"original", T_OBJECT, offsetof(Intercept, original), READONLY, NULL},
+    {"fallback", T_OBJECT, offsetof(Intercept, fallback), READONLY, NULL},
+    LS_VECTORCALL_MEMBER(Intercept),
+    {NULL}};
+
+PyTypeObject ls_Intercept_Type = {
+    LS_CALLABLE_TYPE(Intercept, 0),
+    .tp_doc = "uvloop's call_soon/call_soon_threadsafe/call_later, wrapping the callback.",
+    .tp_dealloc = ls_gc_dealloc,
+    .tp_repr = (reprfunc)Intercept_repr,
+    .tp_members = Intercept_members,
+};
