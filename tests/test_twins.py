@@ -153,8 +153,9 @@ def test_signatures_are_the_stubs(twin_name: str) -> None:
                 assert _shape(cls) == shape[1:], f"{name}()"
             elif member in ("__call__", "__get__") and twin_name == "c":
                 continue
-            else:
-                assert _shape(getattr(cls, member)) == shape, f"{name}.{member}"
+            else:  # a method: its first parameter (self) is positional-only in C
+                got = _shape(getattr(cls, member))[1:]
+                assert got == shape[1:], f"{name}.{member}"
 
 
 def test_the_stub_is_the_twin_mypy_sees() -> None:

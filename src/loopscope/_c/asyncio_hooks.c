@@ -100,7 +100,8 @@ static PyMemberDef CallSoon_members[] = {
 
 PyTypeObject ls_CallSoon_Type = {
     LS_CALLABLE_TYPE(CallSoon, 0),
-    .tp_doc = "asyncio's loop._call_soon, making timed handles.",
+    .tp_doc = "CallSoon(recorder, handle_class, loop, append, ready_attr, fallback)\n--\n\n"
+              "asyncio's loop._call_soon, making timed handles.",
     .tp_dealloc = ls_gc_dealloc,
     .tp_members = CallSoon_members,
 };
@@ -280,7 +281,8 @@ static PyMemberDef TimedRun_members[] = {
 
 PyTypeObject ls_TimedRun_Type = {
     LS_CALLABLE_TYPE(TimedRun, Py_TPFLAGS_METHOD_DESCRIPTOR),
-    .tp_doc = "Handle._run that times the handle (asyncio's loop).",
+    .tp_doc = "TimedRun(recorder, handle_run, ready_attr, cls=None, report=None)\n--\n\n"
+              "Handle._run that times the handle (asyncio's loop).",
     .tp_dealloc = ls_gc_dealloc,
     .tp_descr_get = TimedRun_descr_get,
     .tp_members = TimedRun_members,

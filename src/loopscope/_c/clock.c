@@ -174,9 +174,13 @@ static PyObject *clock_now(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(igno
 
 PyMethodDef ls_clock_methods[] = {
     {"clock_info", clock_info, METH_NOARGS,
+     "clock_info($module, /)\n--\n\n"
      "The native clock: its source ('tsc' or 'clock_gettime'), whether the counter's rate "
      "is measured yet, that rate, how many pairs were taken and how many faults seen."},
-    {"clock_now", clock_now, METH_NOARGS, "Read the native clock (time.monotonic's timebase)."},
-    {"_clock_skew", clock_skew, METH_O, "Test hook: shift the counter's anchor by seconds."},
-    {"_clock_reset", clock_reset, METH_NOARGS, "Test hook: start the native clock over."},
+    {"clock_now", clock_now, METH_NOARGS,
+     "clock_now($module, /)\n--\n\nRead the native clock (time.monotonic's timebase)."},
+    {"_clock_skew", clock_skew, METH_O,
+     "_clock_skew($module, seconds, /)\n--\n\nTest hook: shift the counter's anchor by seconds."},
+    {"_clock_reset", clock_reset, METH_NOARGS,
+     "_clock_reset($module, /)\n--\n\nTest hook: start the native clock over."},
     {NULL, NULL, 0, NULL}};

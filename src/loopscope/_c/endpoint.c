@@ -468,12 +468,12 @@ static PyObject *Engine_get_connections(Engine *self, void *Py_UNUSED(closure)) 
 
 static PyMethodDef Engine_methods[] = {
     {"run", (PyCFunction)Engine_run, METH_NOARGS,
-     "Serve until the wake descriptor is readable or stop() was called (the GIL is released "
+     "run($self, /)\n--\n\nServe until the wake descriptor is readable or stop() was called (the GIL is released "
      "meanwhile)."},
     {"stop", (PyCFunction)Engine_stop, METH_NOARGS,
-     "Make run() return at its next turn (write to the wake descriptor to make it prompt)."},
+     "stop($self, /)\n--\n\nMake run() return at its next turn (write to the wake descriptor to make it prompt)."},
     {"close_all", (PyCFunction)Engine_close_all, METH_NOARGS,
-     "Close every open connection and forget the kept answers."},
+     "close_all($self, /)\n--\n\nClose every open connection and forget the kept answers."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -487,8 +487,8 @@ PyTypeObject ls_Engine_Type = {
     .tp_name = "loopscope._speedups.Engine",
     .tp_basicsize = sizeof(Engine),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
-    .tp_doc = "Engine(listener, wake, respond, timeout, max_connections, max_head): the "
-              "socket work of the /metrics endpoint, without the GIL.",
+    .tp_doc = "Engine(listener, wake, respond, timeout, max_connections, max_head)\n--\n\n"
+              "The socket work of the /metrics endpoint, without the GIL.",
     .tp_new = Engine_new,
     .tp_dealloc = (destructor)Engine_dealloc,
     .tp_traverse = (traverseproc)Engine_traverse,

@@ -426,14 +426,17 @@ static PyObject *Recorder_pending(Recorder *self, PyObject *Py_UNUSED(ignored)) 
 
 static PyMethodDef Recorder_methods[] = {
     {"flush", (PyCFunction)Recorder_flush, METH_O,
-     "Fold the figures kept here into a LoopStats and reset them."},
+     "flush($self, stats, /)\n--\n\nFold the figures kept here into a LoopStats and reset them."},
     {"record", (PyCFunction)(void (*)(void))Recorder_record, METH_FASTCALL,
-     "record(callback, ready, start, end): LoopProbe.after_step."},
+     "record($self, callback, ready, start, end, /)\n--\n\nRecord one callback that became "
+     "runnable at ready and ran from start to end."},
     {"record_io", (PyCFunction)(void (*)(void))Recorder_record_io, METH_FASTCALL,
-     "record_io(callback, start, end): LoopProbe.after_io."},
-    {"now", (PyCFunction)Recorder_now, METH_NOARGS, "Read the recorder's clock."},
+     "record_io($self, callback, start, end, /)\n--\n\nRecord one I/O callback "
+     "(no schedule delay, not a task step)."},
+    {"now", (PyCFunction)Recorder_now, METH_NOARGS,
+     "now($self, /)\n--\n\nRead the recorder's clock."},
     {"pending", (PyCFunction)Recorder_pending, METH_NOARGS,
-     "True if figures are waiting for flush()."},
+     "pending($self, /)\n--\n\nTrue if figures are waiting for flush()."},
     {NULL}};
 
 static PyObject *Recorder_get_watched(Recorder *self, void *Py_UNUSED(closure)) {
@@ -489,7 +492,8 @@ PyTypeObject ls_Recorder_Type = {
     .tp_name = "loopscope._speedups.Recorder",
     .tp_basicsize = sizeof(Recorder),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
-    .tp_doc = "Per-loop figures kept in C; folded into a LoopStats by flush().",
+    .tp_doc = "Recorder(probe, clock, threshold, busy_from_callbacks, task_types)\n--\n\n"
+              "Per-loop figures kept in C; folded into a LoopStats by flush().",
     .tp_new = Recorder_new,
     .tp_init = (initproc)Recorder_init,
     .tp_dealloc = (destructor)Recorder_dealloc,
@@ -556,7 +560,8 @@ static PyMemberDef CreateTask_members[] = {
 
 PyTypeObject ls_CreateTask_Type = {
     LS_CALLABLE_TYPE(CreateTask, 0),
-    .tp_doc = "The loop's create_task, counting the tasks it creates; repr() is the loop's.",
+    .tp_doc = "CreateTask(create_task, recorder)\n--\n\n"
+              "The loop's create_task, counting the tasks it creates; repr() is the loop's.",
     .tp_dealloc = ls_gc_dealloc,
     .tp_repr = (reprfunc)CreateTask_repr,
     .tp_members = CreateTask_members,

@@ -174,7 +174,8 @@ static PyMemberDef TimedCallback_members[] = {
 
 PyTypeObject ls_TimedCallback_Type = {
     LS_CALLABLE_TYPE(TimedCallback, 0),
-    .tp_doc = "A callback that measures itself (uvloop); repr() is the callback's.",
+    .tp_doc = "TimedCallback(callback, recorder, ready)\n--\n\n"
+              "A callback that measures itself (uvloop); repr() is the callback's.",
     .tp_dealloc = (destructor)TimedCallback_dealloc,
     .tp_repr = (reprfunc)Wrapper_repr,
     .tp_getset = Wrapper_getset,
@@ -261,7 +262,8 @@ static PyMemberDef TimedIO_members[] = {
 
 PyTypeObject ls_TimedIO_Type = {
     LS_CALLABLE_TYPE(TimedIO, 0),
-    .tp_doc = "An I/O callback that measures itself (uvloop); repr() is the callback's.",
+    .tp_doc = "TimedIO(callback, recorder)\n--\n\n"
+              "An I/O callback that measures itself (uvloop); repr() is the callback's.",
     .tp_dealloc = ls_gc_dealloc,
     .tp_repr = (reprfunc)Wrapper_repr,
     .tp_getset = Wrapper_getset,
@@ -420,7 +422,8 @@ static PyMemberDef Intercept_members[] = {
 
 PyTypeObject ls_Intercept_Type = {
     LS_CALLABLE_TYPE(Intercept, 0),
-    .tp_doc = "uvloop's call_soon/call_soon_threadsafe/call_later, wrapping the callback.",
+    .tp_doc = "Intercept(kind, recorder, original, fallback, loop_time=None)\n--\n\n"
+              "uvloop's call_soon/call_soon_threadsafe/call_later, wrapping the callback.",
     .tp_dealloc = ls_gc_dealloc,
     .tp_repr = (reprfunc)Intercept_repr,
     .tp_members = Intercept_members,

@@ -164,10 +164,11 @@ static PyObject *wake_watchers(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(
 
 PyMethodDef ls_watch_methods[] = {
     {"watch_steps", (PyCFunction)(void (*)(void))watch_steps, METH_FASTCALL,
-     "watch_steps(sample_after, interval, timeout): the watchdog's wait between checks, "
+     "watch_steps($module, sample_after, interval, timeout, /)\n--\n\n"
+     "The watchdog's wait between checks, "
      "without the GIL; True when a step has run for sample_after."},
     {"wake_watchers", wake_watchers, METH_NOARGS,
-     "Make every watch_steps() waiting now return False."},
+     "wake_watchers($module, /)\n--\n\nMake every watch_steps() waiting now return False."},
     {NULL, NULL, 0, NULL}};
 
 int ls_watch_init(void) {
