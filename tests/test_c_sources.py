@@ -27,9 +27,12 @@ def _setup_file_names() -> set[str]:
     """The base names of the .c and .h files named by setup.py's string literals."""
     names = set()
     for node in ast.walk(ast.parse((ROOT / "setup.py").read_text())):
-        if isinstance(node, ast.Constant) and isinstance(node.value, str):
-            if node.value.endswith((".c", ".h")):
-                names.add(node.value.rsplit("/", 1)[-1])
+        if (
+            isinstance(node, ast.Constant)
+            and isinstance(node.value, str)
+            and node.value.endswith((".c", ".h"))
+        ):
+            names.add(node.value.rsplit("/", 1)[-1])
     return names
 
 
