@@ -6,6 +6,7 @@ the watchdog's wait, the clock and the /metrics engine.  ``loopscope._hotpath`` 
 of the two twins; nothing else in the package asks which one runs.
 """
 
+from .._stats import BUCKETS
 from .asyncio_hooks import CallSoon, TimedRun
 from .clock import _clock_reset, _clock_skew, clock_info, clock_now
 from .endpoint import Engine
@@ -35,4 +36,4 @@ __all__ = [
 #: The interface both twins implement (the C twin's INTERFACE must equal it).
 INTERFACE = 6
 #: Slots of a histogram: one per bucket bound, and +Inf.
-NBUCKETS = 20
+NBUCKETS = len(BUCKETS) + 1
