@@ -154,6 +154,23 @@ class TestImportGraph:
         public = {f"{PACKAGE}.{name}" for name in ("_apps", "_factories", "_run", "testing")}
         assert importers <= {PACKAGE, *public}
 
+    def test_not_even_for_type_checking(self) -> None:
+        """Below the public layer the installation is not named even in type hints: the
+        probe and the watchdog declare the narrow context they need (``ProbeContext``,
+        ``WatchContext``), which the installation satisfies."""
+        public = {f"{PACKAGE}.{name}" for name in ("_apps", "_factories", "_run", "testing")}
+        naming = []
+        for name, path in _modules().items():
+            if name in public or name in (PACKAGE, f"{PACKAGE}._installation"):
+                continue
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.ImportFrom) and "_installation" in (
+                    node.module or "",
+                    *(alias.name for alias in node.names),
+                ):
+                    naming.append(f"{name}:{node.lineno}")
+        assert naming == []
+
     def test_a_cycle_is_found(self) -> None:
         """The cycle finder finds a cycle through function-level imports."""
         graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}

@@ -17,16 +17,35 @@ import weakref
 from asyncio import AbstractEventLoop, BaseEventLoop, TimerHandle
 from bisect import bisect_left
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from . import _hotpath
 from ._describe import TASK_TYPES
-from ._stats import BUCKETS, UNKNOWN_LOCATION, LoopStats
+from ._stats import BUCKETS, UNKNOWN_LOCATION, LoopStats, SeriesBook
 
 if TYPE_CHECKING:
-    from ._installation import Installation
+    from ._events import SlowEventLog
+    from ._options import Options
 
-__all__ = ["LoopProbe"]
+__all__ = ["LoopProbe", "ProbeContext"]
+
+
+class ProbeContext(Protocol):
+    """What a probe needs from the installation that made it, and nothing more."""
+
+    options: Options
+    clock: Callable[[], float]
+    events: SlowEventLog
+    book: SeriesBook
+    #: ``hook(probe, loop)`` for each feature that patches a loop too (the executors').
+    loop_hooks: tuple[Callable[[LoopProbe, AbstractEventLoop], None], ...]
+
+    def forget(self, probe: LoopProbe) -> None:
+        """The probe is done with its loop (closed, collected or removed)."""
+
+    def report_fault(self, what: str, exc: BaseException) -> None:
+        """Report a fault of loopscope's own, once."""
+
 
 _fallback = logging.getLogger("loopscope")
 _MISSING = object()
@@ -72,7 +91,7 @@ class LoopProbe:
     #: uvloop has no selector to wrap: busy time is the sum of the measured callbacks.
     busy_from_callbacks = False
 
-    def __init__(self, loop: AbstractEventLoop, installation: Installation) -> None:
+    def __init__(self, loop: AbstractEventLoop, installation: ProbeContext) -> None:
         options = installation.options
         self.installation = installation
         self.loop_ref: weakref.ref[AbstractEventLoop] = weakref.ref(loop, self._loop_collected)

@@ -21,17 +21,32 @@ import sys
 import threading
 import time
 import weakref
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
 
 from . import _hotpath
 from ._describe import TASK_TYPES
 from ._stacks import application_location, format_stack
 
 if TYPE_CHECKING:
-    from ._installation import Installation
+    from ._options import Options
     from ._probe import LoopProbe
 
-__all__ = ["Watchdog"]
+__all__ = ["WatchContext", "Watchdog"]
+
+
+class WatchContext(Protocol):
+    """What the watchdog needs from its installation (held weakly), and nothing more."""
+
+    options: Options
+    clock: Callable[[], float]
+
+    def live_probes(self) -> list[LoopProbe]:
+        """The probes of the loops instrumented now."""
+
+    def report_fault(self, what: str, exc: BaseException) -> None:
+        """Report a fault of loopscope's own, once."""
+
 
 #: Reports of one ongoing block stop doubling at this interval (seconds).
 MAX_REPORT_INTERVAL = 60.0
@@ -42,7 +57,7 @@ REFRESH_INTERVAL = 1.0
 class Watchdog:
     """Watches every instrumented loop of one installation."""
 
-    def __init__(self, installation: Installation) -> None:
+    def __init__(self, installation: WatchContext) -> None:
         self.installation_ref = weakref.ref(installation)
         threshold = installation.options.slow_threshold
         self.threshold = threshold
@@ -106,7 +121,7 @@ class Watchdog:
         _hotpath.twin.watch_steps(self.sample_after, self.interval, REFRESH_INTERVAL)
         return not self.stopped.is_set()
 
-    def _wait_sees_every_step(self, installation: Installation) -> bool:
+    def _wait_sees_every_step(self, installation: WatchContext) -> bool:
         """Whether the hot path's wait sees every loop's steps: each loop's recorder is one
         of that twin's, on the native clock (``watched``)."""
         if self.clock is not time.monotonic:
@@ -117,7 +132,7 @@ class Watchdog:
             for recorder in (probe.recorder for probe in installation.live_probes())
         )
 
-    def check(self, installation: Installation) -> None:
+    def check(self, installation: WatchContext) -> None:
         """One round: sample the stack of every loop that has been in one step too long."""
         frames = None
         now = self.clock()
