@@ -495,9 +495,9 @@ stats.BUCKETS = BOUNDS
 try:
     from loopscope import _speedups
 except ImportError as exc:
-    from loopscope import _probe
+    from loopscope import _hotpath
     os.environ.pop("LOOPSCOPE_PURE_PYTHON")
-    print("ImportError" if _probe._load_speedups() is None else "loaded", exc)
+    print("ImportError" if _hotpath.load() is _hotpath.pure else "loaded", exc)
     sys.exit(0)
 recorder = _speedups.Recorder(object(), time.monotonic, math.inf, False, ())
 want = [0] * _speedups.NBUCKETS
@@ -540,6 +540,8 @@ def test_bucket_bounds_come_from_stats(bounds: str, expected: str) -> None:
     assert out.stdout.split(" ", 1)[0].strip() == expected, out.stdout
     if expected == "ImportError":
         assert "loopscope._stats.BUCKETS" in out.stdout
+        # the loader says why the accelerator it found is not used
+        assert "the C accelerator could not be loaded" in out.stderr, out.stderr
 
 
 def test_create_task_counts_and_forwards(

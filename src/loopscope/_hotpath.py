@@ -9,6 +9,7 @@ asks which twin runs: a probe takes :data:`twin` when it is made.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 from types import ModuleType
@@ -29,9 +30,17 @@ def load() -> ModuleType:
     sources than these (a stale build left in a checkout), or LOOPSCOPE_PURE_PYTHON=1."""
     if os.environ.get("LOOPSCOPE_PURE_PYTHON", "").strip().lower() in ("1", "true", "yes", "on"):
         return _pure
+    name = f"{__package__}._speedups"
     try:
-        from . import _speedups
-    except ImportError:
+        _speedups = importlib.import_module(name)
+    except ImportError as exc:
+        if not (isinstance(exc, ModuleNotFoundError) and exc.name == name):
+            # Built, but it cannot be loaded here: say why rather than slow down unseen.
+            _fallback.warning(
+                "loopscope: the C accelerator could not be loaded (%s); using the "
+                "pure-Python hot path",
+                exc,
+            )
         return _pure
     if getattr(_speedups, "INTERFACE", None) != _pure.INTERFACE:
         _fallback.warning(
