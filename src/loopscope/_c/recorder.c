@@ -406,15 +406,6 @@ static PyObject *Recorder_record_io(Recorder *self, PyObject *const *args, Py_ss
     Py_RETURN_NONE;
 }
 
-static PyObject *Recorder_now(Recorder *self, PyObject *Py_UNUSED(ignored)) {
-    if (ls_ready_recorder(self) < 0)
-        return NULL;
-    double t;
-    if (read_clock(self, &t) < 0)
-        return NULL;
-    return PyFloat_FromDouble(t);
-}
-
 static PyObject *Recorder_pending(Recorder *self, PyObject *Py_UNUSED(ignored)) {
     /* Whether any figure is waiting for flush() (for tests). */
     int any = self->duration_total != 0.0 || self->delay_total != 0.0 ||
@@ -433,8 +424,6 @@ static PyMethodDef Recorder_methods[] = {
     {"record_io", (PyCFunction)(void (*)(void))Recorder_record_io, METH_FASTCALL,
      "record_io($self, callback, start, end, /)\n--\n\nRecord one I/O callback "
      "(no schedule delay, not a task step)."},
-    {"now", (PyCFunction)Recorder_now, METH_NOARGS,
-     "now($self, /)\n--\n\nRead the recorder's clock."},
     {"pending", (PyCFunction)Recorder_pending, METH_NOARGS,
      "pending($self, /)\n--\n\nTrue if figures are waiting for flush()."},
     {NULL}};
@@ -484,7 +473,6 @@ static PyMemberDef Recorder_members[] = {
     {"probe", T_OBJECT, offsetof(Recorder, probe), READONLY, NULL},
     {"threshold", T_DOUBLE, offsetof(Recorder, threshold), READONLY, NULL},
     {"busy_from_callbacks", T_INT, offsetof(Recorder, busy_from_callbacks), 0, NULL},
-    {"native_clock", T_INT, offsetof(Recorder, native_clock), READONLY, NULL},
     {NULL}};
 
 PyTypeObject ls_Recorder_Type = {

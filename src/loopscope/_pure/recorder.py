@@ -30,11 +30,11 @@ class Recorder:
     __slots__ = (
         "__weakref__",
         "_clock",
+        "_native_clock",
         "_task_types",
         "busy_from_callbacks",
         "current_callback",
         "current_start",
-        "native_clock",
         "probe",
         "threshold",
     )
@@ -54,18 +54,18 @@ class Recorder:
         self.threshold = float(threshold)
         self.busy_from_callbacks = int(bool(busy_from_callbacks))
         self._task_types = task_types
-        self.native_clock = int(clock is time.monotonic)
+        self._native_clock = int(clock is time.monotonic)
         #: Start of the step running now (the probe's clock), 0.0 between steps.
         self.current_start = 0.0
         #: The callback of the step running now, or None.
         self.current_callback: object = None
-        if self.native_clock:
+        if self._native_clock:
             watched_recorders.add(self)
 
     @property
     def watched(self) -> bool:
         """Whether watch_steps() sees this recorder's steps."""
-        return bool(self.native_clock)
+        return bool(self._native_clock)
 
     def flush(self, stats: LoopStats, /) -> None:
         """Fold the figures kept here into a LoopStats: this twin keeps none (see above)."""
@@ -73,10 +73,6 @@ class Recorder:
     def pending(self) -> bool:
         """True if figures are waiting for flush(): never, in this twin."""
         return False
-
-    def now(self) -> float:
-        """Read the recorder's clock."""
-        return self._clock()
 
     def record(self, callback: object, ready: float, start: float, end: float, /) -> None:
         """One callback that became runnable at ``ready`` and ran from start to end."""
