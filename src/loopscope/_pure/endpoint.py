@@ -1,4 +1,4 @@
-"""The pure-Python twin of ``loopscope._speedups.Engine`` (src/loopscope/_endpoint.c): the
+"""The pure-Python twin of ``loopscope._speedups.Engine`` (src/loopscope/_c/endpoint.c): the
 socket work of the /metrics endpoint.
 
 Same constructor, methods and behaviour as the C engine: run() accepts, reads, writes and

@@ -110,24 +110,20 @@ class Recorder:
             self.probe.record_slow(callback, None, start, duration)
 
 
-class CreateTask:
-    """The loop's create_task, counting the tasks it creates; repr() is the loop's."""
+def CreateTask(create_task: Callable[..., Any], recorder: Recorder) -> Callable[..., Any]:
+    """The loop's create_task, counting the tasks it creates (attribute: ``create_task``).
+    A plain function rather than an instance with ``__call__``: see ``asyncio_hooks``."""
+    if not isinstance(recorder, Recorder):
+        raise TypeError("CreateTask() argument 'recorder' must be a Recorder")
+    probe = recorder.probe
 
-    __slots__ = ("_recorder", "create_task")
-
-    def __init__(self, create_task: Callable[..., Any], recorder: Recorder) -> None:
-        if not isinstance(recorder, Recorder):
-            raise TypeError("CreateTask() argument 'recorder' must be a Recorder")
-        self.create_task = create_task
-        self._recorder = recorder
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        task = self.create_task(*args, **kwargs)
+    def create(*args: Any, **kwargs: Any) -> Any:
+        task = create_task(*args, **kwargs)
         trace = getattr(task, "_source_traceback", None)
         if trace:  # debug mode: where the task was created, without this frame
             trace[:] = [frame for frame in trace if frame.filename != __file__]
-        self._recorder.probe.stats.tasks_created += 1
+        probe.stats.tasks_created += 1
         return task
 
-    def __repr__(self) -> str:
-        return repr(self.create_task)
+    setattr(create, "create_task", create_task)  # noqa: B010 - a function's attribute
+    return create

@@ -3,16 +3,12 @@ callbacks, the timed I/O callbacks, and ``call_soon``/``call_later`` wrapping th
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
 from .recorder import Recorder
 
 __all__ = ["Intercept", "TimedCallback", "TimedIO"]
-
-#: Calls with more arguments than this go to the fallback (as in the C twin).
-_STACK_ARGS = 8
 
 
 class TimedCallback:
@@ -23,7 +19,7 @@ class TimedCallback:
     def __init__(self, callback: Callable[..., object], recorder: Recorder, ready: float) -> None:
         self.callback = callback
         self._recorder = recorder
-        self.ready = float(ready)
+        self.ready = ready
 
     @property
     def probe(self) -> Any:
@@ -89,56 +85,45 @@ class TimedIO:
         return repr(self.callback)
 
 
-class Intercept:
-    """uvloop's call_soon/call_soon_threadsafe/call_later, wrapping the callback."""
+def Intercept(
+    kind: str,
+    recorder: Recorder,
+    original: Callable[..., Any],
+    fallback: Callable[..., Any],
+    loop_time: Callable[[], float] | None = None,
+) -> Callable[..., Any]:
+    """uvloop's call_soon/call_soon_threadsafe/call_later, wrapping the callback
+    (attributes: ``original``, ``fallback``).
 
-    __slots__ = ("_later", "_loop_time", "_recorder", "fallback", "original")
+    A plain function, as in ``asyncio_hooks``: it is called for every step.  It does what
+    the fallback does, so a call of another shape fails with the fallback's own message
+    (the C twin hands such calls to the fallback)."""
+    if kind not in ("call_soon", "call_later"):
+        raise ValueError("kind must be 'call_soon' or 'call_later'")
+    if kind == "call_later" and not callable(loop_time):
+        raise TypeError("call_later needs loop_time")
+    if not isinstance(recorder, Recorder):
+        raise TypeError("Intercept() argument 'recorder' must be a Recorder")
+    clock = recorder._clock
+    intercept: Callable[..., Any]
+    if kind == "call_soon":
 
-    def __init__(
-        self,
-        kind: str,
-        recorder: Recorder,
-        original: Callable[..., Any],
-        fallback: Callable[..., Any],
-        loop_time: Callable[[], float] | None = None,
-    ) -> None:
-        if kind not in ("call_soon", "call_later"):
-            raise ValueError("kind must be 'call_soon' or 'call_later'")
-        if kind == "call_later" and not callable(loop_time):
-            raise TypeError("call_later needs loop_time")
-        if not isinstance(recorder, Recorder):
-            raise TypeError("Intercept() argument 'recorder' must be a Recorder")
-        self._later = kind == "call_later"
-        self._recorder = recorder
-        self.original = original
-        self.fallback = fallback
-        self._loop_time = loop_time
+        def call_soon(callback: Any, *args: Any, context: Any = None) -> Any:
+            return original(TimedCallback(callback, recorder, clock()), *args, context=context)
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if len(args) + len(kwargs) > _STACK_ARGS or (kwargs and list(kwargs) != ["context"]):
-            return self.fallback(*args, **kwargs)
-        recorder = self._recorder
-        if not self._later:
-            if not args:
-                return self.fallback(*args, **kwargs)
-            wrapped = TimedCallback(args[0], recorder, recorder._clock())
-            return self.original(wrapped, *args[1:], **kwargs)
-        if len(args) < 2:
-            return self.fallback(*args, **kwargs)
-        delay = args[0]
-        if type(delay) is not float and type(delay) is not int:
-            return self.fallback(*args, **kwargs)
-        try:
-            seconds = float(delay)
-        except OverflowError:
-            return self.fallback(*args, **kwargs)
-        if math.isnan(seconds):  # let max() decide, as the fallback does
-            return self.fallback(*args, **kwargs)
-        loop_time: Any = self._loop_time
-        ready = loop_time() + (seconds if seconds > 0.0 else 0.0)
-        wrapped = TimedCallback(args[1], recorder, ready)
-        return self.original(delay, wrapped, *args[2:], **kwargs)
+        intercept = call_soon
+    else:
+        now: Any = loop_time
 
-    def __repr__(self) -> str:
-        kind = "call_later" if self._later else "call_soon"
-        return f"<loopscope {kind} of {self.original!r}>"
+        def call_later(delay: float, callback: Any, *args: Any, context: Any = None) -> Any:
+            wrapped = TimedCallback(callback, recorder, now() + max(delay, 0.0))
+            return original(delay, wrapped, *args, context=context)
+
+        intercept = call_later
+    for name in ("__name__", "__qualname__"):
+        value = getattr(fallback, name, None)
+        if isinstance(value, str):
+            setattr(intercept, name, value)
+    setattr(intercept, "original", original)  # noqa: B010 - a function's attribute
+    setattr(intercept, "fallback", fallback)  # noqa: B010
+    return intercept
