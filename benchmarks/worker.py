@@ -272,8 +272,9 @@ def measure_paired(spec: Spec) -> dict[str, Any]:
     for phase in (["base", "loopscope", *peers], ["base", "loopscope-pure"]):
         if "loopscope-pure" in phase:
             make_pure_loop()
-        c_wait = getattr(watchdog, "_c_can_wait", None)  # (loopscope before 2026-11-29)
-        waits[phase[1]] = "C" if c_wait is not None and c_wait(installation) else "Python"
+        sees = getattr(watchdog, "_wait_sees_every_step", None)
+        c_wait = sees is not None and sees(installation) and _hotpath.twin is not _hotpath.pure
+        waits[phase[1]] = "C" if c_wait else "Python"
         for name in phase:  # warm-up
             timed_turn(name, max(length // 4, 1))
         gc.collect()

@@ -117,7 +117,7 @@ def CreateTask(create_task: Callable[..., Any], recorder: Recorder) -> Callable[
         raise TypeError("CreateTask() argument 'recorder' must be a Recorder")
     probe = recorder.probe
 
-    def create(*args: Any, **kwargs: Any) -> Any:
+    def counted_create_task(*args: Any, **kwargs: Any) -> Any:
         task = create_task(*args, **kwargs)
         trace = getattr(task, "_source_traceback", None)
         if trace:  # debug mode: where the task was created, without this frame
@@ -125,5 +125,5 @@ def CreateTask(create_task: Callable[..., Any], recorder: Recorder) -> Callable[
         probe.stats.tasks_created += 1
         return task
 
-    setattr(create, "create_task", create_task)  # noqa: B010 - a function's attribute
-    return create
+    setattr(counted_create_task, "create_task", create_task)  # noqa: B010
+    return counted_create_task
