@@ -82,7 +82,7 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-growth-mb", type=float, default=5.0)
     args = parser.parse_args(argv)
 
-    loopscope.install(registry=CollectorRegistry(), slow_events=False)
+    loopscope.install(registry=CollectorRegistry(), events="off")
     loop = make_loop(args.loop)
     began = time.perf_counter()
     try:

@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     if loop_cpus is not None:
         # Before any thread starts, so the endpoint's and the watchdog's threads inherit it.
         os.sched_setaffinity(0, loop_cpus)
-    installation = loopscope.install(registry=CollectorRegistry(), port=0, slow_events=False)
+    installation = loopscope.install(registry=CollectorRegistry(), port=0, events="off")
     assert installation.port is not None
     # Warm up once (imports, first loop), then size the control's answer like the exposition.
     warm = make_loop(args.loop)

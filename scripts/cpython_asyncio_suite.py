@@ -119,7 +119,7 @@ def _child(mode: str, out_path: str, names: Sequence[str], skip: set[str]) -> in
         import loopscope
         from loopscope import _installation
 
-        installation = loopscope.install(registry=CollectorRegistry(), slow_events=False)
+        installation = loopscope.install(registry=CollectorRegistry(), events="off")
         original_instrument = installation.instrument
 
         def counting_instrument(loop: object) -> object:

@@ -37,7 +37,7 @@ needs_311 = pytest.mark.skipif(sys.version_info < (3, 11), reason="TaskGroup/tim
 @pytest.fixture(autouse=True)
 def _install(registry: CollectorRegistry) -> None:
     # Well under the 0.3 s blocking steps below, well over any other step on a busy machine.
-    loopscope.install(registry=registry, slow_threshold=0.25, slow_events=False)
+    loopscope.install(registry=registry, slow_threshold=0.25, events="off")
 
 
 def eager_factory(loop: Any, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:

@@ -267,7 +267,7 @@ class TestWatchdogFaults:
         """A watchdog round that raises ends the thread with one error; counting goes on."""
         import time
 
-        installation = loopscope.install(registry=registry, slow_threshold=0.02, slow_events=False)
+        installation = loopscope.install(registry=registry, slow_threshold=0.02, events="off")
         watchdog = getattr(installation, "watchdog", None)
         if watchdog is None:
             pytest.skip("this build has no watchdog")

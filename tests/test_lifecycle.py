@@ -284,7 +284,7 @@ class TestBoundedCardinality:
         """Slow tasks named after request paths add no series, however many paths there are."""
         import time
 
-        loopscope.install(registry=registry, slow_threshold=0.02, slow_events=False)
+        loopscope.install(registry=registry, slow_threshold=0.02, events="off")
 
         async def handler() -> None:
             time.sleep(0.025)  # a slow step
@@ -313,7 +313,7 @@ class TestBoundedCardinality:
     def test_locations_capped(self, registry: CollectorRegistry, loop_kind: str) -> None:
         """Slow steps at 12 distinct code locations give at most max_locations + 1 values."""
         loopscope.install(
-            registry=registry, slow_threshold=0.03, slow_events=False, max_locations=3
+            registry=registry, slow_threshold=0.03, events="off", max_locations=3
         )
         handlers = []
         for i in range(12):

@@ -78,7 +78,6 @@ def _cap_text_ok(text: str) -> bool:
     )
 
 
-_BOOL_WORDS = {"1", "0", "true", "false", "yes", "no", "on", "off"}
 _missing_path = st.text(string.ascii_letters, min_size=1, max_size=10).map(
     lambda t: f"/nonexistent-loopscope/{t}.pem"
 )
@@ -97,6 +96,12 @@ _CAP = (
 )
 
 #: For every option: (invalid keyword values, invalid variable values or None).
+def _choices(words: set[str]) -> tuple[st.SearchStrategy[Any], st.SearchStrategy[str]]:
+    """Values that are none of ``words`` (in any case, with any blanks around)."""
+    text = st.text(max_size=12).filter(lambda t: t.strip().lower() not in words)
+    return st.one_of(text, st.integers(), st.none(), st.booleans()), text
+
+
 INVALID: dict[str, tuple[st.SearchStrategy[Any], st.SearchStrategy[str] | None]] = {
     "slow_threshold": _seconds(3600.0),
     "lag_interval": _seconds(60.0),
@@ -130,15 +135,10 @@ INVALID: dict[str, tuple[st.SearchStrategy[Any], st.SearchStrategy[str] | None]]
         ),
         st.one_of(st.text(min_size=129, max_size=140), _unprintable),
     ),
-    "slow_events": (
-        st.one_of(
-            st.integers(),
-            st.none(),
-            st.floats(),
-            st.text(max_size=6).filter(lambda t: t.strip().lower() not in _BOOL_WORDS),
-        ),
-        st.text(max_size=6).filter(lambda t: t.strip().lower() not in _BOOL_WORDS),
-    ),
+    "events": _choices({"auto", "structlog", "logging", "off"}),
+    "loop_blocked_after": _seconds(3600.0),
+    "log_stack": _choices({"application", "full", "none"}),
+    "import_events": _choices({"once", "all", "off"}),
     "max_loop_labels": _CAP,
     "max_locations": _CAP,
     "max_executor_labels": _CAP,
@@ -147,6 +147,14 @@ INVALID: dict[str, tuple[st.SearchStrategy[Any], st.SearchStrategy[str] | None]]
         st.one_of(_missing_path, st.just(__file__)),
     ),
     "registry": (st.one_of(_objects, st.text(max_size=3), st.integers()), None),
+    "instruments": (
+        st.one_of(
+            st.integers(),
+            st.just(loopscope.Instrument()),
+            st.lists(st.one_of(_objects, st.integers()), min_size=1, max_size=3),
+        ),
+        None,
+    ),
     "tls_certfile": (st.one_of(_missing_path, st.integers(), st.just("a\x00b")), _missing_path),
     "tls_keyfile": (st.one_of(_missing_path, st.integers(), st.just("a\x00b")), _missing_path),
     "tls_client_cafile": (
@@ -283,7 +291,7 @@ class TestValidValues:
         lag=st.floats(min_value=1e-3, max_value=60.0),
         cap=st.integers(min_value=1, max_value=10_000),
         name=st.one_of(st.none(), st.text(min_size=1, max_size=128).filter(str.isprintable)),
-        events=st.sampled_from(["1", "0", "TRUE", " off ", "Yes", "no"]),
+        events=st.sampled_from(["auto", "LOGGING", " off ", "Structlog"]),
         as_text=st.booleans(),
     )
     def test_accepted(
@@ -301,7 +309,7 @@ class TestValidValues:
             "LOOPSCOPE_SLOW_THRESHOLD": repr(slow),
             "LOOPSCOPE_LAG_INTERVAL": repr(lag),
             "LOOPSCOPE_MAX_LOOP_LABELS": f" {cap} ",
-            "LOOPSCOPE_SLOW_EVENTS": events,
+            "LOOPSCOPE_EVENTS": events,
         }
         if name is not None:
             env["LOOPSCOPE_LOOP_NAME"] = name
@@ -316,7 +324,7 @@ class TestValidValues:
                     lag_interval=lag,
                     max_loop_labels=cap,
                     loop_name=name,
-                    slow_events=events.strip().lower() in {"1", "true", "yes", "on"},
+                    events=events,
                 )
             if as_text and name is not None and name.strip() == "":
                 name = None  # a blank variable is an unset one
@@ -324,6 +332,7 @@ class TestValidValues:
                 options = installation.options
                 assert (options.slow_threshold, options.lag_interval) == (slow, lag)
                 assert (options.max_loop_labels, options.loop_name) == (cap, name)
+                assert options.events == events.strip().lower()
                 loop = make_loop(loop_kind)
                 try:
                     loop.run_until_complete(asyncio.sleep(0))

@@ -131,7 +131,7 @@ def test_hooks_are_the_c_ones(path: str, loop_kind: str, registry: CollectorRegi
 def test_uvloop_io_is_timed_in_c(path: str, registry: CollectorRegistry) -> None:
     """On uvloop, protocol methods get the C I/O wrapper on the C path; on both paths a
     slow data_received, which libuv calls directly, is measured as one slow step."""
-    loopscope.install(registry=registry, slow_threshold=0.02, slow_events=False)
+    loopscope.install(registry=registry, slow_threshold=0.02, events="off")
     loop = make_loop("uvloop")
     seen: list[object] = []
 

@@ -146,7 +146,7 @@ class TestScrapeUnderLoad:
         from prometheus_client.parser import text_string_to_metric_families
 
         loopscope.uninstall()
-        installation = loopscope.install(registry=registry, port=0, slow_events=False)
+        installation = loopscope.install(registry=registry, port=0, events="off")
         assert installation.port is not None
         port = installation.port
         stop = threading.Event()

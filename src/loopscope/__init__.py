@@ -17,6 +17,7 @@ from ._apps import aiohttp_metrics_handler, metrics_asgi_app
 from ._factories import new_event_loop, new_uvloop_event_loop
 from ._factories import policy_class as _policy_class
 from ._installation import Installation, install, instrument, uninstall
+from ._instrument import Instrument, LoopBlocked, SlowStep, StepEvent
 from ._options import ConfigError
 
 __version__ = "0.1.0"
@@ -25,6 +26,10 @@ __all__ = (
     "ConfigError",
     "EventLoopPolicy",
     "Installation",
+    "Instrument",
+    "LoopBlocked",
+    "SlowStep",
+    "StepEvent",
     "aiohttp_metrics_handler",
     "install",
     "instrument",

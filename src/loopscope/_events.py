@@ -1,49 +1,71 @@
-"""The event path: slow and blocked steps reported through structlog and to listeners.
+"""The event path: slow and blocked steps made into events and handed to the instruments.
 
-Kept apart from the counting path: the hot path only calls :meth:`SlowEventLog.slow_callback`
-once a step has already been found slow, and the watchdog calls
-:meth:`SlowEventLog.loop_blocked` from its own thread.  A failure anywhere in the logging
-pipeline (a processor that raises, a closed stream) is reported once through the standard
-library's logging and then switches the structlog output off; it never reaches the
-application.  Listeners (``loopscope.testing``) receive every event as a dict.
+Kept apart from the counting path: the hot path calls :meth:`EventDispatch.slow_callback`
+only once a step has already been found slow, and the watchdog calls
+:meth:`EventDispatch.loop_blocked` from its own thread.  With no instrument interested,
+neither builds anything.  Every output is an instrument (:mod:`._instrument`): the log
+outputs (:mod:`._event_logs`), the recorder of ``loopscope.testing`` and the application's
+own.  An instrument that raises is reported once through the standard library's logging
+and removed; the error never reaches the loop or the application.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
-from collections.abc import Callable
+import time
 from typing import Any
 
-import structlog
-
 from ._describe import describe_callback, task_fields
+from ._instrument import HOOKS, Instrument, LoopBlocked, SlowStep, StepEvent, overridden_hooks
+from ._stacks import is_importing
 
-__all__ = ["EventListener", "SlowEventLog"]
+__all__ = ["EventDispatch"]
 
 _fallback = logging.getLogger("loopscope")
 
-EventListener = Callable[[dict[str, Any]], None]
 
+class EventDispatch:
+    """Makes ``slow_callback`` and ``loop_blocked`` events and calls the instruments."""
 
-class SlowEventLog:
-    """Emits ``slow_callback`` and ``loop_blocked`` events."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self.logger = structlog.get_logger("loopscope")
-        self.listeners: list[EventListener] = []
+    def __init__(self, instruments: tuple[Instrument, ...] = ()) -> None:
         self._lock = threading.Lock()
+        self._reported: set[str] = set()
+        self.instruments: tuple[Instrument, ...] = ()
+        #: hook name -> the bound hooks to call, rebuilt on every change (read lock-free).
+        self._hooks: dict[str, tuple[Any, ...]] = {name: () for name in HOOKS}
+        for instrument in instruments:
+            self.add(instrument)
 
-    def add_listener(self, listener: EventListener) -> None:
-        """Call ``listener(event)`` for every event from now on."""
+    def add(self, instrument: Instrument) -> None:
+        """Call ``instrument``'s hooks from now on (adding it twice adds nothing)."""
         with self._lock:
-            self.listeners = [*self.listeners, listener]
+            if any(x is instrument for x in self.instruments):
+                return
+            self.instruments = (*self.instruments, instrument)
+            self._rebuild()
 
-    def remove_listener(self, listener: EventListener) -> None:
-        """Stop calling ``listener``."""
+    def remove(self, instrument: Instrument) -> bool:
+        """Stop calling ``instrument``; False if it was not there."""
         with self._lock:
-            self.listeners = [x for x in self.listeners if x is not listener]
+            kept = tuple(x for x in self.instruments if x is not instrument)
+            if len(kept) == len(self.instruments):
+                return False
+            self.instruments = kept
+            self._rebuild()
+            return True
+
+    def _rebuild(self) -> None:
+        hooks: dict[str, list[Any]] = {name: [] for name in HOOKS}
+        for instrument in self.instruments:
+            for name in overridden_hooks(instrument):
+                hooks[name].append((instrument, getattr(instrument, name)))
+        self._hooks = {name: tuple(found) for name, found in hooks.items()}
+
+    def wants(self, hook: str) -> bool:
+        """Whether any instrument overrides ``hook``."""
+        return bool(self._hooks[hook])
 
     def slow_callback(
         self,
@@ -52,11 +74,21 @@ class SlowEventLog:
         threshold: float,
         callback: object,
         task: object | None,
-        **extra: Any,
+        *,
+        started: float,
+        blocking_stack: list[str],
+        location: str | None,
     ) -> None:
         """A step ended after ``duration`` seconds, at or over ``threshold``."""
-        self._emit("slow_callback", loop, callback, task, duration=round(duration, 6),
-                   threshold=threshold, **extra)  # fmt: skip
+        hooks = self._hooks["slow_step"]
+        if not hooks:
+            return
+        event = self._make(
+            SlowStep, loop, threshold, callback, task, started, blocking_stack, location,
+            duration=round(duration, 6),
+        )  # fmt: skip
+        if event is not None:
+            self._deliver("slow_step", hooks, event)
 
     def loop_blocked(
         self,
@@ -65,43 +97,82 @@ class SlowEventLog:
         threshold: float,
         callback: object,
         task: object | None,
-        **extra: Any,
+        *,
+        started: float,
+        blocking_stack: list[str],
+        location: str | None,
     ) -> None:
         """A step has been running for ``blocked_for`` seconds and is still running."""
-        self._emit("loop_blocked", loop, callback, task, blocked_for=round(blocked_for, 6),
-                   threshold=threshold, **extra)  # fmt: skip
-
-    def _emit(
-        self, event: str, loop: str, callback: object, task: object | None, **values: Any
-    ) -> None:
-        if not self.enabled and not self.listeners:
+        hooks = self._hooks["loop_blocked"]
+        if not hooks:
             return
-        fields: dict[str, Any] = {"loop": loop}
+        event = self._make(
+            LoopBlocked, loop, threshold, callback, task, started, blocking_stack, location,
+            blocked_for=round(blocked_for, 6),
+        )  # fmt: skip
+        if event is not None:
+            self._deliver("loop_blocked", hooks, event)
+
+    def _make(
+        self,
+        kind: type[StepEvent],
+        loop: str,
+        threshold: float,
+        callback: object,
+        task: object | None,
+        started: float,
+        blocking_stack: list[str],
+        location: str | None,
+        **measure: Any,
+    ) -> StepEvent | None:
         try:
-            fields.update(values)
+            about: dict[str, Any]
             if task is not None:
-                fields.update(task_fields(task))
+                described = task_fields(task)
+                about = {"kind": "task", "task": described.get("task"),
+                         "coro": described.get("coro"), "callback": None}  # fmt: skip
             else:
-                fields["callback"] = describe_callback(callback)
+                about = {"kind": "callback", "task": None, "coro": None,
+                         "callback": describe_callback(callback)}  # fmt: skip
+            stack = tuple(blocking_stack)
+            return kind(
+                loop=loop,
+                threshold=threshold,
+                location=location,
+                blocking_stack=stack,
+                importing=is_importing(stack),
+                started=started,
+                timestamp=time.time(),
+                thread=threading.current_thread().name,
+                **about,
+                **measure,
+            )
         except Exception as exc:
-            self._failed(event, exc)
-            return
-        for listener in self.listeners:
-            try:
-                listener({"event": event, **fields})
-            except Exception as exc:
-                _fallback.error("loopscope: an event listener failed: %r", exc)
-        if self.enabled:
-            try:
-                self.logger.warning(event, **fields)
-            except Exception as exc:
-                self._failed(event, exc)
+            self._report_once(f"describing a {kind.name} event", exc)
+            return None
 
-    def _failed(self, event: str, exc: Exception) -> None:
-        self.enabled = False
-        _fallback.error(
-            "loopscope: logging a %s event failed (%r); loopscope's events are switched "
-            "off, metrics go on",
-            event,
-            exc,
-        )
+    def _deliver(self, name: str, hooks: tuple[Any, ...], event: StepEvent) -> None:
+        for instrument, hook in hooks:
+            try:
+                hook(event)
+            except Exception as exc:
+                if self.remove(instrument):
+                    self._report_removed(instrument, name, exc)
+
+    @staticmethod
+    def _report_removed(instrument: Instrument, name: str, exc: Exception) -> None:
+        with contextlib.suppress(Exception):
+            _fallback.error(
+                "loopscope: the instrument %r raised in %s() and was removed; the "
+                "application goes on",
+                instrument,
+                name,
+                exc_info=(type(exc), exc, exc.__traceback__),
+            )
+
+    def _report_once(self, what: str, exc: Exception) -> None:
+        if what in self._reported:
+            return
+        self._reported.add(what)
+        with contextlib.suppress(Exception):
+            _fallback.error("loopscope: error while %s: %r", what, exc)

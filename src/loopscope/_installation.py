@@ -32,10 +32,12 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from . import _port_sharing
 from ._asyncio_hooks import AsyncioProbe
 from ._collector import LoopCollector
-from ._events import SlowEventLog
+from ._event_logs import LogOutput, log_notice
+from ._events import EventDispatch
 from ._executor import ExecutorBook, hook_loop
 from ._exit_hooks import at_exit
 from ._infrastructure import created_by_server_infrastructure
+from ._instrument import Instrument
 from ._multiprocess import MergedCollector, ProcessFiles
 from ._options import ConfigError, Options, conflicting_options, resolve_options
 from ._probe import LoopProbe
@@ -91,7 +93,12 @@ class Installation:
         self.clock = clock
         self.book = SeriesBook(options.max_loop_labels, options.max_locations)
         self.executor_book = ExecutorBook(options.max_executor_labels)
-        self.events = SlowEventLog(options.slow_events)
+        #: loopscope's own log of the events (option ``events``), an instrument like any.
+        self.log_output: LogOutput | None = None
+        if options.events != "off":
+            self.log_output = LogOutput(options.events, options.log_stack, options.import_events)
+        builtin = (self.log_output,) if self.log_output is not None else ()
+        self.events = EventDispatch((*builtin, *options.instruments))
         #: Run on every loop instrumented (``LoopProbe.patch_lifecycle``).
         self.loop_hooks: tuple[LoopHook, ...] = (
             functools.partial(hook_loop, self.executor_book, self.report_fault),
@@ -280,6 +287,29 @@ class Installation:
             self.server.close()
             self.server = None
 
+    # --- instruments ---------------------------------------------------------------------
+
+    def add_instrument(self, instrument: Instrument) -> None:
+        """Call ``instrument``'s hooks for every event from now on (see
+        :class:`loopscope.Instrument`).  Adding one already there does nothing."""
+        if not isinstance(instrument, Instrument):
+            raise TypeError(
+                f"add_instrument() takes a loopscope.Instrument; {instrument!r} is not one "
+                "(subclass loopscope.Instrument)"
+            )
+        self.events.add(instrument)
+
+    def remove_instrument(self, instrument: Instrument) -> None:
+        """Stop calling ``instrument``.  Raises ValueError if it is not an instrument of
+        this installation (never added, already removed, or removed after it raised)."""
+        if not self.events.remove(instrument):
+            raise ValueError(f"{instrument!r} is not an instrument of this installation")
+
+    @property
+    def instruments(self) -> tuple[Instrument, ...]:
+        """The instruments receiving events now, loopscope's own log output first."""
+        return self.events.instruments
+
     def __enter__(self) -> Installation:
         return self
 
@@ -465,13 +495,14 @@ def install(**options: Any) -> Installation:
     Options (keyword arguments or ``LOOPSCOPE_*`` variables; keywords win):
     ``slow_threshold`` (seconds, default 0.1), ``lag_interval`` (seconds, default 0.01),
     ``port`` (serve /metrics; default: no server), ``addr`` (default ``127.0.0.1``),
-    ``loop_name`` (the ``loop`` label; default the loop thread's name), ``slow_events``
-    (default true), ``max_loop_labels`` (default 50) and ``registry`` (default
-    prometheus_client's ``REGISTRY``).
+    ``loop_name`` (the ``loop`` label; default the loop thread's name), ``events`` (where
+    slow steps are logged; default ``auto``), ``instruments`` (:class:`loopscope.Instrument`
+    objects that receive every event), ``max_loop_labels`` (default 50), ``registry``
+    (default prometheus_client's ``REGISTRY``) and more: see the README's option table.
 
-    Calling it again is harmless: the first configuration stays, and a running loop that
-    is not yet instrumented is instrumented.  Raises :class:`ConfigError` for a bad option,
-    leaving nothing installed.
+    Calling it again is harmless: the first configuration stays (instruments given again
+    are added), and a running loop that is not yet instrumented is instrumented.  Raises
+    :class:`ConfigError` for a bad option, leaving nothing installed.
     """
     global _current
     resolved = resolve_options(options)
@@ -482,11 +513,15 @@ def install(**options: Any) -> Installation:
             installation.start()
             _current = installation
         elif conflicts := conflicting_options(installation.options, options):
-            installation.events.logger.warning(
+            log_notice(
+                installation.options.events,
                 "loopscope_already_installed",
-                detail="install() was called again with other options; the first ones stay",
+                "install() was called again with other options; the first ones stay",
                 options=conflicts,
             )
+        else:
+            for instrument in resolved.instruments:
+                installation.add_instrument(instrument)
         installation.patch_constructors()
         loop = _running_loop()
         if loop is not None:

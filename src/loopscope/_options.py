@@ -22,6 +22,8 @@ from typing import Any
 
 from prometheus_client.registry import REGISTRY, CollectorRegistry
 
+from ._instrument import Instrument
+
 __all__ = [
     "ConfigError",
     "OptionInfo",
@@ -44,6 +46,7 @@ ConfigError.__module__ = "loopscope"
 _MEASUREMENT = "measurement"
 _ENDPOINT = "/metrics endpoint"
 _PROCESSES = "worker processes"
+_EVENTS = "events and logs"
 
 
 def _about(
@@ -109,11 +112,49 @@ class Options:
             metavar="NAME",
         ),
     )
-    slow_events: bool = field(
-        default=True,
+    events: str = field(
+        default="auto",
         metadata=_about(
-            "log a slow_callback event for every slow step: true or false", metavar="BOOL"
+            "where slow-step events are logged: auto (structlog when the application has "
+            "configured it, else the standard logging module), structlog, logging or off",
+            metavar="ROUTE",
+            group=_EVENTS,
         ),
+    )
+    loop_blocked_after: float = field(
+        default=1.0,
+        metadata=_about(
+            "a step still running after this many seconds (and at least the slow threshold) "
+            "is reported as loop_blocked, again at doubling intervals up to once a minute; "
+            "> 0 and <= 3600",
+            metavar="SECONDS",
+            group=_EVENTS,
+        ),
+    )
+    log_stack: str = field(
+        default="application",
+        metadata=_about(
+            "the stack a standard-logging record shows: application (the application's "
+            "frames and those it called), full or none; its blocking_stack field always "
+            "has every frame",
+            metavar="WHICH",
+            group=_EVENTS,
+        ),
+    )
+    import_events: str = field(
+        default="once",
+        metadata=_about(
+            "log slow steps that were importing modules (an application imported inside "
+            "the running loop): once (the first such step of the process), all or off; "
+            "metrics and instruments get every one",
+            metavar="WHICH",
+            group=_EVENTS,
+        ),
+    )
+    instruments: tuple[Instrument, ...] = field(
+        default=(),
+        compare=False,
+        metadata=_about("loopscope.Instrument objects that receive every event", variable=False),
     )
     max_loop_labels: int = field(
         default=50,
@@ -286,16 +327,28 @@ def _parse_loop_name(name: str, raw: object) -> str | None:
     return raw
 
 
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
+def _parse_choice(name: str, raw: object, choices: tuple[str, ...]) -> str:
+    if isinstance(raw, str) and raw.strip().lower() in choices:
+        return raw.strip().lower()
+    raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {raw!r}")
 
 
-def _parse_bool(name: str, raw: object) -> bool:
-    if isinstance(raw, bool):
-        return raw
-    if isinstance(raw, str) and raw.strip().lower() in _TRUE | _FALSE:
-        return raw.strip().lower() in _TRUE
-    raise ConfigError(f"{name} must be true or false (1/0, yes/no, on/off); got {raw!r}")
+def _parse_instruments(name: str, raw: object) -> tuple[Instrument, ...]:
+    items: tuple[object, ...] | None = None
+    if not isinstance(raw, (Instrument, str, bytes, dict)):  # one object is not a list
+        try:
+            items = tuple(raw)  # type: ignore[arg-type]
+        except TypeError:
+            items = None
+    if items is None:
+        raise ConfigError(f"{name} must be a list of loopscope.Instrument objects; got {raw!r}")
+    for item in items:
+        if not isinstance(item, Instrument):
+            raise ConfigError(
+                f"{name} must be a list of loopscope.Instrument objects; {item!r} is not one "
+                "(subclass loopscope.Instrument)"
+            )
+    return items  # type: ignore[return-value]
 
 
 def _parse_label_cap(name: str, raw: object) -> int:
@@ -364,7 +417,11 @@ _PARSERS: dict[str, Callable[[str, object], Any]] = {
     "port": _parse_port,
     "addr": _parse_addr,
     "loop_name": _parse_loop_name,
-    "slow_events": _parse_bool,
+    "events": lambda name, raw: _parse_choice(name, raw, ("auto", "structlog", "logging", "off")),
+    "loop_blocked_after": _parse_seconds,
+    "log_stack": lambda name, raw: _parse_choice(name, raw, ("application", "full", "none")),
+    "import_events": lambda name, raw: _parse_choice(name, raw, ("once", "all", "off")),
+    "instruments": _parse_instruments,
     "max_loop_labels": _parse_label_cap,
     "max_locations": _parse_label_cap,
     "max_executor_labels": _parse_label_cap,

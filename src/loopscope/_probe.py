@@ -24,7 +24,7 @@ from ._describe import TASK_TYPES
 from ._stats import BUCKETS, UNKNOWN_LOCATION, LoopStats, SeriesBook
 
 if TYPE_CHECKING:
-    from ._events import SlowEventLog
+    from ._events import EventDispatch
     from ._options import Options
 
 __all__ = ["LoopProbe", "ProbeContext"]
@@ -35,7 +35,7 @@ class ProbeContext(Protocol):
 
     options: Options
     clock: Callable[[], float]
-    events: SlowEventLog
+    events: EventDispatch
     book: SeriesBook
     #: ``hook(probe, loop)`` for each feature that patches a loop too (the executors').
     loop_hooks: tuple[Callable[[LoopProbe, AbstractEventLoop], None], ...]
@@ -220,6 +220,7 @@ class LoopProbe:
             self.threshold,
             callback,
             task,
+            started=start,
             blocking_stack=stack,
             location=location,
         )

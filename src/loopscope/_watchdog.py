@@ -5,8 +5,9 @@ It wakes every quarter of the slow threshold and reads one attribute per loop
 (``current_start``, written by the hooks around every step); only a step that has run for
 half the threshold costs it more: one ``sys._current_frames()`` and the formatting of one
 stack.  A step that ends up slow is then reported with that stack; a step still running
-at the threshold, and at twice, four times... the threshold after that, is reported as
-``loop_blocked``, so a hang that never ends is still seen.
+after ``loop_blocked_after`` seconds (1 s by default, never before the threshold), and at
+twice, four times... that age after that, is reported as ``loop_blocked``, so a hang that
+never ends is still seen.
 
 The thread sleeps in the hot path's ``watch_steps``: the C twin's wakes up without the GIL
 and reads the step markers in C, so the thread takes the GIL only when a step has run for
@@ -61,6 +62,9 @@ class Watchdog:
         self.installation_ref = weakref.ref(installation)
         threshold = installation.options.slow_threshold
         self.threshold = threshold
+        #: The first ``loop_blocked`` report of a step comes at this age (option
+        #: ``loop_blocked_after``, never before the threshold).
+        self.first_report = max(threshold, installation.options.loop_blocked_after)
         self.sample_after = threshold / 2
         self.interval = threshold / 4
         self.clock = installation.clock
@@ -168,7 +172,7 @@ class Watchdog:
     ) -> None:
         reported_start, due = self.next_report.get(probe, (0.0, 0.0))
         if reported_start != start:
-            due = self.threshold
+            due = self.first_report
         if elapsed < due:
             return
         self.next_report[probe] = (start, min(max(due * 2, elapsed), due + MAX_REPORT_INTERVAL))
@@ -180,6 +184,7 @@ class Watchdog:
             self.threshold,
             callback,
             task,
+            started=start,
             blocking_stack=stack,
             location=location,
         )

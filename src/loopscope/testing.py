@@ -17,11 +17,11 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
 
 from prometheus_client import CollectorRegistry
 
 from . import _installation
+from ._instrument import Instrument, SlowStep
 from ._stacks import _PACKAGE_DIR, _is_library
 
 __all__ = ["Block", "BlockingRecorder", "assert_no_blocking", "detect_blocking", "format_blocks"]
@@ -38,25 +38,31 @@ class Block:
     blocking_stack: list[str] = field(default_factory=list)
 
 
-@dataclass
-class BlockingRecorder:
-    """The blocks seen while :func:`detect_blocking` was active."""
+class BlockingRecorder(Instrument):
+    """The blocks seen while :func:`detect_blocking` was active: an instrument that keeps
+    every slow step of ``max_block`` seconds or more."""
 
-    max_block: float
-    blocks: list[Block] = field(default_factory=list)
+    def __init__(self, max_block: float) -> None:
+        self.max_block = max_block
+        self.blocks: list[Block] = []
 
-    def __call__(self, event: dict[str, Any]) -> None:
-        if event.get("event") != "slow_callback" or event.get("duration", 0.0) < self.max_block:
+    def __repr__(self) -> str:
+        return f"BlockingRecorder(max_block={self.max_block!r}, blocks={self.blocks!r})"
+
+    def slow_step(self, event: SlowStep) -> None:
+        if event.duration < self.max_block:
             return
-        task = event.get("task")
-        what = f"task {task!r} ({event.get('coro')})" if task else str(event.get("callback"))
+        if event.kind == "task":
+            what = f"task {event.task!r} ({event.coro})"
+        else:
+            what = str(event.callback)
         self.blocks.append(
             Block(
-                loop=str(event.get("loop")),
-                duration=float(event["duration"]),
+                loop=event.loop,
+                duration=event.duration,
                 what=what,
-                location=event.get("location"),
-                blocking_stack=list(event.get("blocking_stack") or []),
+                location=event.location,
+                blocking_stack=list(event.blocking_stack),
             )
         )
 
@@ -197,7 +203,7 @@ def detect_blocking(max_block: float) -> Iterator[BlockingRecorder]:
     owned = installation is None
     if installation is None:
         installation = _installation.install(
-            slow_threshold=max_block, registry=CollectorRegistry(), slow_events=False
+            slow_threshold=max_block, registry=CollectorRegistry(), events="off"
         )
     elif installation.options.slow_threshold > max_block:
         raise ValueError(
@@ -206,11 +212,11 @@ def detect_blocking(max_block: float) -> Iterator[BlockingRecorder]:
             f"install it with slow_threshold at most {max_block:g} (under loopscope run: "
             f"--slow-threshold {max_block:g} or LOOPSCOPE_SLOW_THRESHOLD={max_block:g})"
         )
-    installation.events.add_listener(recorder)
+    installation.add_instrument(recorder)
     try:
         yield recorder
     finally:
-        installation.events.remove_listener(recorder)
+        installation.events.remove(recorder)
         if owned and _installation.current() is installation:
             _installation.uninstall()
 
