@@ -84,7 +84,7 @@ class TestEnvironment:
             ("LOOPSCOPE_LAG_INTERVAL", "inf"),
             ("LOOPSCOPE_PORT", "99999"),
             ("LOOPSCOPE_PORT", "9100x"),
-            ("LOOPSCOPE_SLOW_EVENTS", "sometimes"),
+            ("LOOPSCOPE_EVENTS", "sometimes"),
             ("LOOPSCOPE_MAX_LOOP_LABELS", "many"),
             ("LOOPSCOPE_SLOWTHRESHOLD", "0.1"),
         ],

@@ -28,7 +28,7 @@ DEFAULT = {"loop": "MainThread", "executor": "default"}
 
 def example_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOOPSCOPE_")}
-    env.update(PYTHONPATH=str(ROOT), LOOPSCOPE_SLOW_EVENTS="false")
+    env.update(PYTHONPATH=str(ROOT), LOOPSCOPE_EVENTS="off")
     return env
 
 

@@ -296,7 +296,7 @@ class TestGunicornEndToEnd:
         env = {k: v for k, v in os.environ.items() if not k.startswith("LOOPSCOPE_")}
         env.update(
             LOOPSCOPE_MULTIPROCESS_DIR=str(tmp_path / "mp"),
-            LOOPSCOPE_SLOW_EVENTS="false",
+            LOOPSCOPE_EVENTS="off",
             PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
         )
         command = [

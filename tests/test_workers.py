@@ -125,7 +125,7 @@ def base_env(directory: Path) -> dict[str, str]:
     env.update(
         LOOPSCOPE_MULTIPROCESS_DIR=str(directory),
         LOOPSCOPE_SLOW_THRESHOLD="0.2",
-        LOOPSCOPE_SLOW_EVENTS="false",
+        LOOPSCOPE_EVENTS="off",
         PYTHONPATH=str(ROOT),
     )
     return env
