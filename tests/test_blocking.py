@@ -46,7 +46,7 @@ BLOCKERS = {"sleep": blocking_sleep, "cpu": blocking_cpu}
 
 @pytest.fixture(autouse=True)
 def _install(registry: CollectorRegistry) -> None:
-    loopscope.install(registry=registry, slow_threshold=THRESHOLD)
+    loopscope.install(registry=registry, slow_threshold=THRESHOLD, loop_blocked_after=THRESHOLD)
 
 
 @pytest.fixture(name="events")
@@ -323,7 +323,7 @@ def test_watchdog_after_fork(loop_kind: str) -> None:
         import loopscope
         from structlog.testing import capture_logs
         from tests.conftest import make_loop
-        loopscope.install(slow_threshold=0.05)
+        loopscope.install(slow_threshold=0.05, loop_blocked_after=0.05)
         pid = os.fork()
         if pid == 0:
             def blocked_in_child():

@@ -222,23 +222,36 @@ class TestAppHelpers:
 
 
 class TestEventsRender:
-    """Slow-step events render in an app that never configured structlog."""
+    """Slow-step events render in an app that configured no logging at all."""
 
-    def test_default_console_renderer(
-        self, run: Run, registry: CollectorRegistry, capsys: pytest.CaptureFixture[str]
+    def test_last_resort(
+        self, run: Run, registry: CollectorRegistry, capfd: pytest.CaptureFixture[str]
     ) -> None:
-        """The default renderer prints the event with its fields."""
+        """With neither structlog nor logging configured, a slow step is one warning line
+        on standard error (logging's last resort), with the application's frames."""
+        import logging
+
         import structlog
 
         structlog.reset_defaults()
-        loopscope.install(registry=registry, slow_threshold=0.02)
+        root = logging.getLogger()
+        saved = root.handlers[:]
+        root.handlers.clear()  # as in a program that never configured logging
+        try:
+            loopscope.install(registry=registry, slow_threshold=0.02)
 
-        async def main() -> None:
-            time.sleep(0.03)
+            async def main() -> None:
+                time.sleep(0.03)
 
-        run(main)
-        out = capsys.readouterr().out
-        assert "slow_callback" in out and "duration=" in out and "loop=MainThread" in out
+            run(main)
+        finally:
+            root.handlers[:] = saved
+        out, err = capfd.readouterr()
+        assert out == ""
+        first, *stack = err.splitlines()
+        assert first.startswith("loop MainThread blocked ") and first.endswith(" in main"), err
+        assert stack[0] == "Blocking stack (most recent call last):", err
+        assert "in main" in stack[-2] and stack[-1].endswith("not shown)"), err
 
 
 def test_all_is_exported() -> None:

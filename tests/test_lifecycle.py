@@ -312,9 +312,7 @@ class TestBoundedCardinality:
 
     def test_locations_capped(self, registry: CollectorRegistry, loop_kind: str) -> None:
         """Slow steps at 12 distinct code locations give at most max_locations + 1 values."""
-        loopscope.install(
-            registry=registry, slow_threshold=0.03, events="off", max_locations=3
-        )
+        loopscope.install(registry=registry, slow_threshold=0.03, events="off", max_locations=3)
         handlers = []
         for i in range(12):
             namespace: dict[str, Any] = {}

@@ -95,6 +95,7 @@ _CAP = (
     st.text(max_size=7).filter(lambda t: not _cap_text_ok(t)),
 )
 
+
 #: For every option: (invalid keyword values, invalid variable values or None).
 def _choices(words: set[str]) -> tuple[st.SearchStrategy[Any], st.SearchStrategy[str]]:
     """Values that are none of ``words`` (in any case, with any blanks around)."""

@@ -692,7 +692,7 @@ def _check_step_event(event: dict[str, Any]) -> None:
 
 
 def _slow_run(loop_kind: str, block: float) -> tuple[Session, list[dict[str, Any]], LoopStats]:
-    session = start(loop_kind, slow_threshold=0.1)
+    session = start(loop_kind, slow_threshold=0.1, loop_blocked_after=0.1)
     session.extra["block"] = block
     try:
         with capture_logs() as logs:

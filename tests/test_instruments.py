@@ -1,0 +1,445 @@
+"""The instrument API (``loopscope.Instrument``) and the built-in outputs that use it: the
+events an instrument receives, what happens to one that raises, the routes of the log
+output (standard logging, structlog, off) and the defaults that keep a production log
+readable.  On both loops; CI runs the file on both hot paths."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import re
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import structlog
+from prometheus_client import CollectorRegistry
+from structlog.testing import capture_logs
+
+import loopscope
+from loopscope._instrument import overridden_hooks
+
+from .conftest import make_loop
+
+HERE = Path(__file__).resolve()
+
+
+class Recorder(loopscope.Instrument):
+    """Keeps every event it is given, with the thread that delivered it."""
+
+    def __init__(self) -> None:
+        self.slow: list[loopscope.SlowStep] = []
+        self.blocked: list[loopscope.LoopBlocked] = []
+        self.threads: list[str] = []
+        self._lock = threading.Lock()
+
+    def slow_step(self, event: loopscope.SlowStep) -> None:
+        with self._lock:
+            self.slow.append(event)
+            self.threads.append(threading.current_thread().name)
+
+    def loop_blocked(self, event: loopscope.LoopBlocked) -> None:
+        with self._lock:
+            self.blocked.append(event)
+            self.threads.append(threading.current_thread().name)
+
+
+@pytest.fixture(autouse=True)
+def _structlog_unconfigured() -> Iterator[None]:
+    """Each test starts as an application that never configured structlog."""
+    structlog.reset_defaults()
+    yield
+    structlog.reset_defaults()
+
+
+def blocking_call(seconds: float) -> None:
+    time.sleep(seconds)
+
+
+def run_blocking_task(loop_kind: str, *seconds: float) -> None:
+    """Run, on a new loop, one task per entry of ``seconds`` that blocks that long."""
+    loop = make_loop(loop_kind)
+
+    async def main(duration: float) -> None:
+        await asyncio.sleep(0.005)
+        blocking_call(duration)
+
+    async def all_of_them() -> None:
+        for duration in seconds:
+            await asyncio.create_task(main(duration))
+
+    try:
+        loop.run_until_complete(all_of_them())
+    finally:
+        loop.close()
+
+
+def run_blocking_callback(loop_kind: str, seconds: float) -> None:
+    loop = make_loop(loop_kind)
+    try:
+        loop.call_soon(blocking_call, seconds)
+        loop.run_until_complete(asyncio.sleep(0.05))
+    finally:
+        loop.close()
+
+
+def blocking_line() -> int:
+    """The line of ``time.sleep`` in :func:`blocking_call`."""
+    return blocking_call.__code__.co_firstlineno + 1
+
+
+class TestEvents:
+    def test_a_task_step(self, loop_kind: str, registry: CollectorRegistry) -> None:
+        recorder = Recorder()
+        loopscope.install(
+            registry=registry, slow_threshold=0.05, loop_blocked_after=0.1, events="off",
+            instruments=[recorder],
+        )  # fmt: skip
+        run_blocking_task(loop_kind, 0.35)
+        assert len(recorder.slow) == 1, recorder.slow
+        slow = recorder.slow[0]
+        assert isinstance(slow, loopscope.SlowStep) and slow.name == "slow_callback"
+        assert slow.loop == "MainThread" and slow.kind == "task"
+        assert slow.task is not None and slow.task.startswith("Task-")
+        assert slow.coro is not None and slow.coro.endswith("main"), slow.coro
+        assert slow.callback is None
+        assert slow.duration >= 0.35 and slow.threshold == 0.05
+        assert slow.location == f"{HERE.name}:{blocking_line()} in blocking_call" or (
+            slow.location is not None
+            and slow.location.endswith(f"{HERE.name}:{blocking_line()} in blocking_call")
+        ), slow.location
+        assert isinstance(slow.blocking_stack, tuple)
+        assert slow.blocking_stack[-1] == f"{HERE}:{blocking_line()} in blocking_call"
+        assert slow.importing is False
+        assert slow.thread == "MainThread"
+        assert abs(slow.timestamp - time.time()) < 60
+        # Still blocked at 0.1 s and at 0.2 s (then due at 0.4 s): two reports from the
+        # watchdog's thread, about the same step.
+        assert len(recorder.blocked) == 2, recorder.blocked
+        assert recorder.blocked[0].blocked_for >= 0.1 and recorder.blocked[1].blocked_for >= 0.2
+        for blocked in recorder.blocked:
+            assert isinstance(blocked, loopscope.LoopBlocked) and blocked.name == "loop_blocked"
+            assert blocked.started == slow.started
+            assert blocked.thread == "loopscope-watchdog"
+            assert blocked.task == slow.task and blocked.location == slow.location
+        assert sorted(set(recorder.threads)) == ["MainThread", "loopscope-watchdog"]
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            slow.duration = 0.0  # type: ignore[misc]
+        assert slow.fields()["blocking_stack"] == list(slow.blocking_stack)
+
+    def test_a_callback(self, loop_kind: str, registry: CollectorRegistry) -> None:
+        recorder = Recorder()
+        loopscope.install(
+            registry=registry, slow_threshold=0.05, events="off", instruments=[recorder]
+        )
+        run_blocking_callback(loop_kind, 0.15)
+        assert len(recorder.slow) == 1, recorder.slow
+        slow = recorder.slow[0]
+        assert slow.kind == "callback" and slow.task is None and slow.coro is None
+        assert slow.callback is not None and "blocking_call" in slow.callback
+        assert slow.location is not None and slow.location.endswith("in blocking_call")
+        assert recorder.blocked == []  # 0.15 s is well under loop_blocked_after's 1 s
+
+    def test_only_overridden_hooks(self, registry: CollectorRegistry) -> None:
+        class OnlySlow(loopscope.Instrument):
+            def slow_step(self, event: loopscope.SlowStep) -> None:
+                pass
+
+        assert overridden_hooks(loopscope.Instrument()) == ()
+        assert overridden_hooks(OnlySlow()) == ("slow_step",)
+        assert overridden_hooks(Recorder()) == ("slow_step", "loop_blocked")
+        installation = loopscope.install(registry=registry, events="off", instruments=[OnlySlow()])
+        assert installation.events.wants("slow_step")
+        assert not installation.events.wants("loop_blocked")
+
+
+class TestFaultyInstrument:
+    def test_raising_instrument_is_removed(
+        self, loop_kind: str, registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        calls: list[str] = []
+
+        class Faulty(loopscope.Instrument):
+            def slow_step(self, event: loopscope.SlowStep) -> None:
+                calls.append(event.name)
+                raise RuntimeError("the instrument's own bug")
+
+        faulty, recorder = Faulty(), Recorder()
+        installation = loopscope.install(
+            registry=registry, slow_threshold=0.05, events="off", instruments=[faulty, recorder]
+        )
+        with caplog.at_level(logging.ERROR, logger="loopscope"):
+            run_blocking_task(loop_kind, 0.08, 0.08)  # completes: nothing reached the app
+        assert calls == ["slow_callback"]
+        assert len(recorder.slow) == 2  # the others go on receiving events
+        assert faulty not in installation.instruments and recorder in installation.instruments
+        errors = [r for r in caplog.records if r.name == "loopscope" and r.levelno == logging.ERROR]
+        assert len(errors) == 1, errors
+        assert "raised in slow_step() and was removed" in errors[0].getMessage()
+        assert errors[0].exc_info is not None and "own bug" in str(errors[0].exc_info[1])
+        with pytest.raises(ValueError, match="not an instrument of this installation"):
+            installation.remove_instrument(faulty)
+
+    def test_raising_in_the_watchdog(
+        self, loop_kind: str, registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        class Faulty(loopscope.Instrument):
+            def loop_blocked(self, event: loopscope.LoopBlocked) -> None:
+                raise KeyError("boom")
+
+        recorder = Recorder()
+        loopscope.install(
+            registry=registry, slow_threshold=0.05, loop_blocked_after=0.05, events="off",
+            instruments=[Faulty(), recorder],
+        )  # fmt: skip
+        with caplog.at_level(logging.ERROR, logger="loopscope"):
+            run_blocking_task(loop_kind, 0.3)
+        assert len(recorder.blocked) >= 2 and len(recorder.slow) == 1
+        errors = [r for r in caplog.records if "raised in loop_blocked()" in r.getMessage()]
+        assert len(errors) == 1
+
+
+class TestManagingInstruments:
+    def test_add_and_remove(self, loop_kind: str, registry: CollectorRegistry) -> None:
+        first, second = Recorder(), Recorder()
+        installation = loopscope.install(
+            registry=registry, slow_threshold=0.05, events="off", instruments=[first]
+        )
+        installation.add_instrument(second)
+        installation.add_instrument(second)  # once only
+        assert installation.instruments == (first, second)
+        run_blocking_task(loop_kind, 0.08)
+        installation.remove_instrument(first)
+        run_blocking_task(loop_kind, 0.08)
+        assert (len(first.slow), len(second.slow)) == (1, 2)
+
+    def test_a_later_install_adds_its_instruments(self, registry: CollectorRegistry) -> None:
+        first, second = Recorder(), Recorder()
+        installation = loopscope.install(registry=registry, instruments=[first])
+        assert loopscope.install(instruments=[second]) is installation
+        assert installation.instruments[-2:] == (first, second)
+        assert repr(installation.instruments[0]).startswith("<loopscope's event log")
+
+    def test_bad_instruments(self, registry: CollectorRegistry) -> None:
+        installation = loopscope.install(registry=registry)
+        with pytest.raises(TypeError, match=r"loopscope\.Instrument"):
+            installation.add_instrument(object())  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="not an instrument"):
+            installation.remove_instrument(Recorder())
+        loopscope.uninstall()
+        for bad in (Recorder(), [Recorder(), "x"], 3):
+            with pytest.raises(loopscope.ConfigError, match="instruments"):
+                loopscope.install(registry=CollectorRegistry(), instruments=bad)
+            assert loopscope._installation.current() is None
+
+
+def _records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "loopscope" and hasattr(r, "event")]
+
+
+class TestLoggingRoute:
+    def test_a_record_with_every_field(
+        self, loop_kind: str, registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        loopscope.install(registry=registry, slow_threshold=0.05)
+        with caplog.at_level(logging.WARNING, logger="loopscope"):
+            run_blocking_task(loop_kind, 0.15)
+        [record] = _records(caplog)
+        assert record.levelno == logging.WARNING
+        message = record.getMessage()
+        assert "\n" not in message
+        assert re.fullmatch(
+            rf"loop MainThread blocked 1\d\d ms in task Task-\d+ \(\S*main\) at "
+            rf"\S*{HERE.name}:{blocking_line()} in blocking_call",
+            message,
+        ), message
+        fields = record.__dict__
+        assert fields["event"] == "slow_callback" and fields["loop"] == "MainThread"
+        assert fields["duration"] >= 0.15 and fields["threshold"] == 0.05
+        assert fields["kind"] == "task" and fields["task"].startswith("Task-")
+        assert fields["location"].endswith(f"{HERE.name}:{blocking_line()} in blocking_call")
+        assert fields["blocking_stack"][-1] == f"{HERE}:{blocking_line()} in blocking_call"
+        # The record points at the application's line, as a log call made there would.
+        assert (record.pathname, record.lineno, record.funcName) == (
+            str(HERE), blocking_line(), "blocking_call",
+        )  # fmt: skip
+        # The stack shows the test's frames and counts the others (loopscope's among them).
+        assert record.stack_info is not None
+        lines = record.stack_info.splitlines()
+        assert lines[0] == "Blocking stack (most recent call last):"
+        assert f'File "{HERE}", line {blocking_line()}, in blocking_call' in lines[-2]
+        assert re.fullmatch(r"  \(\d+ frames of .*loopscope.* not shown\)", lines[-1]), lines
+
+    @pytest.mark.parametrize("log_stack", ["full", "none"])
+    def test_log_stack(
+        self,
+        loop_kind: str,
+        registry: CollectorRegistry,
+        caplog: pytest.LogCaptureFixture,
+        log_stack: str,
+    ) -> None:
+        loopscope.install(registry=registry, slow_threshold=0.05, log_stack=log_stack)
+        with caplog.at_level(logging.WARNING, logger="loopscope"):
+            run_blocking_task(loop_kind, 0.15)
+        [record] = _records(caplog)
+        stack = record.__dict__["blocking_stack"]
+        if log_stack == "none":
+            assert record.stack_info is None
+        else:
+            assert record.stack_info is not None
+            assert len(record.stack_info.splitlines()) == 1 + len(stack)
+            assert "not shown" not in record.stack_info
+
+    def test_off(
+        self, loop_kind: str, registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        recorder = Recorder()
+        loopscope.install(
+            registry=registry, slow_threshold=0.05, events="off", instruments=[recorder]
+        )
+        with caplog.at_level(logging.DEBUG), capture_logs() as logs:
+            run_blocking_task(loop_kind, 0.08)
+        assert _records(caplog) == [] and logs == []
+        assert len(recorder.slow) == 1
+
+    def test_logging_even_with_structlog_configured(
+        self, loop_kind: str, registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        loopscope.install(registry=registry, slow_threshold=0.05, events="logging")
+        with caplog.at_level(logging.WARNING, logger="loopscope"), capture_logs() as logs:
+            run_blocking_task(loop_kind, 0.08)
+        assert len(_records(caplog)) == 1 and logs == []
+
+
+class TestStructlogRoute:
+    def test_auto_follows_structlog_once_configured(
+        self, loop_kind: str, registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """``auto`` asks at each event: configured structlog gets it, else logging."""
+        loopscope.install(registry=registry, slow_threshold=0.05)
+        with caplog.at_level(logging.WARNING, logger="loopscope"):
+            run_blocking_task(loop_kind, 0.08)
+            with capture_logs() as logs:  # configures structlog for its duration
+                run_blocking_task(loop_kind, 0.08)
+        assert len(_records(caplog)) == 1
+        [event] = logs
+        assert event["event"] == "slow_callback" and event["log_level"] == "warning"
+        assert set(event) == {
+            "event", "log_level", "loop", "duration", "threshold", "task", "coro",
+            "blocking_stack", "location",
+        }  # fmt: skip
+        assert event["blocking_stack"][-1] == f"{HERE}:{blocking_line()} in blocking_call"
+
+    def test_structlog_even_unconfigured(
+        self,
+        loop_kind: str,
+        registry: CollectorRegistry,
+        caplog: pytest.LogCaptureFixture,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        """``structlog`` is structlog's default output when nothing configured it."""
+        loopscope.install(registry=registry, slow_threshold=0.05, events="structlog")
+        with caplog.at_level(logging.WARNING, logger="loopscope"):
+            run_blocking_task(loop_kind, 0.08)
+        assert _records(caplog) == []
+        out = capsys.readouterr().out
+        assert "slow_callback" in out and "blocking_call" in out, out
+
+
+class TestNoise:
+    def test_a_short_block_is_one_line(
+        self, loop_kind: str, registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """With the defaults (threshold 0.1 s, loop_blocked after 1 s), a 0.3 s block is
+        one warning, not three."""
+        loopscope.install(registry=registry)
+        with caplog.at_level(logging.WARNING, logger="loopscope"):
+            run_blocking_task(loop_kind, 0.3)
+        assert [r.__dict__["event"] for r in _records(caplog)] == ["slow_callback"]
+
+    def test_loop_blocked_is_for_hangs(
+        self, loop_kind: str, registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        loopscope.install(registry=registry, slow_threshold=0.05, loop_blocked_after=0.25)
+        with caplog.at_level(logging.WARNING, logger="loopscope"):
+            run_blocking_task(loop_kind, 0.45)  # reported at 0.25 s, next due at 0.5 s
+        records = _records(caplog)
+        events = [r.__dict__["event"] for r in records]
+        assert events == ["loop_blocked", "slow_callback"], events
+        assert 0.25 <= records[0].__dict__["blocked_for"] < 0.5
+        assert "blocked for 2" in records[0].getMessage() and "still running" in (
+            records[0].getMessage()
+        )
+
+
+def _slow_modules(directory: Path, count: int, seconds: float) -> list[str]:
+    """``count`` new modules in ``directory`` that each take ``seconds`` to import."""
+    names = []
+    for _ in range(count):
+        name = f"slow_import_{uuid.uuid4().hex}"
+        (directory / f"{name}.py").write_text(f"import time\n\ntime.sleep({seconds})\n")
+        names.append(name)
+    return names
+
+
+@pytest.mark.parametrize(("import_events", "logged"), [("once", 1), ("all", 2), ("off", 0)])
+def test_slow_imports(
+    loop_kind: str,
+    registry: CollectorRegistry,
+    caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    import_events: str,
+    logged: int,
+) -> None:
+    """Steps that import modules (an application imported inside the running loop) are
+    logged once by default, and said to be imports; instruments get every one."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    names = _slow_modules(tmp_path, 2, 0.12)
+    recorder = Recorder()
+    loopscope.install(
+        registry=registry, slow_threshold=0.05, import_events=import_events,
+        instruments=[recorder],
+    )  # fmt: skip
+
+    async def main() -> None:
+        for name in names:
+            await asyncio.sleep(0)
+            __import__(name)
+
+    loop = make_loop(loop_kind)
+    try:
+        with caplog.at_level(logging.WARNING, logger="loopscope"):
+            loop.run_until_complete(main())
+    finally:
+        loop.close()
+        for name in names:
+            sys.modules.pop(name, None)
+    assert [e.importing for e in recorder.slow] == [True, True]
+    assert [e.location and e.location.startswith(f"{n}.py:3 in <module>") for e, n in
+            zip(recorder.slow, names, strict=True)] == [True, True]  # fmt: skip
+    records = _records(caplog)
+    assert len(records) == logged
+    for record in records:
+        assert record.__dict__["importing"] is True
+        assert " importing a module in task " in record.getMessage()
+    if logged:
+        assert records[0].__dict__["location"] == recorder.slow[0].location
+
+
+def test_the_readme_example(loop_kind: str) -> None:
+    """The instrument of the README's example counts blocks by line."""
+    readme = (HERE.parent.parent / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    [example] = [b for b in blocks if "(loopscope.Instrument)" in b]
+    namespace: dict[str, object] = {"__name__": "readme_example"}
+    exec(compile(example, "README.md", "exec"), namespace)
+    run_blocking_task(loop_kind, 0.15, 0.15)
+    counter = namespace["blocks"].count  # type: ignore[attr-defined]
+    [(line, count)] = counter.items()
+    assert count == 2 and line.endswith(f"{HERE.name}:{blocking_line()} in blocking_call")
