@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import json
 import os
 import subprocess
 import sys
@@ -34,6 +35,14 @@ def example_env() -> dict[str, str]:
 
 # The asyncio_ families every instrumented loop exports (counters without "_total").
 LOOP_FAMILIES = {name for name in METRIC_NAMES if name.startswith("asyncio_")}
+
+
+def line_of(path: str, text: str) -> int:
+    """The number of the one line of ``path`` (relative to the checkout) holding ``text``."""
+    lines = (ROOT / path).read_text(encoding="utf-8").splitlines()
+    found = [n for n, line in enumerate(lines, 1) if text in line]
+    assert len(found) == 1, (path, text, found)
+    return found[0]
 
 
 def web_command(name: str, port: int, loop_kind: str) -> list[str]:
@@ -168,3 +177,36 @@ class TestScriptExample:
         assert figures['asyncio_loop_slow_callbacks_total{loop="MainThread"}'] == "1"
         files = 'asyncio_executor_run_duration_seconds_count{loop="MainThread",executor="files"}'
         assert int(figures[files]) >= 3
+
+
+class TestLoggingJSONExample:
+    """examples/logging_json.py: standard logging with a JSON formatter, on both loops."""
+
+    def test_event_is_a_json_line_with_its_fields(self, loop_kind: str) -> None:
+        """It runs to the end; every line it prints is a JSON object, and the blocking
+        request is one slow_callback line with the event's fields as keys."""
+        done = subprocess.run(
+            [sys.executable, "-m", "examples.logging_json", "--loop", loop_kind],
+            cwd=ROOT, env=example_env(), capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        lines = [json.loads(line) for line in done.stdout.splitlines()]
+        events = [line for line in lines if line.get("event") == "slow_callback"]
+        assert len(events) == 1, lines
+        event = events[0]
+        where = f"examples/logging_json.py:{line_of('examples/logging_json.py', 'time.sleep(')}"
+        assert event["location"] == f"{where} in handle"
+        assert event["level"] == "WARNING"
+        assert event["logger"] == "loopscope"
+        assert event["message"].startswith("loop MainThread blocked ")
+        assert event["message"].endswith(f" in task request-3 (handle) at {where} in handle")
+        assert event["duration"] >= 0.3 > event["threshold"] == 0.1
+        assert (event["loop"], event["kind"], event["task"], event["coro"]) == (
+            "MainThread", "task", "request-3", "handle",
+        )  # fmt: skip
+        assert event["callback"] is None
+        assert event["importing"] is False
+        assert isinstance(event["blocking_stack"], list)
+        assert event["blocking_stack"][-1] == f"{ROOT / where} in handle"
+        done_lines = [line["message"] for line in lines if line["logger"] == "app"]
+        assert sorted(done_lines) == [f"request {n} done" for n in range(5)]
