@@ -9,6 +9,7 @@ import contextlib
 import http.client
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -61,12 +62,18 @@ def web_command(name: str, port: int, loop_kind: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def serving(command: list[str], log: Path) -> Iterator[None]:
-    """``command`` running in its own session until the block ends."""
-    with open(log, "wb") as out:
+def serving(
+    command: list[str],
+    log: Path,
+    env: dict[str, str] | None = None,
+    errors: Path | None = None,
+) -> Iterator[None]:
+    """``command`` running in its own session until the block ends, its output in ``log``
+    (its standard error too, unless ``errors`` names another file for it)."""
+    with open(log, "wb") as out, open(errors or os.devnull, "wb") as err:
         process = subprocess.Popen(
-            command, cwd=ROOT, env=example_env(), stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True,
+            command, cwd=ROOT, env=example_env() if env is None else env, stdout=out,
+            stderr=subprocess.STDOUT if errors is None else err, start_new_session=True,
         )  # fmt: skip
     try:
         yield
@@ -210,3 +217,60 @@ class TestLoggingJSONExample:
         assert event["blocking_stack"][-1] == f"{ROOT / where} in handle"
         done_lines = [line["message"] for line in lines if line["logger"] == "app"]
         assert sorted(done_lines) == [f"request {n} done" for n in range(5)]
+
+
+def lines_when(path: Path, pattern: re.Pattern[str], deadline: float) -> list[str]:
+    """The lines of ``path`` once one of them matches ``pattern`` (waits until
+    ``deadline`` for that line to be written)."""
+    while True:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        if any(pattern.search(line) for line in lines) or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.05)
+
+
+class TestUvicornLogConfig:
+    """examples/uvicorn_log_config.json: loopscope's events in uvicorn's log format.  The
+    app is examples/fastapi_app.py, which installs loopscope with its default ``events``
+    (standard logging, as uvicorn does not configure structlog)."""
+
+    @pytest.mark.parametrize("log_config", [True, False], ids=["example-config", "default"])
+    def test_blocking_request_logged_on_stderr(
+        self, loop_kind: str, log_config: bool, tmp_path: Path
+    ) -> None:
+        """With the example's config, the event is a line of uvicorn's own format on
+        stderr (``WARNING:  loop MainThread blocked ...``); with uvicorn's default config,
+        which leaves the ``loopscope`` logger without a handler, Python's last-resort
+        handler still writes its message line to stderr.  Either way the application's
+        blocking line ends the message and heads the stack below it."""
+        pytest.importorskip("fastapi")
+        port = free_port()
+        command = [
+            sys.executable, "-m", "uvicorn", "examples.fastapi_app:app",
+            "--host", "127.0.0.1", "--port", str(port), "--loop", loop_kind,
+        ]  # fmt: skip
+        if log_config:
+            command += ["--log-config", "examples/uvicorn_log_config.json"]
+        env = example_env()
+        del env["LOOPSCOPE_EVENTS"]
+        line = line_of("examples/fastapi_app.py", "time.sleep(BLOCK")
+        prefix = "WARNING:  " if log_config else ""
+        event = re.compile(
+            rf"^{prefix}loop MainThread blocked .+ in task .+ "
+            rf"at examples/fastapi_app\.py:{line} in block$"
+        )
+        errors = tmp_path / "stderr.log"
+        with serving(command, tmp_path / "stdout.log", env=env, errors=errors):
+            deadline = time.monotonic() + 30
+            status, _, _ = get(f"http://127.0.0.1:{port}/block", deadline)
+            assert status == 200
+            lines = lines_when(errors, event, deadline)
+        found = [n for n, text in enumerate(lines) if "blocked" in text]
+        assert len(found) == 1, lines
+        at = found[0]
+        assert event.match(lines[at]), lines
+        assert lines[at + 1 : at + 3] == [
+            "Blocking stack (most recent call last):",
+            f'  File "{ROOT / "examples" / "fastapi_app.py"}", line {line}, in block',
+        ], lines
+        assert "INFO:     Application startup complete." in lines, lines  # uvicorn's own
