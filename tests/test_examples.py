@@ -1,6 +1,7 @@
 """The runnable examples in examples/, each run for real on loopback.
 
-(``examples/gunicorn.conf.py`` and ``examples/zero_code_asgi.py`` run in test_workers.py.)
+(``examples/gunicorn.conf.py`` and ``examples/zero_code_asgi.py`` run in test_workers.py,
+``examples/sentry_instrument.py`` in test_sentry_example.py.)
 """
 
 from __future__ import annotations
