@@ -194,12 +194,8 @@ def _child(mode: str, out_path: str, names: Sequence[str], skip: set[str]) -> in
         from loopscope import _installation
 
         still = getattr(asyncio.BaseEventLoop.__init__, "__wrapped__", None) is not None
-        emit(
-            event="summary",
-            loops=counter["loops"],
-            constructors_patched=still,
-            installed=_installation.current() is not None,
-        )
+        emit(event="summary", loops=counter["loops"], constructors_patched=still,
+             installed=_installation.current() is not None)
     out.close()
     return 0
 
@@ -258,12 +254,8 @@ def _run_child_once(
     outcome = Outcome()
     try:
         proc = subprocess.run(
-            cmd,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            timeout=timeout,
-            check=False,
+            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            timeout=timeout, check=False,
         )
         tail = proc.stdout.decode(errors="replace")[-1500:]
         returncode: int | None = proc.returncode
@@ -331,7 +323,9 @@ def _allowed_reason(test_id: str, allowed: Iterable[tuple[str, str]]) -> str | N
     return None
 
 
-def _run_all(modules: Sequence[str], jobs: int, timeout: float) -> dict[str, Outcome]:
+def _run_all(
+    modules: Sequence[str], jobs: int, timeout: float
+) -> dict[str, Outcome]:
     results = {mode: Outcome() for mode in MODES}
     work = [(mode, f"test.test_asyncio.{m}") for m in modules for mode in MODES]
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
@@ -345,30 +339,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("modules", nargs="*", help="test_asyncio modules (default: the core set)")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
-    parser.add_argument(
-        "--timeout",
-        type=float,
-        default=600.0,
-        help="seconds one module may take in one mode (default 600)",
-    )
-    parser.add_argument(
-        "--retries", type=int, default=2, help="reruns of a differing test in each mode (default 2)"
-    )
-    parser.add_argument(
-        "--max-retried",
-        type=int,
-        default=40,
-        help="rerun at most this many differing tests (default 40)",
-    )
+    parser.add_argument("--timeout", type=float, default=600.0,
+                        help="seconds one module may take in one mode (default 600)")
+    parser.add_argument("--retries", type=int, default=2,
+                        help="reruns of a differing test in each mode (default 2)")
+    parser.add_argument("--max-retried", type=int, default=40,
+                        help="rerun at most this many differing tests (default 40)")
     parser.add_argument("--json", help="write the comparison to this file")
     parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--skip", action="append", default=[], help=argparse.SUPPRESS)
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="the quick selection tests/test_cpython_suite.py runs by default",
-    )
+    parser.add_argument("--quick", action="store_true",
+                        help="the quick selection tests/test_cpython_suite.py runs by default")
     args = parser.parse_args(argv)
     if args.child:
         return _child(args.child, args.out, args.modules, set(args.skip))
@@ -403,10 +385,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     regressions = [t for t in unexplained if t in plain.passed()]
 
     version = ".".join(map(str, sys.version_info[:3]))
-    print(
-        f"CPython {version} test.test_asyncio, {len(modules)} modules, "
-        f"{time.monotonic() - began:.0f} s"
-    )
+    print(f"CPython {version} test.test_asyncio, {len(modules)} modules, "
+          f"{time.monotonic() - began:.0f} s")
     for mode in MODES:
         outcome = results[mode]
         counts: dict[str, int] = {}
@@ -419,21 +399,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"    hung or crashed ({mode}): {test_id}")
     if missing:
         print(f"  not in this Python: {', '.join(m.rsplit('.', 1)[-1] for m in missing)}")
-    print(
-        f"  same set of passing tests except {len(first_diff)} on the first run; "
-        f"{len(flaky)} did not repeat (timing), {len(explained)} allowed, "
-        f"{len(unexplained)} unexplained"
-    )
+    print(f"  same set of passing tests except {len(first_diff)} on the first run; "
+          f"{len(flaky)} did not repeat (timing), {len(explained)} allowed, "
+          f"{len(unexplained)} unexplained")
     for test_id, reason in sorted(explained.items()):
         print(f"  allowed: {test_id}: {reason}")
     for test_id in flaky:
         print(f"  did not repeat: {test_id}")
     for test_id in unexplained:
-        side = (
-            "passes only without loopscope"
-            if test_id in regressions
-            else "passes only with loopscope"
-        )
+        side = "passes only without loopscope" if test_id in regressions else \
+            "passes only with loopscope"
         print(f"  UNEXPLAINED: {test_id} {side}")
         detail = scoped.details.get(test_id) or plain.details.get(test_id)
         if detail:
@@ -441,29 +416,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     for crash in crashes:
         print(f"  CRASH: {crash}")
     if args.json:
-        Path(args.json).write_text(
-            json.dumps(
-                {
-                    "python": version,
-                    "modules": modules,
-                    "passed": {m: len(results[m].passed()) for m in MODES},
-                    "tests": {m: len(results[m].status) for m in MODES},
-                    "loops_instrumented": scoped.loops,
-                    "first_run_differences": first_diff,
-                    "flaky": flaky,
-                    "allowed": explained,
-                    "unexplained": unexplained,
-                    "crashes": crashes,
-                    "hung": {
-                        m: sorted(t for t, st in results[m].status.items() if st == "crash")
-                        for m in MODES
-                    },
-                    "missing": missing,
-                    "seconds": {**plain.seconds, **scoped.seconds},
-                },
-                indent=2,
-            )
-        )
+        Path(args.json).write_text(json.dumps({
+            "python": version,
+            "modules": modules,
+            "passed": {m: len(results[m].passed()) for m in MODES},
+            "tests": {m: len(results[m].status) for m in MODES},
+            "loops_instrumented": scoped.loops,
+            "first_run_differences": first_diff,
+            "flaky": flaky,
+            "allowed": explained,
+            "unexplained": unexplained,
+            "crashes": crashes,
+            "hung": {m: sorted(t for t, st in results[m].status.items() if st == "crash")
+                     for m in MODES},
+            "missing": missing,
+            "seconds": {**plain.seconds, **scoped.seconds},
+        }, indent=2))
     return 1 if unexplained or crashes else 0
 
 

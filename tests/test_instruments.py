@@ -223,6 +223,10 @@ class TestManagingInstruments:
         installation = loopscope.install(registry=registry, instruments=[first])
         assert loopscope.install(instruments=[second]) is installation
         assert installation.instruments[-2:] == (first, second)
+        third = Recorder()  # added even along with options that conflict (which stay)
+        assert loopscope.install(slow_threshold=0.5, instruments=[third]) is installation
+        assert installation.instruments[-3:] == (first, second, third)
+        assert installation.options.slow_threshold == 0.1
         assert repr(installation.instruments[0]).startswith("<loopscope's event log")
 
     def test_bad_instruments(self, registry: CollectorRegistry) -> None:

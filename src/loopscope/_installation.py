@@ -512,14 +512,14 @@ def install(**options: Any) -> Installation:
             installation = Installation(resolved)
             installation.start()
             _current = installation
-        elif conflicts := conflicting_options(installation.options, options):
-            log_notice(
-                installation.options.events,
-                "loopscope_already_installed",
-                "install() was called again with other options; the first ones stay",
-                options=conflicts,
-            )
         else:
+            if conflicts := conflicting_options(installation.options, options):
+                log_notice(
+                    installation.options.events,
+                    "loopscope_already_installed",
+                    "install() was called again with other options; the first ones stay",
+                    options=conflicts,
+                )
             for instrument in resolved.instruments:
                 installation.add_instrument(instrument)
         installation.patch_constructors()
