@@ -80,15 +80,10 @@ class EventDispatch:
         location: str | None,
     ) -> None:
         """A step ended after ``duration`` seconds, at or over ``threshold``."""
-        hooks = self._hooks["slow_step"]
-        if not hooks:
-            return
-        event = self._make(
-            SlowStep, loop, threshold, callback, task, started, blocking_stack, location,
-            duration=round(duration, 6),
+        self._dispatch(
+            "slow_step", SlowStep, (loop, threshold, callback, task, started, blocking_stack,
+            location), duration=round(duration, 6),
         )  # fmt: skip
-        if event is not None:
-            self._deliver("slow_step", hooks, event)
 
     def loop_blocked(
         self,
@@ -103,28 +98,27 @@ class EventDispatch:
         location: str | None,
     ) -> None:
         """A step has been running for ``blocked_for`` seconds and is still running."""
-        hooks = self._hooks["loop_blocked"]
-        if not hooks:
-            return
-        event = self._make(
-            LoopBlocked, loop, threshold, callback, task, started, blocking_stack, location,
-            blocked_for=round(blocked_for, 6),
+        self._dispatch(
+            "loop_blocked", LoopBlocked, (loop, threshold, callback, task, started,
+            blocking_stack, location), blocked_for=round(blocked_for, 6),
         )  # fmt: skip
+
+    def _dispatch(
+        self, hook: str, kind: type[StepEvent], step: tuple[Any, ...], **measure: float
+    ) -> None:
+        hooks = self._hooks[hook]
+        if not hooks:
+            return  # nobody listens: nothing is built
+        event = self._make(kind, step, measure)
         if event is not None:
-            self._deliver("loop_blocked", hooks, event)
+            self._deliver(hook, hooks, event)
 
     def _make(
-        self,
-        kind: type[StepEvent],
-        loop: str,
-        threshold: float,
-        callback: object,
-        task: object | None,
-        started: float,
-        blocking_stack: list[str],
-        location: str | None,
-        **measure: Any,
+        self, kind: type[StepEvent], step: tuple[Any, ...], measure: dict[str, Any]
     ) -> StepEvent | None:
+        """The event: ``step`` is ``(loop, threshold, callback, task, started,
+        blocking_stack, location)``; ``measure`` the duration or the time blocked so far."""
+        loop, threshold, callback, task, started, blocking_stack, location = step
         try:
             about: dict[str, Any]
             if task is not None:
