@@ -209,3 +209,12 @@ class TestSecondInstall:
         environ = {"LOOPSCOPE_SLOW_THRESHOLD": "0.3", "LOOPSCOPE_PORT": ""}
         installed = resolve_options({"port": 0}, environ)
         assert conflicting_options(installed, {}, environ) == []
+
+
+def test_renamed_option_says_what_it_is_now(registry: CollectorRegistry) -> None:
+    with pytest.raises(
+        loopscope.ConfigError, match=r"slow_events is now events \(false is now off\)"
+    ):
+        loopscope.install(registry=registry, slow_events=False)
+    with pytest.raises(loopscope.ConfigError, match=r"Instrument\(\)"):
+        loopscope.install(registry=registry, instruments=[loopscope.Instrument])

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import re
 import sys
 import threading
@@ -272,12 +273,16 @@ class TestLoggingRoute:
         assert (record.pathname, record.lineno, record.funcName) == (
             str(HERE), blocking_line(), "blocking_call",
         )  # fmt: skip
-        # The stack shows the test's frames and counts the others (loopscope's among them).
+        # The stack shows the test's frames and counts the others where they were
+        # (loopscope's among them).
         assert record.stack_info is not None
         lines = record.stack_info.splitlines()
         assert lines[0] == "Blocking stack (most recent call last):"
-        assert f'File "{HERE}", line {blocking_line()}, in blocking_call' in lines[-2]
-        assert re.fullmatch(r"  \(\d+ frames of .*loopscope.* not shown\)", lines[-1]), lines
+        assert lines[-1] == f'  File "{HERE}", line {blocking_line()}, in blocking_call'
+        runs = [line for line in lines if re.fullmatch(r"  \(\d+ frames? of .*\)", line)]
+        assert runs and any("loopscope" in line for line in runs), lines
+        shown = [line for line in lines[1:] if line not in runs]
+        assert all(line.startswith(f'  File "{HERE}"') for line in shown), lines
 
     @pytest.mark.parametrize("log_stack", ["full", "none"])
     def test_log_stack(
@@ -297,7 +302,7 @@ class TestLoggingRoute:
         else:
             assert record.stack_info is not None
             assert len(record.stack_info.splitlines()) == 1 + len(stack)
-            assert "not shown" not in record.stack_info
+            assert " frames of " not in record.stack_info
 
     def test_off(
         self, loop_kind: str, registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
@@ -334,8 +339,8 @@ class TestStructlogRoute:
         [event] = logs
         assert event["event"] == "slow_callback" and event["log_level"] == "warning"
         assert set(event) == {
-            "event", "log_level", "loop", "duration", "threshold", "task", "coro",
-            "blocking_stack", "location",
+            "event", "log_level", "loop", "duration", "threshold", "kind", "task", "coro",
+            "blocking_stack", "location", "importing", "started",
         }  # fmt: skip
         assert event["blocking_stack"][-1] == f"{HERE}:{blocking_line()} in blocking_call"
 
@@ -447,3 +452,102 @@ def test_the_readme_example(loop_kind: str) -> None:
     counter = namespace["blocks"].count  # type: ignore[attr-defined]
     [(line, count)] = counter.items()
     assert count == 2 and line.endswith(f"{HERE.name}:{blocking_line()} in blocking_call")
+
+
+class TestReadableStacks:
+    """How a standard-logging record shows a stack (``log_stack=application``)."""
+
+    def stack(self) -> list[str]:
+        import asyncio as asyncio_module
+        import sysconfig
+
+        import prometheus_client
+
+        scripts = sysconfig.get_path("scripts")
+        package = os.path.dirname(prometheus_client.__file__)
+        aio = os.path.dirname(asyncio_module.__file__)
+        return [
+            f"{scripts}/uvicorn:8 in <module>",
+            f"{package}/registry.py:10 in run",
+            f"{package}/registry.py:20 in serve",
+            f"{aio}/base_events.py:1922 in _run_once",
+            f"{HERE.parent}/app.py:3 in <module>",
+            "<frozen importlib._bootstrap>:1176 in _find_and_load",
+            "<frozen importlib._bootstrap_external>:940 in exec_module",
+            f"{package}/metrics.py:7 in <module>",
+        ]
+
+    def test_runs_are_counted_where_they_are(self) -> None:
+        from loopscope._stacks import application_stack
+
+        stack = self.stack()
+        assert application_stack(stack) == [
+            "(4 frames of prometheus_client, asyncio and the launcher)",
+            stack[4],
+            "(2 frames of the import system)",  # inward of the app's line, still counted
+            stack[7],  # what the app's line was waiting in
+        ]
+
+    def test_import_origin_in_the_message(self) -> None:
+        from loopscope._event_logs import human_message
+        from loopscope._stacks import application_location
+
+        stack = tuple(self.stack())
+        event = loopscope.SlowStep(
+            loop="MainThread", threshold=0.1, kind="task", task="Task-1", coro="serve",
+            callback=None, location=application_location(stack), blocking_stack=stack,
+            importing=True, started=1.0, timestamp=2.0, thread="MainThread", duration=1.25,
+        )  # fmt: skip
+        assert event.location is not None and event.location.startswith("prometheus_client")
+        assert human_message(event) == (
+            "loop MainThread blocked 1.25 s importing a module (imported at "
+            f"{application_location([stack[4]])}) in task Task-1 (serve) at {event.location}"
+        )
+
+    def test_a_deep_stack_keeps_both_ends(self) -> None:
+        from loopscope._stacks import MAX_FRAMES, application_stack, format_stack
+
+        def deep(n: int) -> list[str]:
+            return deep(n - 1) if n else format_stack(sys._getframe())
+
+        shallow = format_stack(sys._getframe())
+        stack = deep(150)
+        assert len(stack) == MAX_FRAMES + 1
+        assert stack[:20] == shallow[:20]  # the outermost frames are kept
+        [marker] = [e for e in stack if e.startswith("... (")]
+        left_out = len(shallow) + 151 - MAX_FRAMES  # deep(150) to deep(0): 151 frames
+        assert marker == f"... ({left_out} frames left out) ..."
+        assert stack[-1].endswith(" in deep") and stack[-2].endswith(" in deep")
+        assert marker in application_stack(stack)
+
+
+def test_events_survive_dict_config(loop_kind: str, registry: CollectorRegistry) -> None:
+    """A ``dictConfig`` after import (``disable_existing_loggers`` true, its default) does
+    not silence loopscope: its logger is made at its first message, not at import."""
+    import io
+    import logging.config
+
+    stream = io.StringIO()
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    logging.Logger.manager.loggerDict.pop("loopscope", None)  # as in a fresh process
+    try:
+        loopscope.install(registry=registry, slow_threshold=0.05)
+        logging.config.dictConfig(
+            {
+                "version": 1,
+                "formatters": {"plain": {"format": "%(name)s %(levelname)s %(message)s"}},
+                "handlers": {
+                    "out": {
+                        "class": "logging.StreamHandler",
+                        "stream": stream,
+                        "formatter": "plain",
+                    },
+                },
+                "root": {"handlers": ["out"], "level": "INFO"},
+            }
+        )
+        run_blocking_task(loop_kind, 0.08)
+    finally:
+        root.handlers[:], root.level = saved[0], saved[1]
+    assert re.search(r"^loopscope WARNING loop MainThread blocked \d+ ms ", stream.getvalue(), re.M)

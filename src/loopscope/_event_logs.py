@@ -23,11 +23,10 @@ from typing import Any
 import structlog
 
 from ._instrument import Instrument, LoopBlocked, SlowStep, StepEvent
-from ._stacks import application_entry, application_stack, frame_of
+from ._log import NAME, logger
+from ._stacks import application_entry, application_stack, frame_of, own_code_location
 
 __all__ = ["LogOutput", "human_message", "log_notice"]
-
-_logger = logging.getLogger("loopscope")
 
 
 def _seconds(value: float) -> str:
@@ -45,6 +44,9 @@ def human_message(event: StepEvent) -> str:
         how_long = "blocked"
     if event.importing:
         how_long += " importing a module"
+        origin = own_code_location(event.blocking_stack)
+        if origin is not None and origin != event.location:
+            how_long += f" (imported at {origin})"
     if event.kind == "task":
         what = f"task {event.task}" + (f" ({event.coro})" if event.coro else "")
     else:
@@ -54,13 +56,16 @@ def human_message(event: StepEvent) -> str:
 
 
 def _structlog_fields(event: StepEvent) -> dict[str, Any]:
-    """The key-value pairs of a structlog event, as loopscope has always logged them."""
+    """The key-value pairs of a structlog event: every field of the event but ``thread``
+    and ``timestamp`` (structlog's processors add their own), in the order loopscope has
+    always logged them; ``task``/``coro`` or ``callback``, whichever the kind has."""
     fields: dict[str, Any] = {"loop": event.loop}
     if isinstance(event, SlowStep):
         fields["duration"] = event.duration
     elif isinstance(event, LoopBlocked):
         fields["blocked_for"] = event.blocked_for
     fields["threshold"] = event.threshold
+    fields["kind"] = event.kind
     if event.kind == "task":
         fields["task"] = event.task
         if event.coro is not None:
@@ -69,8 +74,8 @@ def _structlog_fields(event: StepEvent) -> dict[str, Any]:
         fields["callback"] = event.callback
     fields["blocking_stack"] = list(event.blocking_stack)
     fields["location"] = event.location
-    if event.importing:
-        fields["importing"] = True
+    fields["importing"] = event.importing
+    fields["started"] = event.started
     return fields
 
 
@@ -132,7 +137,7 @@ class LogOutput(Instrument):
             self._log_record(event)
 
     def _log_record(self, event: StepEvent) -> None:
-        if not _logger.isEnabledFor(logging.WARNING):
+        if not logger().isEnabledFor(logging.WARNING):
             return
         fields = event.fields()
         for name in _NOT_IN_RECORD:
@@ -148,8 +153,8 @@ class LogOutput(Instrument):
             stack = application_stack(event.blocking_stack)
         else:
             stack = []
-        record = _logger.makeRecord(
-            _logger.name,
+        record = logger().makeRecord(
+            NAME,
             logging.WARNING,
             path,
             lineno,
@@ -160,7 +165,7 @@ class LogOutput(Instrument):
             fields,
             _stack_info(stack),
         )
-        _logger.handle(record)
+        logger().handle(record)
 
 
 def _uses_structlog(route: str) -> bool:
@@ -173,4 +178,4 @@ def log_notice(route: str, name: str, message: str, **fields: Any) -> None:
         structlog.get_logger("loopscope").warning(name, detail=message, **fields)
     else:
         details = ", ".join(f"{key}={value}" for key, value in fields.items())
-        _logger.warning("loopscope: %s (%s)", message, details, extra={"event": name, **fields})
+        logger().warning("loopscope: %s (%s)", message, details, extra={"event": name, **fields})

@@ -12,18 +12,16 @@ and removed; the error never reaches the loop or the application.
 from __future__ import annotations
 
 import contextlib
-import logging
 import threading
 import time
 from typing import Any
 
 from ._describe import describe_callback, task_fields
 from ._instrument import HOOKS, Instrument, LoopBlocked, SlowStep, StepEvent, overridden_hooks
+from ._log import logger
 from ._stacks import is_importing
 
 __all__ = ["EventDispatch"]
-
-_fallback = logging.getLogger("loopscope")
 
 
 class EventDispatch:
@@ -156,7 +154,7 @@ class EventDispatch:
     @staticmethod
     def _report_removed(instrument: Instrument, name: str, exc: Exception) -> None:
         with contextlib.suppress(Exception):
-            _fallback.error(
+            logger().error(
                 "loopscope: the instrument %r raised in %s() and was removed; the "
                 "application goes on",
                 instrument,
@@ -169,4 +167,4 @@ class EventDispatch:
             return
         self._reported.add(what)
         with contextlib.suppress(Exception):
-            _fallback.error("loopscope: error while %s: %r", what, exc)
+            logger().error("loopscope: error while %s: %r", what, exc)

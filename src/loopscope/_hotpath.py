@@ -10,16 +10,15 @@ asks which twin runs: a probe takes :data:`twin` when it is made.
 from __future__ import annotations
 
 import importlib
-import logging
 import os
 from types import ModuleType
 from typing import TYPE_CHECKING
 
 from . import _pure
+from ._log import logger
 
 __all__ = ["pure", "twin"]
 
-_fallback = logging.getLogger("loopscope")
 
 #: The pure-Python twin (always importable).
 pure: ModuleType = _pure
@@ -36,14 +35,14 @@ def load() -> ModuleType:
     except ImportError as exc:
         if not (isinstance(exc, ModuleNotFoundError) and exc.name == name):
             # Built, but it cannot be loaded here: say why rather than slow down unseen.
-            _fallback.warning(
+            logger().warning(
                 "loopscope: the C accelerator could not be loaded (%s); using the "
                 "pure-Python hot path",
                 exc,
             )
         return _pure
     if getattr(_speedups, "INTERFACE", None) != _pure.INTERFACE:
-        _fallback.warning(
+        logger().warning(
             "loopscope: the C accelerator %s was built from other sources than this "
             "loopscope (interface %r, expected %r); using the pure-Python hot path; "
             "rebuild it with `pip install .`",

@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import errno
 import functools
-import logging
 import os
 import socket
 import threading
@@ -38,6 +37,7 @@ from ._executor import ExecutorBook, hook_loop
 from ._exit_hooks import at_exit
 from ._infrastructure import created_by_server_infrastructure
 from ._instrument import Instrument
+from ._log import logger
 from ._multiprocess import MergedCollector, ProcessFiles
 from ._options import ConfigError, Options, conflicting_options, resolve_options
 from ._probe import LoopProbe
@@ -48,7 +48,7 @@ from ._watchdog import Watchdog
 
 __all__ = ["Installation", "current", "install", "instrument", "uninstall"]
 
-_fallback = logging.getLogger("loopscope")
+
 _lock = threading.RLock()
 _current: Installation | None = None
 _MISSING = object()
@@ -378,7 +378,7 @@ class Installation:
             if where in self._faults_reported:
                 return
             self._faults_reported.add(where)
-            _fallback.error(
+            logger().error(
                 "loopscope: error while %s; that measurement is switched off and the "
                 "application goes on",
                 where,

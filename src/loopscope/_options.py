@@ -343,6 +343,11 @@ def _parse_instruments(name: str, raw: object) -> tuple[Instrument, ...]:
     if items is None:
         raise ConfigError(f"{name} must be a list of loopscope.Instrument objects; got {raw!r}")
     for item in items:
+        if isinstance(item, type) and issubclass(item, Instrument):
+            raise ConfigError(
+                f"{name} must be a list of loopscope.Instrument objects; {item.__name__} is "
+                f"a class: pass an instance of it, {item.__name__}()"
+            )
         if not isinstance(item, Instrument):
             raise ConfigError(
                 f"{name} must be a list of loopscope.Instrument objects; {item!r} is not one "
@@ -444,6 +449,16 @@ INTERNAL_VARIABLES = frozenset(
 )
 
 
+#: Options that were renamed, with what to write now.
+_RENAMED = {"slow_events": "events (false is now off)"}
+
+
+def _renamed(names: list[str]) -> str:
+    """`` (... is now ...)`` for those of ``names`` that were renamed."""
+    now = [f"{name} is now {_RENAMED[name]}" for name in names if name in _RENAMED]
+    return f" ({'; '.join(now)})" if now else ""
+
+
 def env_name(option: str) -> str:
     """The environment variable that sets ``option``."""
     return ENV_PREFIX + option.upper()
@@ -469,7 +484,8 @@ def _environment_values(
     )
     if stray:
         raise ConfigError(
-            f"unknown environment variable(s) {', '.join(stray)}; "
+            f"unknown environment variable(s) {', '.join(stray)}"
+            f"{_renamed([k[len(ENV_PREFIX) :].lower() for k in stray])}; "
             f"known ones are {', '.join(sorted(variables))}"
         )
     return {
@@ -511,7 +527,7 @@ def _resolve(
     unknown = sorted(set(kwargs) - set(known))
     if unknown:
         raise ConfigError(
-            f"unknown option(s) {', '.join(map(repr, unknown))}; "
+            f"unknown option(s) {', '.join(map(repr, unknown))}{_renamed(unknown)}; "
             f"known options are {', '.join(known)}"
         )
     from_env = _environment_values(environ, table)

@@ -10,7 +10,6 @@ slow step and the fault switch.
 from __future__ import annotations
 
 import contextlib
-import logging
 import sys
 import threading
 import weakref
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from . import _hotpath
 from ._describe import TASK_TYPES
+from ._log import logger
 from ._stats import BUCKETS, UNKNOWN_LOCATION, LoopStats, SeriesBook
 
 if TYPE_CHECKING:
@@ -47,7 +47,6 @@ class ProbeContext(Protocol):
         """Report a fault of loopscope's own, once."""
 
 
-_fallback = logging.getLogger("loopscope")
 _MISSING = object()
 
 
@@ -336,7 +335,7 @@ class LoopProbe:
         try:
             self.remove()
         except Exception as second:
-            _fallback.error("loopscope: could not remove instrumentation: %r", second)
+            logger().error("loopscope: could not remove instrumentation: %r", second)
 
 
 def _in_loop_thread(loop: Any) -> bool:

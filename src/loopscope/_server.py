@@ -34,7 +34,6 @@ import binascii
 import contextlib
 import email.utils
 import hmac
-import logging
 import os
 import selectors
 import socket
@@ -49,6 +48,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import CollectorRegistry
 
 from . import _hotpath
+from ._log import logger
 from ._options import ConfigError, tls_context
 
 if TYPE_CHECKING:
@@ -77,7 +77,6 @@ _TEXT = "text/plain; charset=utf-8"
 #: Plain connections stay in blocking mode and are read and written with this flag: one
 #: ioctl (and one GIL hand-off) less per connection than setblocking(False).
 _DONTWAIT: int = getattr(socket, "MSG_DONTWAIT", 0)
-_fallback = logging.getLogger("loopscope")
 
 
 def _credentials(username: str, password: str) -> bytes:
@@ -298,7 +297,7 @@ class _Endpoint:
                 # Returns when woken (by shutdown(), here or in a forked child).
                 engine.run()
         except Exception:
-            _fallback.exception("loopscope: the /metrics endpoint stopped serving")
+            logger().exception("loopscope: the /metrics endpoint stopped serving")
         finally:
             engine.close_all()
             self.selector.close()
@@ -329,7 +328,7 @@ class _Endpoint:
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            _fallback.debug("loopscope: accepting a /metrics connection failed", exc_info=True)
+            logger().debug("loopscope: accepting a /metrics connection failed", exc_info=True)
             return
         if len(self.connections) >= MAX_CONNECTIONS:
             sock.close()
@@ -367,11 +366,11 @@ class _Endpoint:
         except (OSError, ValueError):
             # A broken connection, a failed handshake or a refused client certificate
             # concerns that client only: not printed.
-            _fallback.debug("loopscope: a /metrics connection failed", exc_info=True)
+            logger().debug("loopscope: a /metrics connection failed", exc_info=True)
             self._close(conn)
         except Exception:
             # A fault of the endpoint itself: that connection is dropped, the server goes on.
-            _fallback.exception("loopscope: answering a /metrics connection failed")
+            logger().exception("loopscope: answering a /metrics connection failed")
             self._close(conn)
 
     def _read(self, conn: _Connection) -> bool:
@@ -453,7 +452,7 @@ class _Endpoint:
             answer, exposition = self._answer(head)
             return answer, self.exposition.fresh_for() if exposition else 0.0
         except Exception:
-            _fallback.exception("loopscope: answering a /metrics connection failed")
+            logger().exception("loopscope: answering a /metrics connection failed")
             return self._error(
                 "500 Internal Server Error", "the request could not be answered"
             ), 0.0
@@ -488,7 +487,7 @@ class _Endpoint:
             # A collector of the registry (loopscope's or another) raised: this scrape fails
             # with 500, the server thread and the application go on.
             if not exposition.failures:
-                _fallback.error(
+                logger().error(
                     "loopscope: building the /metrics exposition failed; answering 500 "
                     "(logged once)",
                     exc_info=(type(exc), exc, exc.__traceback__),

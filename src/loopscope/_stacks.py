@@ -14,6 +14,7 @@ __all__ = [
     "format_stack",
     "frame_of",
     "is_importing",
+    "own_code_location",
 ]
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
@@ -47,15 +48,39 @@ _STDLIB_DIRS = _stdlib_dirs()
 _SITE_MARKERS = (os.sep + "site-packages" + os.sep, os.sep + "dist-packages" + os.sep)
 
 
-def format_stack(frame: FrameType | None, limit: int = 60) -> list[str]:
-    """``"path:lineno in function"`` for each frame, innermost last."""
-    entries: list[str] = []
-    while frame is not None and len(entries) < limit:
-        code = frame.f_code
-        entries.append(f"{code.co_filename}:{frame.f_lineno} in {code.co_name}")
+#: A stack deeper than this keeps its outermost and innermost frames (how the program got
+#: there, and what it was doing), with one entry saying how many were left out between.
+MAX_FRAMES = 100
+_OUTER_FRAMES = 20
+#: Frames walked at most (a runaway recursion is not walked to its end).
+_WALK_LIMIT = 10_000
+
+
+def _entry(frame: FrameType) -> str:
+    code = frame.f_code
+    return f"{code.co_filename}:{frame.f_lineno} in {code.co_name}"
+
+
+def format_stack(frame: FrameType | None, limit: int = MAX_FRAMES) -> list[str]:
+    """``"path:lineno in function"`` for each frame, innermost last.  A stack of more than
+    ``limit`` frames keeps its 20 outermost and its innermost ones, with the entry
+    ``"... (N frames left out) ..."`` between them."""
+    frames: list[FrameType] = []
+    while frame is not None and len(frames) < _WALK_LIMIT:
+        frames.append(frame)
         frame = frame.f_back
-    entries.reverse()
-    return entries
+    frames.reverse()
+    if len(frames) <= limit:
+        return [_entry(f) for f in frames]
+    outer = min(_OUTER_FRAMES, limit // 2)
+    inner = limit - outer
+    left_out = len(frames) - limit + (1 if frame is not None else 0)
+    more = "+" if frame is not None else ""
+    return [
+        *(_entry(f) for f in frames[:outer]),
+        f"... ({left_out}{more} frames left out) ...",
+        *(_entry(f) for f in frames[-inner:]),
+    ]
 
 
 def _is_library(filename: str) -> bool:
@@ -128,13 +153,29 @@ def _package_of(filename: str) -> str | None:
     return None
 
 
-def _owner(filename: str) -> str | None:
+#: Where installed programs' launchers are (``bin/uvicorn``, ``bin/gunicorn``).
+_SCRIPTS_DIRS = tuple(
+    sorted(
+        {
+            os.path.abspath(path) + os.sep
+            for path in (sysconfig.get_path("scripts"), os.path.dirname(sys.executable))
+            if path
+        }
+    )
+)
+
+
+def _owner(filename: str, outermost: bool) -> str | None:
     """Who a frame of ``filename`` belongs to when it is not the application's own code
     (an installed package's name, ``asyncio``, ``loopscope``...); None for the latter."""
+    if filename in _IMPORT_FILES:
+        return "the import system"
     if filename.startswith("<frozen"):
         return "the standard library"
     if filename.startswith("<"):
-        return None
+        # ``python -c`` code: a program's launcher (multiprocessing's spawned workers) when
+        # it is where the stack starts, else code the application ran itself.
+        return "the launcher" if outermost and filename == "<string>" else None
     path = os.path.abspath(filename)
     if path.startswith(_OWN_DIRS) and not path.startswith(_DEMO_DIR):
         return "loopscope" if path.startswith(_PACKAGE_DIR) else "uvloop"
@@ -143,33 +184,58 @@ def _owner(filename: str) -> str | None:
         return package
     if path.startswith(_STDLIB_DIRS):
         return "asyncio" if f"{os.sep}asyncio{os.sep}" in path else "the standard library"
+    if outermost and path.startswith(_SCRIPTS_DIRS):
+        return "the launcher"
     return None
+
+
+def _listed(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
 
 
 def application_stack(stack: list[str] | tuple[str, ...]) -> list[str]:
     """``stack`` cut down for a person: the frames of the application's own code (not the
-    standard library's, nor an installed package's, nor the loop's) and every frame
-    inward of the innermost of them, which show what the application's line was waiting
-    in; the frames left out are counted by owner in a last line.  The whole stack when
-    it has no frame of the application's own."""
-    owners = [_owner(_entry_file(entry)) for entry in stack]
-    own = [i for i, owner in enumerate(owners) if owner is None]
+    standard library's, nor an installed package's, nor the loop's) and the frames inward
+    of the innermost of them, which show what the application's line was waiting in (the
+    import system's aside); each run of frames left out is one line that counts them by
+    owner.  The whole stack when it has no frame of the application's own."""
+    owners = [_owner(_entry_file(entry), i == 0) for i, entry in enumerate(stack)]
+    markers = [entry.startswith("... (") for entry in stack]
+    own = [i for i, owner in enumerate(owners) if owner is None and not markers[i]]
     if not own:
         return list(stack)
     innermost = own[-1]
     shown: list[str] = []
-    hidden: dict[str, int] = {}
+    run: dict[str, int] = {}
+
+    def close_run() -> None:
+        if run:
+            count = sum(run.values())
+            names = sorted(run, key=lambda name: (-run[name], name))
+            shown.append(f"({count} frame{'s' if count != 1 else ''} of {_listed(names)})")
+            run.clear()
+
     for i, (entry, owner) in enumerate(zip(stack, owners, strict=True)):
-        if owner is None or i > innermost:
+        if markers[i] or owner is None or (i > innermost and owner != "the import system"):
+            close_run()
             shown.append(entry)
         else:
-            hidden[owner] = hidden.get(owner, 0) + 1
-    if hidden:
-        count = sum(hidden.values())
-        names = sorted(hidden, key=lambda name: (-hidden[name], name))
-        listed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
-        shown.append(f"({count} frame{'s' if count != 1 else ''} of {listed} not shown)")
+            run[owner] = run.get(owner, 0) + 1
+    close_run()
     return shown
+
+
+def own_code_location(stack: list[str] | tuple[str, ...]) -> str | None:
+    """Like :func:`application_location`, but of the application's own code only: an
+    installed package's frame does not count (for an import, the line that imported)."""
+    for i in range(len(stack) - 1, -1, -1):
+        entry = stack[i]
+        filename = _entry_file(entry)
+        if filename and not entry.startswith("... (") and _owner(filename, i == 0) is None:
+            head, _, function = entry.rpartition(" in ")
+            path, _, lineno = head.rpartition(":")
+            return f"{_short(path)}:{lineno} in {function}"
+    return None
 
 
 def frame_of(entry: str) -> tuple[str, int, str] | None:
