@@ -488,6 +488,22 @@ class TestReadableStacks:
             stack[7],  # what the app's line was waiting in
         ]
 
+    def test_inward_the_first_call_and_the_last_two(self) -> None:
+        from loopscope._stacks import application_stack
+
+        package = os.path.dirname(self.stack()[1].rpartition(":")[0])
+        inward = [f"{package}/lib.py:{n} in f{n}" for n in range(1, 6)]
+        stack = [f"{HERE.parent}/app.py:3 in handler"]
+        assert (
+            application_stack([*stack, *inward])
+            == [
+                stack[0],
+                inward[0],  # what the application called
+                "(2 frames of prometheus_client)",
+                *inward[-2:],  # what it was waiting in
+            ]
+        )
+
     def test_import_origin_in_the_message(self) -> None:
         from loopscope._event_logs import human_message
         from loopscope._stacks import application_location

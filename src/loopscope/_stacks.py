@@ -128,7 +128,11 @@ def application_location(stack: list[str] | tuple[str, ...]) -> str | None:
 
 
 #: Files of the import system: a step with one of them on its stack is importing a module.
-_IMPORT_FILES = ("<frozen importlib._bootstrap>", "<frozen importlib._bootstrap_external>")
+_IMPORT_FILES = (
+    "<frozen importlib._bootstrap>",
+    "<frozen importlib._bootstrap_external>",
+    "<frozen zipimport>",
+)
 
 
 def _entry_file(entry: str) -> str:
@@ -195,16 +199,21 @@ def _listed(names: list[str]) -> str:
 
 def application_stack(stack: list[str] | tuple[str, ...]) -> list[str]:
     """``stack`` cut down for a person: the frames of the application's own code (not the
-    standard library's, nor an installed package's, nor the loop's) and the frames inward
-    of the innermost of them, which show what the application's line was waiting in (the
-    import system's aside); each run of frames left out is one line that counts them by
-    owner.  The whole stack when it has no frame of the application's own."""
+    standard library's, nor an installed package's, nor the loop's) and, inward of the
+    innermost of them, the first frame it called and the two innermost (what it was
+    waiting in; the import system's frames aside); each run of frames left out is one line
+    that counts them by owner.  The whole stack when it has no frame of the application's
+    own."""
     owners = [_owner(_entry_file(entry), i == 0) for i, entry in enumerate(stack)]
     markers = [entry.startswith("... (") for entry in stack]
     own = [i for i, owner in enumerate(owners) if owner is None and not markers[i]]
     if not own:
         return list(stack)
     innermost = own[-1]
+    # Inward of the application's last line: the first frame it called and the two it
+    # ended in (what it was waiting in); those between are counted.
+    called = [i for i in range(innermost + 1, len(stack)) if owners[i] != "the import system"]
+    shown_inward = set(called[:1] + called[-2:])
     shown: list[str] = []
     run: dict[str, int] = {}
 
@@ -216,7 +225,7 @@ def application_stack(stack: list[str] | tuple[str, ...]) -> list[str]:
             run.clear()
 
     for i, (entry, owner) in enumerate(zip(stack, owners, strict=True)):
-        if markers[i] or owner is None or (i > innermost and owner != "the import system"):
+        if markers[i] or owner is None or i in shown_inward:
             close_run()
             shown.append(entry)
         else:
