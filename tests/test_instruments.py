@@ -138,7 +138,7 @@ class TestEvents:
         loopscope.install(
             registry=registry, slow_threshold=0.05, events="off", instruments=[recorder]
         )
-        run_blocking_callback(loop_kind, 0.15)
+        run_blocking_callback(loop_kind, 0.25)
         assert len(recorder.slow) == 1, recorder.slow
         slow = recorder.slow[0]
         assert slow.kind == "callback" and slow.task is None and slow.coro is None
@@ -253,19 +253,19 @@ class TestLoggingRoute:
     ) -> None:
         loopscope.install(registry=registry, slow_threshold=0.05)
         with caplog.at_level(logging.WARNING, logger="loopscope"):
-            run_blocking_task(loop_kind, 0.15)
+            run_blocking_task(loop_kind, 0.25)
         [record] = _records(caplog)
         assert record.levelno == logging.WARNING
         message = record.getMessage()
         assert "\n" not in message
         assert re.fullmatch(
-            rf"loop MainThread blocked 1\d\d ms in task Task-\d+ \(\S*main\) at "
+            rf"loop MainThread blocked \d+ ms in task Task-\d+ \(\S*main\) at "
             rf"\S*{HERE.name}:{blocking_line()} in blocking_call",
             message,
         ), message
         fields = record.__dict__
         assert fields["event"] == "slow_callback" and fields["loop"] == "MainThread"
-        assert fields["duration"] >= 0.15 and fields["threshold"] == 0.05
+        assert fields["duration"] >= 0.25 and fields["threshold"] == 0.05
         assert fields["kind"] == "task" and fields["task"].startswith("Task-")
         assert fields["location"].endswith(f"{HERE.name}:{blocking_line()} in blocking_call")
         assert fields["blocking_stack"][-1] == f"{HERE}:{blocking_line()} in blocking_call"
@@ -294,7 +294,7 @@ class TestLoggingRoute:
     ) -> None:
         loopscope.install(registry=registry, slow_threshold=0.05, log_stack=log_stack)
         with caplog.at_level(logging.WARNING, logger="loopscope"):
-            run_blocking_task(loop_kind, 0.15)
+            run_blocking_task(loop_kind, 0.25)
         [record] = _records(caplog)
         stack = record.__dict__["blocking_stack"]
         if log_stack == "none":
@@ -409,7 +409,7 @@ def test_slow_imports(
     """Steps that import modules (an application imported inside the running loop) are
     logged once by default, and said to be imports; instruments get every one."""
     monkeypatch.syspath_prepend(str(tmp_path))
-    names = _slow_modules(tmp_path, 2, 0.12)
+    names = _slow_modules(tmp_path, 2, 0.25)
     recorder = Recorder()
     loopscope.install(
         registry=registry, slow_threshold=0.05, import_events=import_events,
@@ -448,7 +448,7 @@ def test_the_readme_example(loop_kind: str) -> None:
     [example] = [b for b in blocks if "(loopscope.Instrument)" in b]
     namespace: dict[str, object] = {"__name__": "readme_example"}
     exec(compile(example, "README.md", "exec"), namespace)
-    run_blocking_task(loop_kind, 0.15, 0.15)
+    run_blocking_task(loop_kind, 0.25, 0.25)
     counter = namespace["blocks"].count  # type: ignore[attr-defined]
     [(line, count)] = counter.items()
     assert count == 2 and line.endswith(f"{HERE.name}:{blocking_line()} in blocking_call")
