@@ -171,7 +171,7 @@ def snapshot(probe: LoopProbe) -> Figures:
 
 
 _ADDRESS = re.compile(r"0x[0-9a-fA-F]+")
-_TIMING_FIELDS = ("duration", "blocked_for", "blocking_stack", "timestamp")
+_TIMING_FIELDS = ("duration", "blocked_for", "blocking_stack", "timestamp", "started")
 
 
 def normalised(event: dict[str, Any]) -> dict[str, Any]:
