@@ -135,8 +135,8 @@ class Options:
         default="application",
         metadata=_about(
             "the stack a standard-logging record shows: application (the application's "
-            "frames and those it called), full or none; its blocking_stack field always "
-            "has every frame",
+            "frames and those it called), full or none; its blocking_stack field keeps "
+            "the whole stack",
             metavar="WHICH",
             group=_EVENTS,
         ),
