@@ -411,10 +411,9 @@ def test_slow_imports(
     monkeypatch.syspath_prepend(str(tmp_path))
     names = _slow_modules(tmp_path, 2, 0.25)
     recorder = Recorder()
-    loopscope.install(
-        registry=registry, slow_threshold=0.05, import_events=import_events,
-        instruments=[recorder],
-    )  # fmt: skip
+    # "once" is the default: not given, so that the default is what is tested.
+    given = {} if import_events == "once" else {"import_events": import_events}
+    loopscope.install(registry=registry, slow_threshold=0.05, instruments=[recorder], **given)
 
     async def main() -> None:
         for name in names:
