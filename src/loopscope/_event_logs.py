@@ -55,33 +55,21 @@ def human_message(event: StepEvent) -> str:
     return f"loop {event.loop} {how_long} in {what} at {where}"
 
 
+#: Fields of an event that are not logged: each log record and structlog event has its own
+#: time and thread (the thread that logged it).
+_NOT_LOGGED = ("thread", "timestamp")
+
+
 def _structlog_fields(event: StepEvent) -> dict[str, Any]:
-    """The key-value pairs of a structlog event: every field of the event but ``thread``
-    and ``timestamp`` (structlog's processors add their own), in the order loopscope has
-    always logged them; ``task``/``coro`` or ``callback``, whichever the kind has."""
-    fields: dict[str, Any] = {"loop": event.loop}
-    if isinstance(event, SlowStep):
-        fields["duration"] = event.duration
-    elif isinstance(event, LoopBlocked):
-        fields["blocked_for"] = event.blocked_for
-    fields["threshold"] = event.threshold
-    fields["kind"] = event.kind
-    if event.kind == "task":
-        fields["task"] = event.task
-        if event.coro is not None:
-            fields["coro"] = event.coro
-    else:
-        fields["callback"] = event.callback
-    fields["blocking_stack"] = list(event.blocking_stack)
-    fields["location"] = event.location
-    fields["importing"] = event.importing
-    fields["started"] = event.started
+    """The key-value pairs of a structlog event: the event's fields but those not logged,
+    with ``task`` and ``coro`` or ``callback``, whichever the kind has."""
+    fields = event.fields()
+    absent = ("callback",) if event.kind == "task" else ("task", "coro")
+    for name in (*_NOT_LOGGED, *absent):
+        del fields[name]
+    if fields.get("coro", "") is None:
+        del fields["coro"]
     return fields
-
-
-#: Fields of a standard-logging record that are not the event's (``thread`` is the
-#: record's own: the thread that logged it).
-_NOT_IN_RECORD = ("thread", "timestamp")
 
 
 def _stack_info(stack: list[str]) -> str | None:
@@ -140,8 +128,8 @@ class LogOutput(Instrument):
         if not logger().isEnabledFor(logging.WARNING):
             return
         fields = event.fields()
-        for name in _NOT_IN_RECORD:
-            fields.pop(name, None)
+        for name in _NOT_LOGGED:
+            del fields[name]
         fields["event"] = event.name
         # The record points at the application's line, as a log call made there would.
         entry = application_entry(event.blocking_stack)

@@ -54,6 +54,8 @@ MAX_FRAMES = 100
 _OUTER_FRAMES = 20
 #: Frames walked at most (a runaway recursion is not walked to its end).
 _WALK_LIMIT = 10_000
+#: How the entry standing for the frames left out begins.
+_MARKER = "... ("
 
 
 def _entry(frame: FrameType) -> str:
@@ -73,13 +75,11 @@ def format_stack(frame: FrameType | None, limit: int = MAX_FRAMES) -> list[str]:
     if len(frames) <= limit:
         return [_entry(f) for f in frames]
     outer = min(_OUTER_FRAMES, limit // 2)
-    inner = limit - outer
-    left_out = len(frames) - limit + (1 if frame is not None else 0)
-    more = "+" if frame is not None else ""
+    more = "+" if frame is not None else ""  # the walk stopped before the outermost frame
     return [
         *(_entry(f) for f in frames[:outer]),
-        f"... ({left_out}{more} frames left out) ...",
-        *(_entry(f) for f in frames[-inner:]),
+        f"{_MARKER}{len(frames) - limit}{more} frames left out) ...",
+        *(_entry(f) for f in frames[outer - limit :]),
     ]
 
 
@@ -107,10 +107,22 @@ def _short(filename: str) -> str:
     return path[len(best) :] if best else path
 
 
+def _entry_file(entry: str) -> str:
+    """The file of a ``"path:lineno in function"`` stack entry ("" for the marker)."""
+    return entry.rpartition(" in ")[0].rpartition(":")[0]
+
+
+def _short_entry(entry: str) -> str:
+    """``entry`` with its path made relative to sys.path."""
+    head, _, function = entry.rpartition(" in ")
+    filename, _, lineno = head.rpartition(":")
+    return f"{_short(filename)}:{lineno} in {function}"
+
+
 def application_entry(stack: list[str] | tuple[str, ...]) -> str | None:
     """The innermost entry of ``stack`` that belongs to the application; None if none."""
     for entry in reversed(stack):
-        filename = entry.rpartition(" in ")[0].rpartition(":")[0]
+        filename = _entry_file(entry)
         if filename and not _is_library(filename):
             return entry
     return None
@@ -120,11 +132,7 @@ def application_location(stack: list[str] | tuple[str, ...]) -> str | None:
     """The innermost entry of ``stack`` that belongs to the application, with its path made
     relative to sys.path (``"app/handlers.py:42 in get_user"``); None if there is none."""
     entry = application_entry(stack)
-    if entry is None:
-        return None
-    head, _, function = entry.rpartition(" in ")
-    filename, _, lineno = head.rpartition(":")
-    return f"{_short(filename)}:{lineno} in {function}"
+    return None if entry is None else _short_entry(entry)
 
 
 #: Files of the import system: a step with one of them on its stack is importing a module.
@@ -133,11 +141,6 @@ _IMPORT_FILES = (
     "<frozen importlib._bootstrap_external>",
     "<frozen zipimport>",
 )
-
-
-def _entry_file(entry: str) -> str:
-    """The file of a ``"path:lineno in function"`` stack entry."""
-    return entry.rpartition(" in ")[0].rpartition(":")[0]
 
 
 def is_importing(stack: list[str] | tuple[str, ...]) -> bool:
@@ -169,11 +172,17 @@ _SCRIPTS_DIRS = tuple(
 )
 
 
+_IMPORT_SYSTEM = "the import system"
+
+
 def _owner(filename: str, outermost: bool) -> str | None:
     """Who a frame of ``filename`` belongs to when it is not the application's own code
-    (an installed package's name, ``asyncio``, ``loopscope``...); None for the latter."""
+    (an installed package's name, ``asyncio``, ``loopscope``...); None for the latter (and
+    for the entry standing for frames left out, which has no file)."""
+    if not filename:
+        return None
     if filename in _IMPORT_FILES:
-        return "the import system"
+        return _IMPORT_SYSTEM
     if filename.startswith("<frozen"):
         return "the standard library"
     if filename.startswith("<"):
@@ -193,6 +202,14 @@ def _owner(filename: str, outermost: bool) -> str | None:
     return None
 
 
+def _own_code(stack: list[str] | tuple[str, ...]) -> list[bool]:
+    """For each entry of ``stack``: is it a frame of the application's own code?"""
+    return [
+        not entry.startswith(_MARKER) and _owner(_entry_file(entry), i == 0) is None
+        for i, entry in enumerate(stack)
+    ]
+
+
 def _listed(names: list[str]) -> str:
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
 
@@ -205,14 +222,13 @@ def application_stack(stack: list[str] | tuple[str, ...]) -> list[str]:
     that counts them by owner.  The whole stack when it has no frame of the application's
     own."""
     owners = [_owner(_entry_file(entry), i == 0) for i, entry in enumerate(stack)]
-    markers = [entry.startswith("... (") for entry in stack]
-    own = [i for i, owner in enumerate(owners) if owner is None and not markers[i]]
+    own = [i for i, is_own in enumerate(_own_code(stack)) if is_own]
     if not own:
         return list(stack)
     innermost = own[-1]
     # Inward of the application's last line: the first frame it called and the two it
     # ended in (what it was waiting in); those between are counted.
-    called = [i for i in range(innermost + 1, len(stack)) if owners[i] != "the import system"]
+    called = [i for i in range(innermost + 1, len(stack)) if owners[i] != _IMPORT_SYSTEM]
     shown_inward = set(called[:1] + called[-2:])
     shown: list[str] = []
     run: dict[str, int] = {}
@@ -225,7 +241,7 @@ def application_stack(stack: list[str] | tuple[str, ...]) -> list[str]:
             run.clear()
 
     for i, (entry, owner) in enumerate(zip(stack, owners, strict=True)):
-        if markers[i] or owner is None or i in shown_inward:
+        if owner is None or i in shown_inward:
             close_run()
             shown.append(entry)
         else:
@@ -237,14 +253,8 @@ def application_stack(stack: list[str] | tuple[str, ...]) -> list[str]:
 def own_code_location(stack: list[str] | tuple[str, ...]) -> str | None:
     """Like :func:`application_location`, but of the application's own code only: an
     installed package's frame does not count (for an import, the line that imported)."""
-    for i in range(len(stack) - 1, -1, -1):
-        entry = stack[i]
-        filename = _entry_file(entry)
-        if filename and not entry.startswith("... (") and _owner(filename, i == 0) is None:
-            head, _, function = entry.rpartition(" in ")
-            path, _, lineno = head.rpartition(":")
-            return f"{_short(path)}:{lineno} in {function}"
-    return None
+    own = [entry for entry, is_own in zip(stack, _own_code(stack), strict=True) if is_own]
+    return _short_entry(own[-1]) if own else None
 
 
 def frame_of(entry: str) -> tuple[str, int, str] | None:

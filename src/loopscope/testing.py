@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry
 
 from . import _installation
 from ._instrument import Instrument, SlowStep
-from ._stacks import _PACKAGE_DIR, _is_library
+from ._stacks import _PACKAGE_DIR, _entry_file, _is_library
 
 __all__ = ["Block", "BlockingRecorder", "assert_no_blocking", "detect_blocking", "format_blocks"]
 
@@ -139,18 +139,13 @@ def _hidden_as(filename: str) -> str | None:
     return "the standard library"
 
 
-def _filename(entry: str) -> str:
-    """The file of a ``"path:lineno in function"`` stack entry."""
-    return entry.rpartition(" in ")[0].rpartition(":")[0]
-
-
 def _stack_lines(stack: list[str], full_stack: bool, hint: str) -> list[str]:
     if full_stack:
         return stack
     shown: list[str] = []
     hidden: dict[str, int] = {}
     for entry in stack:
-        owner = _hidden_as(_filename(entry))
+        owner = _hidden_as(_entry_file(entry))
         if owner is None:
             shown.append(entry)
         else:
