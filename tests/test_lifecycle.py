@@ -211,6 +211,24 @@ class TestUninstallWhileRunning:
         assert _installation.current() is None
 
 
+class TestUninstallStopsTheWatchdog:
+    """uninstall() ends the watchdog thread before it returns, whatever it was doing."""
+
+    def test_watchdog_gone_after_each_uninstall(self, loop_kind: str) -> None:
+        """Right after a loop was made, ran and closed (each wakes the watchdog), and with
+        a threshold whose wait interval is long, uninstall() still leaves no watchdog."""
+        for _ in range(5):
+            loopscope.install(registry=CollectorRegistry(), slow_threshold=3000.0, events="off")
+            loop = make_loop(loop_kind)
+            try:
+                loop.run_until_complete(asyncio.sleep(0))
+            finally:
+                loop.close()
+            loopscope.uninstall()
+            alive = [t for t in threading.enumerate() if t.name == "loopscope-watchdog"]
+            assert alive == []
+
+
 def _series(registry: CollectorRegistry) -> list[tuple[str, tuple[tuple[str, str], ...]]]:
     return [
         (s.name, tuple(sorted(s.labels.items())))

@@ -53,6 +53,8 @@ class WatchContext(Protocol):
 MAX_REPORT_INTERVAL = 60.0
 #: With the C wait, the list of loops is read again at least this often (seconds).
 REFRESH_INTERVAL = 1.0
+#: While stopping, the thread is woken again this often until it has gone (seconds).
+STOP_POLL = 0.01
 
 
 class Watchdog:
@@ -88,10 +90,18 @@ class Watchdog:
     def stop(self) -> None:
         """Stop the thread and wait for it."""
         self.stopped.set()
-        self.wake()
         thread, self.thread = self.thread, None
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout=5)
+        if thread is None or thread is threading.current_thread():
+            self.wake()
+            return
+        # A wake-up that comes while the thread is between two waits is not seen by the
+        # next wait, so wake it until it has gone (at most 5 s).
+        deadline = time.monotonic() + 5.0
+        while True:
+            self.wake()
+            thread.join(timeout=STOP_POLL)
+            if not thread.is_alive() or time.monotonic() >= deadline:
+                return
 
     def alive(self) -> bool:
         """Whether the thread runs."""
