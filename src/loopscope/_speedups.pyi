@@ -3,6 +3,7 @@
 signatures.  ``_hotpath.twin`` is typed as this module; tests/test_twins.py fails when
 either twin differs from it."""
 
+import weakref
 from collections.abc import Callable
 from typing import Any, final
 
@@ -67,10 +68,15 @@ class TimedCallback:
 @final
 class TimedIO:
     @property
-    def callback(self) -> Callable[..., object]: ...
+    def callback(self) -> Callable[..., object] | None: ...
     @property
     def probe(self) -> Any: ...
-    def __init__(self, callback: Callable[..., object], recorder: Recorder) -> None: ...
+    def __init__(
+        self,
+        callback: Callable[..., object],
+        recorder: Recorder,
+        instance: weakref.ref[Any] | None = None,
+    ) -> None: ...
     def __call__(self, *args: Any) -> object: ...
 
 @final

@@ -18,8 +18,10 @@ uvloop has no selector to wrap: busy time is the sum of the measured callbacks.
 
 from __future__ import annotations
 
+import weakref
 from asyncio import AbstractEventLoop, TimerHandle
 from collections.abc import Callable
+from types import MethodType
 from typing import Any
 
 from . import _hotpath
@@ -72,17 +74,47 @@ def is_timed_io(value: object) -> bool:
 
 
 def instrument_protocol(protocol: object, probe: LoopProbe) -> None:
-    """Give ``protocol`` timed instance attributes for the methods uvloop calls."""
+    """Give ``protocol`` timed instance attributes for the methods uvloop calls.
+
+    A method defined on the protocol's class is held as its function and a weak reference
+    to the protocol (shared by its wrappers), so that the protocol's ``__dict__`` does not
+    refer back to the protocol: it is freed as soon as uvloop lets go of it, as without
+    loopscope.  Anything else (an instance attribute, a static method, another descriptor,
+    a class without weak references) is held as it is."""
     try:
         attributes = protocol.__dict__
     except AttributeError:
         return  # __slots__ without __dict__
+    instance: weakref.ref[object] | None = None
     for name in PROTOCOL_METHODS:
         if is_timed_io(attributes.get(name)):
             continue
         method = getattr(protocol, name, None)
-        if method is not None and callable(method):
+        if method is None or not callable(method):
+            continue
+        function = _class_function(protocol, name, method)
+        if function is not None and instance is None:
+            try:
+                instance = weakref.ref(protocol)
+            except TypeError:
+                function = None  # no weak references: __slots__ without __weakref__
+        if function is None:
             attributes[name] = timed_io(method, probe)
+        else:
+            attributes[name] = _hotpath.twin.TimedIO(function, probe.recorder, instance)
+
+
+def _class_function(protocol: object, name: str, method: object) -> Callable[..., object] | None:
+    """The function of ``method`` when it is ``protocol``'s plain method ``name``: a bound
+    method made by the function found on the protocol's class.  None otherwise."""
+    if not isinstance(method, MethodType) or method.__self__ is not protocol:
+        return None
+    if name in protocol.__dict__:
+        return None
+    for klass in type(protocol).__mro__:
+        if name in vars(klass):
+            return method.__func__ if vars(klass)[name] is method.__func__ else None
+    return None
 
 
 class UvloopProbe(LoopProbe):

@@ -44,7 +44,7 @@
 #define NBUCKETS 20 /* 19 bounds + the +Inf slot */
 /* What the Python side expects of this module (_probe.SPEEDUPS_INTERFACE): raised whenever
  * the two change together, so that a module built from older sources is not used. */
-#define SPEEDUPS_INTERFACE 6
+#define SPEEDUPS_INTERFACE 7
 
 /* Interned attribute names, created at module init (module.c). */
 typedef struct {

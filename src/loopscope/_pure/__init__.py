@@ -34,6 +34,6 @@ __all__ = [
 ]
 
 #: The interface both twins implement (the C twin's INTERFACE must equal it).
-INTERFACE = 6
+INTERFACE = 7
 #: Slots of a histogram: one per bucket bound, and +Inf.
 NBUCKETS = len(BUCKETS) + 1

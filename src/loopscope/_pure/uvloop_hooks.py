@@ -3,7 +3,9 @@ callbacks, the timed I/O callbacks, and ``call_soon``/``call_later`` wrapping th
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
+from types import MethodType
 from typing import Any
 
 from .recorder import Recorder
@@ -47,23 +49,50 @@ class TimedCallback:
 
 
 class TimedIO:
-    """An I/O callback that measures itself (uvloop); repr() is the callback's."""
+    """An I/O callback that measures itself (uvloop); repr() is the callback's.
 
-    __slots__ = ("_recorder", "callback")
+    With ``instance``, a weak reference, it calls ``callback(instance(), *args)``: a
+    protocol method is kept as its function and a weak reference to the protocol, since a
+    bound method stored in the protocol's ``__dict__`` would be a reference cycle.  Once the
+    instance is gone (only a caller that kept the method after dropping the protocol can
+    see that) a call does nothing."""
 
-    def __init__(self, callback: Callable[..., object], recorder: Recorder) -> None:
+    __slots__ = ("_function", "_instance", "_recorder")
+
+    def __init__(
+        self,
+        callback: Callable[..., object],
+        recorder: Recorder,
+        instance: weakref.ref[Any] | None = None,
+    ) -> None:
         if not isinstance(recorder, Recorder):
             raise TypeError("TimedIO() argument 'recorder' must be a Recorder")
-        self.callback = callback
+        if instance is not None and not isinstance(instance, weakref.ref):
+            raise TypeError("TimedIO() argument 'instance' must be a weak reference")
+        self._function = callback
         self._recorder = recorder
+        self._instance = instance
+
+    @property
+    def callback(self) -> Callable[..., object] | None:
+        """The method it times (None once its instance is gone)."""
+        if self._instance is None:
+            return self._function
+        instance = self._instance()
+        return None if instance is None else MethodType(self._function, instance)
 
     @property
     def probe(self) -> Any:
         return self._recorder.probe
 
     def __call__(self, *args: Any) -> object:
+        if self._instance is not None:
+            instance = self._instance()
+            if instance is None:
+                return None
+            args = (instance, *args)
         recorder = self._recorder
-        callback = self.callback
+        callback = self._function
         if recorder.current_start or not recorder.probe.active:
             # Called from inside a step that is already measured (or after uninstall).
             return callback(*args)
@@ -82,6 +111,8 @@ class TimedIO:
                 recorder.probe.fault(exc)
 
     def __repr__(self) -> str:
+        if self._instance is not None and self._instance() is None:
+            return f"<{type(self).__name__} of {self._function!r}, its instance gone>"
         return repr(self.callback)
 
 
