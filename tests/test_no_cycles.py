@@ -270,6 +270,25 @@ def test_connections_are_freed_by_reference_counting(
         assert all(tracker.instrumented)
 
 
+@pytest.mark.usefixtures("no_gc")
+@pytest.mark.parametrize("uninstall", [False, True], ids=["closed", "uninstalled"])
+def test_a_closed_loop_is_freed_by_reference_counting(
+    loop_kind: str, registry: CollectorRegistry, uninstall: bool
+) -> None:
+    """A loop that ran is freed as soon as it is closed and dropped, whether loopscope was
+    still installed or uninstalled before (the probe, in a cycle with its recorder, lets
+    go of it)."""
+    loopscope.install(registry=registry, events="off")
+    loop = make_loop(loop_kind)
+    loop.run_until_complete(asyncio.sleep(0.001))
+    if uninstall:
+        loopscope.uninstall()
+    ref = weakref.ref(loop)
+    loop.close()
+    del loop
+    assert ref() is None
+
+
 class _Probe:
     """What a protocol's wrappers need of a probe."""
 

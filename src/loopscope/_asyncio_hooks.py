@@ -92,7 +92,7 @@ class AsyncioProbe(LoopProbe):
         base: Any = loop
         ready = base._ready
         orig_call_at = loop.call_at
-        self.raw_call_at = orig_call_at
+        self.raw_call_at: Callable[..., TimerHandle] | None = orig_call_at
 
         # call_soon and call_soon_threadsafe both end in _call_soon.
         def _call_soon(callback: Callable[..., object], args: Any, context: Any) -> Any:
@@ -146,6 +146,7 @@ class AsyncioProbe(LoopProbe):
         self.unwrap_selector(loop)
         self.untime_handles(loop)
         super().remove_hooks(loop)
+        self.raw_call_at = None  # bound to the loop: see LoopProbe.remove_hooks
 
     def untime_handles(self, loop: AbstractEventLoop) -> None:
         """Give the handles that outlive the hooks their own class back: the readers and
@@ -173,7 +174,9 @@ class AsyncioProbe(LoopProbe):
         self, loop: AbstractEventLoop, delay: float, callback: Callable[[], None]
     ) -> TimerHandle:
         # The class's call_at, not the instance's: loopscope's timer is not measured.
-        return self.raw_call_at(loop.time() + delay, callback)
+        # (Once the hooks are removed, the instance's is the loop's own again.)
+        call_at = self.raw_call_at or loop.call_at
+        return call_at(loop.time() + delay, callback)
 
 
 class _Raise:

@@ -298,7 +298,9 @@ class LoopProbe:
         raise NotImplementedError
 
     def remove_hooks(self, loop: AbstractEventLoop) -> None:
-        """Undo :meth:`install_hooks` (implemented per loop kind)."""
+        """Undo :meth:`install_hooks` (implemented per loop kind), and let go of whatever
+        refers to the loop: the probe is in a reference cycle with its recorder, and
+        through it would keep a closed loop alive until the cyclic GC runs."""
         self.unpatch_all(loop)
 
     def on_close(self) -> None:

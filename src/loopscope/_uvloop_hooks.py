@@ -143,7 +143,7 @@ class UvloopProbe(LoopProbe):
         orig_call_soon = loop.call_soon
         orig_call_soon_threadsafe = loop.call_soon_threadsafe
         orig_call_later = loop.call_later
-        self.raw_call_later = orig_call_later
+        self.raw_call_later: Callable[..., TimerHandle] | None = orig_call_later
 
         # What the hot path's Intercept falls back to for calls of another shape.
         def call_soon(callback: Any, *args: Any, context: Any = None) -> Any:
@@ -175,6 +175,10 @@ class UvloopProbe(LoopProbe):
             if original is not None:
                 self.patch(loop, name, self._timed_protocols(original))
         self.patch_lifecycle(loop)
+
+    def remove_hooks(self, loop: AbstractEventLoop) -> None:
+        super().remove_hooks(loop)
+        self.raw_call_later = None  # bound to the loop: see LoopProbe.remove_hooks
 
     def on_run_start(self, loop: AbstractEventLoop) -> None:
         super().on_run_start(loop)
@@ -224,4 +228,6 @@ class UvloopProbe(LoopProbe):
     def schedule_raw(
         self, loop: AbstractEventLoop, delay: float, callback: Callable[[], None]
     ) -> TimerHandle:
-        return self.raw_call_later(delay, callback)
+        # Once the hooks are removed, the loop's call_later is its own again.
+        call_later = self.raw_call_later or loop.call_later
+        return call_later(delay, callback)
