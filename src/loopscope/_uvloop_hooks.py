@@ -86,18 +86,19 @@ def instrument_protocol(protocol: object, probe: LoopProbe) -> None:
     except AttributeError:
         return  # __slots__ without __dict__
     instance: weakref.ref[object] | None = None
+    weak = True
     for name in PROTOCOL_METHODS:
         if is_timed_io(attributes.get(name)):
             continue
         method = getattr(protocol, name, None)
         if method is None or not callable(method):
             continue
-        function = _class_function(protocol, name, method)
+        function = _class_function(protocol, name, method) if weak else None
         if function is not None and instance is None:
             try:
                 instance = weakref.ref(protocol)
-            except TypeError:
-                function = None  # no weak references: __slots__ without __weakref__
+            except TypeError:  # __dict__ in __slots__, but not __weakref__
+                weak, function = False, None
         if function is None:
             attributes[name] = timed_io(method, probe)
         else:

@@ -86,11 +86,12 @@ class TimedIO:
         return self._recorder.probe
 
     def __call__(self, *args: Any) -> object:
-        if self._instance is not None:
-            instance = self._instance()
-            if instance is None:
+        instance = self._instance
+        if instance is not None:
+            bound_to = instance()
+            if bound_to is None:
                 return None
-            args = (instance, *args)
+            args = (bound_to, *args)
         recorder = self._recorder
         callback = self._function
         if recorder.current_start or not recorder.probe.active:
