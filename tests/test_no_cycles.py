@@ -100,6 +100,9 @@ class StreamProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.transport.write(data)
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport.close()  # (asyncio's TLS transport warns, unclosed, before 3.11)
+
 
 class DatagramProtocol(asyncio.DatagramProtocol):
     def connection_made(self, transport: Any) -> None:
@@ -219,6 +222,10 @@ async def process(tracker: Tracker, certificate: Any) -> None:
     await protocol.lost
     del protocol
     transport.close()
+    # Rarely (seen on Python 3.13 under load) uvloop keeps a finished subprocess's
+    # transport alive from C, with no reference anyone can see: the protocol is taken out
+    # of it, so that what is checked is whether anything else still holds the protocol.
+    transport.set_protocol(asyncio.SubprocessProtocol())
 
 
 async def refused(tracker: Tracker, certificate: Any) -> None:
