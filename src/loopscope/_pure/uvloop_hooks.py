@@ -91,7 +91,7 @@ class TimedIO:
             bound_to = instance()
             if bound_to is None:
                 return None
-            args = (bound_to,) + args
+            args = (bound_to,) + args  # noqa: RUF005 - cheaper than (bound_to, *args)
         recorder = self._recorder
         callback = self._function
         if recorder.current_start or not recorder.probe.active:
