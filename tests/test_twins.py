@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import importlib
 import inspect
+import select
 import socket
 import time
 from collections.abc import Iterator
@@ -129,6 +130,7 @@ def _made(twin: ModuleType) -> Iterator[dict[str, Any]]:
             "Intercept": twin.Intercept("call_soon", recorder, print, print),
             "CallSoon": twin.CallSoon(recorder, asyncio.Handle, None, print, "_x", print),
             "TimedRun": twin.TimedRun(recorder, print, None),
+            "TimedPoller": twin.TimedPoller(select.poll(), recorder),
             "Engine": twin.Engine(listener.fileno(), wake.fileno(), print, 5.0, 4, 64),
         }
     finally:

@@ -6,12 +6,22 @@ produce per-loop subclasses of ``asyncio.Handle`` and ``asyncio.TimerHandle`` wh
 ``_add_reader``/``_add_writer`` register (the I/O callbacks: a transport's ``_read_ready``
 calls ``Protocol.data_received``) are switched to a timed class too.  The subclasses keep
 the class names, the callback and every slot, so ``repr()``, ``cancel()``, ``when()`` and
-asyncio's own error messages are unchanged.  Busy time is measured around ``select()``.
+asyncio's own error messages are unchanged.
+
+Busy time is wall time in ``run_forever`` less the time spent waiting for I/O, measured one
+level below the loop's selector: when ``loop._selector`` is one of the standard selectors
+(``EpollSelector``, ``KqueueSelector``, ``PollSelector``, ``DevpollSelector``), its own
+poller (``select.epoll`` and kin, the selector's ``_selector``) is replaced by the hot
+path's ``TimedPoller``, which forwards every call and counts the seconds its waits take.
+``loop._selector`` itself stays the loop's own object.  With any other selector (a Mock,
+asyncio's test selectors, a ``SelectSelector``), busy time is the sum of the measured
+callbacks, as on uvloop without libuv's idle time.
 """
 
 from __future__ import annotations
 
 import contextlib
+import select
 import selectors
 from asyncio import AbstractEventLoop, TimerHandle, events
 from collections.abc import Callable
@@ -20,34 +30,46 @@ from typing import Any
 from . import _hotpath
 from ._probe import LoopProbe
 
-__all__ = ["AsyncioProbe", "TimedSelector"]
+__all__ = ["AsyncioProbe"]
 
 _handle_run = events.Handle._run
 _handle_class = events.Handle
 _timer_class = events.TimerHandle
 
 
-class TimedSelector:
-    """Wraps a loop's selector so the time the loop waits for I/O can be subtracted."""
+def _poller_types() -> list[tuple[object, type[Any]]]:
+    """For each ``select()`` of the standard selectors that waits in its poller's ``poll()``
+    or ``control()``: the type that poller (the selector's ``_selector``) must have."""
+    known: list[tuple[object, type[Any]]] = []
+    for selector_name, poller_name in (
+        ("EpollSelector", "epoll"),
+        ("DevpollSelector", "devpoll"),
+        ("KqueueSelector", "kqueue"),
+        ("PollSelector", "poll"),
+    ):
+        selector_class = getattr(selectors, selector_name, None)
+        poller_type = getattr(select, poller_name, None)
+        if selector_class is None or poller_type is None:
+            continue
+        if not isinstance(poller_type, type):  # select.poll is a function
+            poller_type = type(poller_type())
+        known.append((selector_class.select, poller_type))
+    return known
 
-    def __init__(self, selector: selectors.BaseSelector, probe: LoopProbe) -> None:
-        self.wrapped = selector
-        self.probe = probe
 
-    def select(self, timeout: float | None = None) -> Any:
-        probe = self.probe
-        clock = probe.clock
-        before = clock()
-        mark = probe.busy_mark
-        if mark is not None:
-            probe.stats.busy_seconds += before - mark
-        try:
-            return self.wrapped.select(timeout)
-        finally:
-            probe.busy_mark = clock()
+_POLLER_TYPES = _poller_types()
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.wrapped, name)
+
+def _raw_poller(selector: object) -> Any:
+    """The poller the standard ``selector`` waits in, or None: the selector is of another
+    kind (a Mock, asyncio's test selectors, one of the application's own, a
+    ``SelectSelector``), overrides ``select()``, or is closed."""
+    select_function = getattr(type(selector), "select", None)
+    for known_select, poller_type in _POLLER_TYPES:
+        if select_function is known_select:
+            poller = getattr(selector, "_selector", None)
+            return poller if type(poller) is poller_type else None
+    return None
 
 
 def _timed_handle_classes(
@@ -123,27 +145,69 @@ class AsyncioProbe(LoopProbe):
                 self.patch(loop, name, _timed_io_registration(original, io_class))
         self.patch_lifecycle(loop)
 
-    def wrap_selector(self, loop: AbstractEventLoop) -> None:
-        """Measure busy time around ``select()``; done when the loop starts running because
-        subclasses (and asyncio's own test loops) set ``_selector`` after ``__init__``."""
-        base: Any = loop
-        selector = getattr(base, "_selector", None)
-        if selector is None or isinstance(selector, TimedSelector):
-            return
-        base._selector = TimedSelector(selector, self)
+    #: The poller put in the selector's place, and the selector it was put in.
+    timed_poller: Any = None
+    timed_selector: Any = None
+    #: ``timed_poller.waited`` when busy time was last settled.
+    waited_mark = 0.0
 
-    def unwrap_selector(self, loop: AbstractEventLoop) -> None:
-        base: Any = loop
-        selector = getattr(base, "_selector", None)
-        if isinstance(selector, TimedSelector):
-            base._selector = selector.wrapped
+    def time_io_wait(self, loop: AbstractEventLoop) -> None:
+        """Time the wait of the loop's selector, if it is a standard one; else busy time is
+        the sum of the callbacks.  Done when the loop starts running, because subclasses
+        (and asyncio's own test loops) set or replace ``_selector`` after ``__init__``."""
+        selector: Any = getattr(loop, "_selector", None)
+        poller = self.timed_poller
+        if (
+            poller is None
+            or selector is not self.timed_selector
+            or getattr(selector, "_selector", None) is not poller
+        ):
+            self.untime_io_wait()
+            raw = _raw_poller(selector)
+            if raw is not None:
+                self.timed_poller = _hotpath.twin.TimedPoller(raw, self.recorder)
+                self.timed_selector = selector
+                selector._selector = self.timed_poller
+        self.busy_from_callbacks = self.timed_poller is None
+        self.recorder.busy_from_callbacks = self.busy_from_callbacks
+        if self.timed_poller is not None:
+            self.waited_mark = self.timed_poller.waited
+
+    def untime_io_wait(self) -> None:
+        """Give the selector its own poller back (unless it holds another by now)."""
+        poller: Any = self.timed_poller
+        selector: Any = self.timed_selector
+        self.timed_poller = None
+        self.timed_selector = None
+        if poller is None:
+            return
+        raw = poller.poller
+        if getattr(selector, "_selector", None) is poller:
+            selector._selector = raw
+
+    def settle_busy(self) -> None:
+        """Add wall time since ``busy_mark``, less the time waited in the poller meanwhile."""
+        poller = self.timed_poller
+        if self.busy_mark is None or self.busy_from_callbacks or poller is None:
+            return
+        now = self.clock()
+        waited = poller.waited
+        busy = (now - self.busy_mark) - (waited - self.waited_mark)
+        if busy > 0.0:
+            self.stats.busy_seconds += busy
+        self.busy_mark = now
+        self.waited_mark = waited
 
     def on_run_start(self, loop: AbstractEventLoop) -> None:
-        self.wrap_selector(loop)
+        self.time_io_wait(loop)
         super().on_run_start(loop)
 
+    def on_beat(self) -> None:
+        self.settle_busy()
+
     def remove_hooks(self, loop: AbstractEventLoop) -> None:
-        self.unwrap_selector(loop)
+        self.settle_busy()
+        self.untime_io_wait()
         self.untime_handles(loop)
         super().remove_hooks(loop)
         self.raw_call_at = None  # bound to the loop: see LoopProbe.remove_hooks

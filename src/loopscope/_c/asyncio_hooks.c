@@ -1,7 +1,8 @@
 /*
  * asyncio's hooks: CallSoon (the loop's _call_soon instance attribute, which makes handles
- * of the per-loop Handle subclass and notes when they were made ready) and TimedRun (the
- * _run method of the per-loop Handle and TimerHandle subclasses).
+ * of the per-loop Handle subclass and notes when they were made ready), TimedRun (the
+ * _run method of the per-loop Handle and TimerHandle subclasses) and TimedPoller (stands in
+ * for the kernel's poller inside the loop's selector and counts the time waited in it).
  */
 #include "speedups.h"
 #include "timed.h"
@@ -286,4 +287,124 @@ PyTypeObject ls_TimedRun_Type = {
     .tp_dealloc = ls_gc_dealloc,
     .tp_descr_get = TimedRun_descr_get,
     .tp_members = TimedRun_members,
+};
+
+/* ---------------------------------------------------------------------------------------
+ * TimedPoller (asyncio: the `_selector` of the loop's selectors.EpollSelector and kin)
+ */
+typedef struct {
+    PyObject_HEAD
+    Recorder *recorder;
+    PyObject *poller; /* select.epoll, select.poll, select.devpoll or select.kqueue */
+    double waited;    /* seconds spent in the timed waits, on the recorder's clock */
+} TimedPoller;
+
+/* poller.<name>(*args, **kwargs), with the time it takes added to `waited`.  A clock that
+ * cannot be read is a fault of loopscope's, handed to the probe: the call itself goes on
+ * untimed, and what it returns or raises is the caller's, unchanged. */
+static PyObject *timed_wait(TimedPoller *self, PyObject *name, PyObject *const *args,
+                            size_t nargsf, PyObject *kwnames) {
+    PyObject *method = PyObject_GetAttr(self->poller, name);
+    if (method == NULL)
+        return NULL;
+    double start, end;
+    int timed = read_clock(self->recorder, &start) == 0;
+    if (!timed)
+        ls_report_fault(self->recorder);
+    PyObject *result = PyObject_Vectorcall(method, args, nargsf, kwnames);
+    Py_DECREF(method);
+    if (result == NULL || !timed)
+        return result; /* an error of the wait: the loop's to handle, as without loopscope */
+    if (read_clock(self->recorder, &end) < 0) {
+        ls_report_fault(self->recorder);
+        return result;
+    }
+    if (end > start)
+        self->waited += end - start;
+    return result;
+}
+
+static PyObject *TimedPoller_poll(PyObject *op, PyObject *const *args, Py_ssize_t nargs,
+                                  PyObject *kwnames) {
+    return timed_wait((TimedPoller *)op, ls_str.poll, args, (size_t)nargs, kwnames);
+}
+
+/* kqueue: control(None, max_events, timeout) is the wait; a changelist registers, untimed. */
+static PyObject *TimedPoller_control(PyObject *op, PyObject *const *args, Py_ssize_t nargs,
+                                     PyObject *kwnames) {
+    PyObject *name = ls_str.control;
+    TimedPoller *self = (TimedPoller *)op;
+    if (nargs >= 1 && args[0] == Py_None)
+        return timed_wait(self, name, args, (size_t)nargs, kwnames);
+    PyObject *method = PyObject_GetAttr(self->poller, name);
+    if (method == NULL)
+        return NULL;
+    PyObject *result = PyObject_Vectorcall(method, args, (size_t)nargs, kwnames);
+    Py_DECREF(method);
+    return result;
+}
+
+/* Every other attribute is the poller's (register, modify, unregister, fileno, close,
+ * closed, ...), so the selector uses it as it would use the poller itself. */
+static PyObject *TimedPoller_getattro(PyObject *op, PyObject *name) {
+    PyObject *value = PyObject_GenericGetAttr(op, name);
+    if (value != NULL || !PyErr_ExceptionMatches(PyExc_AttributeError))
+        return value;
+    PyErr_Clear();
+    return PyObject_GetAttr(((TimedPoller *)op)->poller, name);
+}
+
+static PyObject *TimedPoller_repr(PyObject *op) {
+    return PyObject_Repr(((TimedPoller *)op)->poller);
+}
+
+static PyObject *TimedPoller_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"poller", "recorder", NULL};
+    PyObject *poller, *recorder;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO!:TimedPoller", kwlist, &poller,
+                                     &ls_Recorder_Type, &recorder))
+        return NULL;
+    if (ls_ready_recorder((Recorder *)recorder) < 0)
+        return NULL;
+    TimedPoller *self = (TimedPoller *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    self->recorder = (Recorder *)Py_NewRef(recorder);
+    self->poller = Py_NewRef(poller);
+    self->waited = 0.0;
+    return (PyObject *)self;
+}
+
+#define TIMEDPOLLER_FIELDS(X) X(recorder) X(poller)
+LS_GC_FUNCTIONS(TimedPoller, TIMEDPOLLER_FIELDS)
+
+static PyMethodDef TimedPoller_methods[] = {
+    {"poll", (PyCFunction)(void (*)(void))TimedPoller_poll, METH_FASTCALL | METH_KEYWORDS,
+     "poll($self, /, *args, **kwargs)\n--\n\nThe poller's poll(), timed."},
+    {"control", (PyCFunction)(void (*)(void))TimedPoller_control,
+     METH_FASTCALL | METH_KEYWORDS,
+     "control($self, /, *args, **kwargs)\n--\n\n"
+     "The poller's control(), timed when it waits (no changelist)."},
+    {NULL}};
+
+static PyMemberDef TimedPoller_members[] = {
+    {"poller", T_OBJECT, offsetof(TimedPoller, poller), READONLY, NULL},
+    {"waited", T_DOUBLE, offsetof(TimedPoller, waited), READONLY, NULL},
+    {NULL}};
+
+PyTypeObject ls_TimedPoller_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "loopscope._speedups.TimedPoller",
+    .tp_basicsize = sizeof(TimedPoller),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "TimedPoller(poller, recorder)\n--\n\n"
+              "Stands in for a selector's poller, counting the seconds waited in it.",
+    .tp_new = TimedPoller_new,
+    .tp_traverse = (traverseproc)TimedPoller_traverse,
+    .tp_clear = (inquiry)TimedPoller_clear,
+    .tp_dealloc = ls_gc_dealloc,
+    .tp_getattro = TimedPoller_getattro,
+    .tp_repr = TimedPoller_repr,
+    .tp_methods = TimedPoller_methods,
+    .tp_members = TimedPoller_members,
 };

@@ -36,6 +36,8 @@ static int intern_names(void) {
         {&ls_str.context_slot, "_context"},
         {&ls_str.args, "_args"},
         {&ls_str.run, "run"},
+        {&ls_str.poll, "poll"},
+        {&ls_str.control, "control"},
     };
     for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
         *names[i].slot = PyUnicode_InternFromString(names[i].text);
@@ -86,9 +88,9 @@ PyMODINIT_FUNC PyInit__speedups(void) {
 
     PyTypeObject *types[] = {&ls_Recorder_Type, &ls_TimedCallback_Type, &ls_TimedIO_Type,
                              &ls_Intercept_Type, &ls_CallSoon_Type, &ls_TimedRun_Type,
-                             &ls_Engine_Type, &ls_CreateTask_Type};
+                             &ls_Engine_Type, &ls_CreateTask_Type, &ls_TimedPoller_Type};
     const char *names[] = {"Recorder", "TimedCallback", "TimedIO", "Intercept", "CallSoon",
-                           "TimedRun", "Engine", "CreateTask"};
+                           "TimedRun", "Engine", "CreateTask", "TimedPoller"};
     ls_fast_clock_init();
     if (ls_watch_init() < 0)
         return NULL;

@@ -16,6 +16,8 @@
  *                  argument errors are the same.  (uvloop_hooks.c)
  *   CallSoon       asyncio: the loop's _call_soon instance attribute.
  *   TimedRun       asyncio: the _run method of the per-loop Handle/TimerHandle subclasses.
+ *   TimedPoller    asyncio: stands in for the poller of the loop's selector (select.epoll,
+ *                  ...) and counts the seconds waited in it, for busy time.
  *                  (asyncio_hooks.c)
  *   CreateTask     both loops: the loop's create_task instance attribute, counting tasks.
  *                  (recorder.c)
@@ -56,6 +58,7 @@ typedef struct {
     PyObject *context_slot; /* "_context" */
     PyObject *args;         /* "_args" */
     PyObject *run;
+    PyObject *poll, *control; /* the poller's wait methods (TimedPoller) */
 } ls_names;
 
 LS_HIDDEN extern ls_names ls_str;
@@ -216,6 +219,7 @@ LS_HIDDEN extern PyTypeObject ls_TimedIO_Type;
 LS_HIDDEN extern PyTypeObject ls_Intercept_Type;
 LS_HIDDEN extern PyTypeObject ls_CallSoon_Type;      /* asyncio_hooks.c */
 LS_HIDDEN extern PyTypeObject ls_TimedRun_Type;
+LS_HIDDEN extern PyTypeObject ls_TimedPoller_Type;
 LS_HIDDEN extern PyTypeObject ls_Engine_Type;        /* endpoint.c */
 
 LS_HIDDEN extern PyMethodDef ls_watch_methods[]; /* watch.c: watch_steps, wake_watchers */

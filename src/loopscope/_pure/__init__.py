@@ -7,7 +7,7 @@ of the two twins; nothing else in the package asks which one runs.
 """
 
 from .._stats import BUCKETS
-from .asyncio_hooks import CallSoon, TimedRun
+from .asyncio_hooks import CallSoon, TimedPoller, TimedRun
 from .clock import _clock_reset, _clock_skew, clock_info, clock_now
 from .endpoint import Engine
 from .recorder import CreateTask, Recorder
@@ -24,6 +24,7 @@ __all__ = [
     "Recorder",
     "TimedCallback",
     "TimedIO",
+    "TimedPoller",
     "TimedRun",
     "_clock_reset",
     "_clock_skew",

@@ -1,5 +1,6 @@
 """The pure-Python twin of the C interception of asyncio's loop (``_c/asyncio_hooks.c``):
-``loop._call_soon`` making timed handles, and the ``_run`` of those handles.
+``loop._call_soon`` making timed handles, the ``_run`` of those handles, and the poller of
+the loop's selector, timed for busy time.
 
 Both are called on every step, so this twin makes them plain functions (closures) rather
 than instances of classes: Python binds and calls a function in a few tens of
@@ -17,7 +18,7 @@ from typing import Any
 
 from .recorder import Recorder
 
-__all__ = ["CallSoon", "TimedRun"]
+__all__ = ["CallSoon", "TimedPoller", "TimedRun"]
 
 
 def CallSoon(
@@ -100,3 +101,59 @@ def TimedRun(
             recorder.probe.fault(exc)
 
     return run
+
+
+class TimedPoller:
+    """Stands in for a selector's poller (``select.epoll``, ``select.poll``,
+    ``select.devpoll``, ``select.kqueue``: the selector's own ``_selector``), adding the
+    seconds its waits take to ``waited``; every other attribute is the poller's.
+
+    A clock that cannot be read is a fault of loopscope's, handed to the probe; the wait
+    goes on untimed, and what it returns or raises is the caller's, unchanged."""
+
+    __slots__ = ("_recorder", "_waited", "poller")
+
+    def __init__(self, poller: Any, recorder: Recorder) -> None:
+        if not isinstance(recorder, Recorder):
+            raise TypeError("TimedPoller() argument 'recorder' must be a Recorder")
+        self.poller = poller
+        self._recorder = recorder
+        self._waited = 0.0
+
+    @property
+    def waited(self) -> float:
+        """Seconds spent in the timed waits, on the recorder's clock."""
+        return self._waited
+
+    def _timed(self, wait: Callable[..., Any], args: Any, kwargs: Any) -> Any:
+        recorder = self._recorder
+        try:
+            start = recorder._clock()
+        except Exception as exc:
+            recorder.probe.fault(exc)
+            return wait(*args, **kwargs)
+        result = wait(*args, **kwargs)  # an error of the wait is the loop's, as without us
+        try:
+            end = recorder._clock()
+        except Exception as exc:
+            recorder.probe.fault(exc)
+            return result
+        if end > start:
+            self._waited += end - start
+        return result
+
+    def poll(self, *args: Any, **kwargs: Any) -> Any:
+        """The poller's poll(), timed."""
+        return self._timed(self.poller.poll, args, kwargs)
+
+    def control(self, *args: Any, **kwargs: Any) -> Any:
+        """The poller's control(), timed when it waits (no changelist: kqueue's select)."""
+        if args and args[0] is None:
+            return self._timed(self.poller.control, args, kwargs)
+        return self.poller.control(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.poller, name)
+
+    def __repr__(self) -> str:
+        return repr(self.poller)
