@@ -299,20 +299,38 @@ typedef struct {
     double waited;    /* seconds spent in the timed waits, on the recorder's clock */
 } TimedPoller;
 
+#define WAIT_STACK 8
+
+/* poller.<name>(*args, **kwargs), without a bound-method object for the usual few
+ * arguments. */
+static PyObject *call_poller(TimedPoller *self, PyObject *name, PyObject *const *args,
+                             Py_ssize_t nargs, PyObject *kwnames) {
+    Py_ssize_t total = nargs + (kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames));
+    if (total < WAIT_STACK) {
+        PyObject *stack[WAIT_STACK];
+        stack[0] = self->poller;
+        for (Py_ssize_t i = 0; i < total; i++)
+            stack[1 + i] = args[i];
+        return PyObject_VectorcallMethod(name, stack, (size_t)(nargs + 1), kwnames);
+    }
+    PyObject *method = PyObject_GetAttr(self->poller, name);
+    if (method == NULL)
+        return NULL;
+    PyObject *result = PyObject_Vectorcall(method, args, (size_t)nargs, kwnames);
+    Py_DECREF(method);
+    return result;
+}
+
 /* poller.<name>(*args, **kwargs), with the time it takes added to `waited`.  A clock that
  * cannot be read is a fault of loopscope's, handed to the probe: the call itself goes on
  * untimed, and what it returns or raises is the caller's, unchanged. */
 static PyObject *timed_wait(TimedPoller *self, PyObject *name, PyObject *const *args,
-                            size_t nargsf, PyObject *kwnames) {
-    PyObject *method = PyObject_GetAttr(self->poller, name);
-    if (method == NULL)
-        return NULL;
+                            Py_ssize_t nargs, PyObject *kwnames) {
     double start, end;
     int timed = read_clock(self->recorder, &start) == 0;
     if (!timed)
         ls_report_fault(self->recorder);
-    PyObject *result = PyObject_Vectorcall(method, args, nargsf, kwnames);
-    Py_DECREF(method);
+    PyObject *result = call_poller(self, name, args, nargs, kwnames);
     if (result == NULL || !timed)
         return result; /* an error of the wait: the loop's to handle, as without loopscope */
     if (read_clock(self->recorder, &end) < 0) {
@@ -326,22 +344,16 @@ static PyObject *timed_wait(TimedPoller *self, PyObject *name, PyObject *const *
 
 static PyObject *TimedPoller_poll(PyObject *op, PyObject *const *args, Py_ssize_t nargs,
                                   PyObject *kwnames) {
-    return timed_wait((TimedPoller *)op, ls_str.poll, args, (size_t)nargs, kwnames);
+    return timed_wait((TimedPoller *)op, ls_str.poll, args, nargs, kwnames);
 }
 
 /* kqueue: control(None, max_events, timeout) is the wait; a changelist registers, untimed. */
 static PyObject *TimedPoller_control(PyObject *op, PyObject *const *args, Py_ssize_t nargs,
                                      PyObject *kwnames) {
-    PyObject *name = ls_str.control;
     TimedPoller *self = (TimedPoller *)op;
     if (nargs >= 1 && args[0] == Py_None)
-        return timed_wait(self, name, args, (size_t)nargs, kwnames);
-    PyObject *method = PyObject_GetAttr(self->poller, name);
-    if (method == NULL)
-        return NULL;
-    PyObject *result = PyObject_Vectorcall(method, args, (size_t)nargs, kwnames);
-    Py_DECREF(method);
-    return result;
+        return timed_wait(self, ls_str.control, args, nargs, kwnames);
+    return call_poller(self, ls_str.control, args, nargs, kwnames);
 }
 
 /* Every other attribute is the poller's (register, modify, unregister, fileno, close,

@@ -103,6 +103,40 @@ def TimedRun(
     return run
 
 
+def _timed_wait(
+    method: Callable[..., Any], recorder: Recorder, waited: list[float], changelist: bool
+) -> Callable[..., Any]:
+    """The poller's ``method``, adding the seconds each call takes to ``waited[0]``; with
+    ``changelist`` (kqueue's control()) only a call without a changelist is a wait, and a
+    call with one (a registration) is passed on untimed.
+
+    A closure rather than a method: the loop calls it on every iteration, and each
+    attribute read on the TimedPoller goes through its ``__getattr__`` hook (which stops
+    CPython from specialising the read), about as much again as the rest of the call."""
+    clock = recorder._clock
+
+    def wait(*args: Any, **kwargs: Any) -> Any:
+        if changelist and (not args or args[0] is not None):
+            return method(*args, **kwargs)
+        try:
+            start = clock()
+        except Exception as exc:
+            recorder.probe.fault(exc)
+            return method(*args, **kwargs)
+        # An error of the wait itself is the loop's to handle, as without loopscope.
+        result = method(*args, **kwargs) if kwargs else method(*args)
+        try:
+            end = clock()
+        except Exception as exc:
+            recorder.probe.fault(exc)
+            return result
+        if end > start:
+            waited[0] += end - start
+        return result
+
+    return wait
+
+
 class TimedPoller:
     """Stands in for a selector's poller (``select.epoll``, ``select.poll``,
     ``select.devpoll``, ``select.kqueue``: the selector's own ``_selector``), adding the
@@ -111,49 +145,37 @@ class TimedPoller:
     A clock that cannot be read is a fault of loopscope's, handed to the probe; the wait
     goes on untimed, and what it returns or raises is the caller's, unchanged."""
 
-    __slots__ = ("_recorder", "_waited", "poller")
+    __slots__ = ("_waited", "control", "poll", "poller")
 
     def __init__(self, poller: Any, recorder: Recorder) -> None:
         if not isinstance(recorder, Recorder):
             raise TypeError("TimedPoller() argument 'recorder' must be a Recorder")
         self.poller = poller
-        self._recorder = recorder
-        self._waited = 0.0
+        self._waited = waited = [0.0]
+        #: The poller's poll(), timed.
+        self.poll = _timed_wait(_method(poller, "poll"), recorder, waited, False)
+        #: The poller's control(), timed when it waits (no changelist).
+        self.control = _timed_wait(_method(poller, "control"), recorder, waited, True)
 
     @property
     def waited(self) -> float:
         """Seconds spent in the timed waits, on the recorder's clock."""
-        return self._waited
-
-    def _timed(self, wait: Callable[..., Any], args: Any, kwargs: Any) -> Any:
-        recorder = self._recorder
-        try:
-            start = recorder._clock()
-        except Exception as exc:
-            recorder.probe.fault(exc)
-            return wait(*args, **kwargs)
-        result = wait(*args, **kwargs)  # an error of the wait is the loop's, as without us
-        try:
-            end = recorder._clock()
-        except Exception as exc:
-            recorder.probe.fault(exc)
-            return result
-        if end > start:
-            self._waited += end - start
-        return result
-
-    def poll(self, *args: Any, **kwargs: Any) -> Any:
-        """The poller's poll(), timed."""
-        return self._timed(self.poller.poll, args, kwargs)
-
-    def control(self, *args: Any, **kwargs: Any) -> Any:
-        """The poller's control(), timed when it waits (no changelist: kqueue's select)."""
-        if args and args[0] is None:
-            return self._timed(self.poller.control, args, kwargs)
-        return self.poller.control(*args, **kwargs)
+        return self._waited[0]
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.poller, name)
 
     def __repr__(self) -> str:
         return repr(self.poller)
+
+
+def _method(poller: Any, name: str) -> Callable[..., Any]:
+    """``poller.name``, or, for a poller without it, what calling it would raise."""
+    method = getattr(poller, name, None)
+    if method is not None:
+        return method  # type: ignore[no-any-return]
+
+    def missing(*_args: Any, **_kwargs: Any) -> Any:
+        return getattr(poller, name)(*_args, **_kwargs)
+
+    return missing
