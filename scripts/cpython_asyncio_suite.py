@@ -72,6 +72,9 @@ QUICK = (
 )
 
 MODES = ("plain", "loopscope")
+#: The one LOOPSCOPE_* variable the children keep: which hot path loopscope uses.  The
+#: others would configure the installation, which the child makes with its own options.
+HOT_PATH_VARIABLE = "LOOPSCOPE_PURE_PYTHON"
 #: Seconds one test may take before its child process is stopped (with a traceback dump);
 #: the module then goes on in a new child without that test.
 TEST_TIMEOUT = 30.0
@@ -104,7 +107,7 @@ def _child(mode: str, out_path: str, names: Sequence[str], skip: set[str]) -> in
     # A child started in the background by a non-interactive shell inherits SIGINT ignored;
     # asyncio.Runner then installs no handler and its interrupt tests hang.  Restore Python's.
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    for key in [k for k in os.environ if k.startswith("LOOPSCOPE_")]:
+    for key in [k for k in os.environ if k.startswith("LOOPSCOPE_") and k != HOT_PATH_VARIABLE]:
         del os.environ[key]
     out = open(out_path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the run
 
@@ -191,11 +194,12 @@ def _child(mode: str, out_path: str, names: Sequence[str], skip: set[str]) -> in
     if mode == "loopscope":
         import asyncio
 
-        from loopscope import _installation
+        from loopscope import _hotpath, _installation
 
         still = getattr(asyncio.BaseEventLoop.__init__, "__wrapped__", None) is not None
+        hot_path = "pure-Python" if _hotpath.twin is _hotpath.pure else "C"
         emit(event="summary", loops=counter["loops"], constructors_patched=still,
-             installed=_installation.current() is not None)
+             installed=_installation.current() is not None, hot_path=hot_path)
     out.close()
     return 0
 
@@ -213,6 +217,7 @@ class Outcome:
     loops: int = 0
     crashed: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    hot_path: str = ""
 
     def passed(self) -> set[str]:
         return {t for t, s in self.status.items() if s == "pass"}
@@ -224,6 +229,7 @@ class Outcome:
         self.loops += other.loops
         self.crashed += other.crashed
         self.seconds.update(other.seconds)
+        self.hot_path = self.hot_path or other.hot_path
 
 
 def _run_child(mode: str, names: Sequence[str], timeout: float) -> Outcome:
@@ -249,7 +255,11 @@ def _run_child_once(
     for test_id in sorted(skip):
         cmd += ["--skip", test_id]
     cmd += list(names)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LOOPSCOPE_")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("LOOPSCOPE_") or k == HOT_PATH_VARIABLE
+    }
     env["PYTHONDONTWRITEBYTECODE"] = "1"
     outcome = Outcome()
     try:
@@ -274,6 +284,7 @@ def _run_child_once(
             if event == "summary":
                 saw_summary = True
                 outcome.loops += int(record["loops"])
+                outcome.hot_path = str(record.get("hot_path", ""))
                 if not record["constructors_patched"] or not record["installed"]:
                     outcome.crashed.append(f"{mode}: loopscope was no longer installed at the end")
                 continue
@@ -393,7 +404,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for status in outcome.status.values():
             counts[status] = counts.get(status, 0) + 1
         line = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
-        loops = f"; {outcome.loops} loops instrumented" if mode == "loopscope" else ""
+        loops = ""
+        if mode == "loopscope":
+            loops = f"; {outcome.loops} loops instrumented, {outcome.hot_path} hot path"
         print(f"  {mode:9s}: {len(outcome.status)} tests: {line}{loops}")
         for test_id in sorted(t for t, status in outcome.status.items() if status == "crash"):
             print(f"    hung or crashed ({mode}): {test_id}")
@@ -422,6 +435,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "passed": {m: len(results[m].passed()) for m in MODES},
             "tests": {m: len(results[m].status) for m in MODES},
             "loops_instrumented": scoped.loops,
+            "hot_path": scoped.hot_path,
             "first_run_differences": first_diff,
             "flaky": flaky,
             "allowed": explained,
