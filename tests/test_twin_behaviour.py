@@ -881,6 +881,7 @@ def test_uninstall_restores_the_loop(loop_kind: str, monkeypatch: pytest.MonkeyP
                 assert type(loop.call_soon(print)).__module__ == "asyncio.events"
                 base: Any = loop
                 assert type(base._selector).__module__ == "selectors"
+                assert type(base._selector._selector).__module__ == "select"
             before = snapshot(probe)
             assert loop.run_until_complete(work()) == ["io", "later", "soon", "thread"]
             after = snapshot(probe)
