@@ -581,8 +581,6 @@ def test_debug_source_traceback_ends_at_the_caller(
     path: str, loop_kind: str, registry: CollectorRegistry
 ) -> None:
     """In debug mode a handle's _source_traceback ends at the line that called call_soon."""
-    if loop_kind == "uvloop":
-        pytest.skip("uvloop's handles keep no Python source traceback here")
     loopscope.install(registry=registry)
     loop = make_loop(loop_kind)
     loop.set_debug(True)

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import _hotpath
-from ._probe import LoopProbe
+from ._probe import LoopProbe, restack
 
 __all__ = ["AsyncioProbe"]
 
@@ -95,7 +95,7 @@ def _timed_handle_classes(
         strict=True,
     ):
         cls.__name__ = cls.__qualname__ = name
-        cls._run = _hotpath.twin.TimedRun(probe.recorder, _handle_run, ready_attr, cls, _replay)
+        cls._run = _hotpath.twin.TimedRun(probe.recorder, _handle_run, ready_attr, cls)
     return Handle, TimerHandle, IOHandle
 
 
@@ -127,8 +127,7 @@ class AsyncioProbe(LoopProbe):
 
         def call_at(when: float, callback: Any, *args: Any, context: Any = None) -> Any:
             timer: Any = orig_call_at(when, callback, *args, context=context)
-            if timer._source_traceback:  # debug mode: drop this wrapper's frame, as asyncio does
-                del timer._source_traceback[-1]
+            restack(timer._source_traceback)  # debug mode: without this frame
             if timer.__class__ is _timer_class:
                 timer.__class__ = timer_class
             return timer
@@ -241,37 +240,6 @@ class AsyncioProbe(LoopProbe):
         # (Once the hooks are removed, the instance's is the loop's own again.)
         call_at = self.raw_call_at or loop.call_at
         return call_at(loop.time() + delay, callback)
-
-
-class _Raise:
-    """Stands in for a handle's context for one call: puts the real context back (3.12+
-    runs the exception handler in it) and raises the exception it carries."""
-
-    __slots__ = ("context", "exc", "handle")
-
-    def __init__(self, handle: Any, exc: BaseException) -> None:
-        self.handle: Any = handle
-        self.context: Any = handle._context
-        self.exc: BaseException | None = exc
-
-    def run(self, *_args: object) -> None:
-        exc, self.exc = self.exc, None
-        self.handle._context, self.handle = self.context, None
-        try:
-            raise exc  # type: ignore[misc]
-        finally:
-            del exc  # no cycle through this frame
-
-
-def _replay(handle: Any, exc: BaseException) -> None:
-    """The hot path ran a handle's callback, which raised ``exc``: hand it to asyncio's own
-    ``Handle._run`` (this Python version's message, context and handler call)."""
-    stand_in = _Raise(handle, exc)
-    handle._context = stand_in
-    try:
-        _handle_run(handle)
-    finally:
-        handle._context = stand_in.context
 
 
 def _timed_io_registration(

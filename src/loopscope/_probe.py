@@ -13,7 +13,7 @@ import contextlib
 import sys
 import threading
 import weakref
-from asyncio import AbstractEventLoop, BaseEventLoop, TimerHandle
+from asyncio import AbstractEventLoop, BaseEventLoop, TimerHandle, format_helpers
 from bisect import bisect_left
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
@@ -27,7 +27,17 @@ if TYPE_CHECKING:
     from ._events import EventDispatch
     from ._options import Options
 
-__all__ = ["LoopProbe", "ProbeContext"]
+__all__ = ["LoopProbe", "ProbeContext", "restack"]
+
+
+def restack(trace: Any, depth: int = 2) -> None:
+    """Debug mode: ``trace`` (a source traceback, changed in place) is the stack that the
+    loop kept from the calling wrapper's frame down; make it the stack it keeps without the
+    wrapper, taken from the wrapper's caller (``depth`` frames up from here).  Where the
+    stack was cut, the wrapper's frame took the place of an older one, which this keeps.
+    (The pure hot path has its own copy: it takes nothing from the layers above it.)"""
+    if trace:
+        trace[:] = format_helpers.extract_stack(sys._getframe(depth), limit=len(trace))
 
 
 class ProbeContext(Protocol):
@@ -158,21 +168,22 @@ class LoopProbe:
         orig_close = loop.close
         orig_create_task = loop.create_task
 
-        def run_forever() -> None:
+        def start() -> bool:
+            """Whether this run is measured (then stop() follows it)."""
             if loop.is_running() or loop.is_closed() or not probe.active:
-                return orig_run_forever()
+                return False
             try:
                 probe.on_run_start(loop)
             except Exception as exc:
                 probe.fault(exc)
-                return orig_run_forever()
+                return False
+            return True
+
+        def stop() -> None:
             try:
-                return orig_run_forever()
-            finally:
-                try:
-                    probe.on_run_stop()
-                except Exception as exc:
-                    probe.fault(exc)
+                probe.on_run_stop()
+            except Exception as exc:
+                probe.fault(exc)
 
         def close() -> None:
             orig_close()
@@ -183,7 +194,7 @@ class LoopProbe:
                     probe.fault(exc)
 
         self.patch(loop, "create_task", _hotpath.twin.CreateTask(orig_create_task, self.recorder))
-        self.patch(loop, "run_forever", run_forever)
+        self.patch(loop, "run_forever", _hotpath.twin.RunForever(start, orig_run_forever, stop))
         self.patch(loop, "close", close)
         for hook in self.installation.loop_hooks:
             hook(self, loop)

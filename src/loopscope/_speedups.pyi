@@ -53,7 +53,18 @@ class CreateTask:
     def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
 
 @final
+class RunForever:
+    @property
+    def run_forever(self) -> Callable[..., Any]: ...
+    def __init__(
+        self, start: Callable[[], bool], run_forever: Callable[..., Any], stop: Callable[[], None]
+    ) -> None: ...
+    def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
+
+@final
 class TimedCallback:
+    # repr(), str(), __self__, __qualname__ and __name__ are the callback's (getattr raises
+    # AttributeError where the callback's does), so that uvloop describes the callback.
     @property
     def callback(self) -> Callable[..., object]: ...
     @property
@@ -118,7 +129,6 @@ class TimedRun:
         handle_run: Callable[[Any], None],
         ready_attr: str | None,
         cls: type[Any] | None = None,
-        report: Callable[[Any, BaseException], None] | None = None,
     ) -> None: ...
     def __call__(self, handle: Any, /) -> None: ...
     def __get__(self, obj: Any, owner: Any = None) -> Any: ...

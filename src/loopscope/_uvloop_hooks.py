@@ -25,7 +25,7 @@ from types import MethodType
 from typing import Any
 
 from . import _hotpath
-from ._probe import LoopProbe
+from ._probe import LoopProbe, restack
 from ._uvmetrics import idle_time_reader
 
 __all__ = ["UvloopProbe"]
@@ -147,18 +147,25 @@ class UvloopProbe(LoopProbe):
         self.raw_call_later: Callable[..., TimerHandle] | None = orig_call_later
 
         # What the hot path's Intercept falls back to for calls of another shape.
+        # (Each drops its own frame from the stack that debug mode keeps.)
         def call_soon(callback: Any, *args: Any, context: Any = None) -> Any:
-            return orig_call_soon(timed(callback, recorder, clock()), *args, context=context)
+            handle: Any = orig_call_soon(timed(callback, recorder, clock()), *args, context=context)
+            restack(handle._source_traceback)
+            return handle
 
         def call_soon_threadsafe(callback: Any, *args: Any, context: Any = None) -> Any:
-            return orig_call_soon_threadsafe(
+            handle: Any = orig_call_soon_threadsafe(
                 timed(callback, recorder, clock()), *args, context=context
             )
+            restack(handle._source_traceback)
+            return handle
 
         # uvloop's call_at calls self.call_later, so this covers both.
         def call_later(delay: float, callback: Any, *args: Any, context: Any = None) -> Any:
             wrapped = timed(callback, recorder, loop_time() + max(delay, 0.0))
-            return orig_call_later(delay, wrapped, *args, context=context)
+            timer: Any = orig_call_later(delay, wrapped, *args, context=context)
+            restack(timer._source_traceback)
+            return timer
 
         intercept = _hotpath.twin.Intercept
         hooks = (

@@ -20,6 +20,8 @@ typedef struct {
     PyObject *ready_attr; /* "_loopscope_ready" */
     PyObject *fallback;
     Py_ssize_t ready_offset; /* slot of handle_class, or -1 */
+    Py_ssize_t trace_offset; /* its _source_traceback slot, or -1 */
+    Py_ssize_t stack_depth;  /* asyncio.constants.DEBUG_STACK_DEPTH */
 } CallSoon;
 
 static PyObject *CallSoon_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf,
@@ -50,8 +52,16 @@ static PyObject *CallSoon_vectorcall(PyObject *op, PyObject *const *args, size_t
         if (rc < 0)
             goto error;
     }
-    /* No "del handle._source_traceback[-1]" here: the pure-Python _call_soon removes its
-     * own frame from the debug-mode stack, and this one has no frame. */
+    /* Debug mode: asyncio's own _call_soon is a frame, which takes one of the frames that
+     * the handle's source traceback keeps and removes itself from it; this one has none.
+     * When the stack was cut, the oldest frame is what asyncio's would not have kept. */
+    if (self->trace_offset >= 0 && Py_TYPE(handle) == tp) {
+        PyObject *trace = *(PyObject **)((char *)handle + self->trace_offset);
+        if (trace != NULL && PyList_Check(trace) &&
+            PyList_GET_SIZE(trace) >= self->stack_depth &&
+            PyList_SetSlice(trace, 0, 1, NULL) < 0)
+            goto error;
+    }
     PyObject *res = PyObject_CallOneArg(self->append, handle);
     if (res == NULL)
         goto error;
@@ -60,6 +70,20 @@ static PyObject *CallSoon_vectorcall(PyObject *op, PyObject *const *args, size_t
 error:
     Py_DECREF(handle);
     return NULL;
+}
+
+/* How many frames asyncio's debug mode keeps of a stack (asyncio.constants), or -1. */
+static Py_ssize_t debug_stack_depth(void) {
+    PyObject *constants = PyImport_ImportModule("asyncio.constants");
+    if (constants == NULL)
+        return -1;
+    PyObject *depth = PyObject_GetAttrString(constants, "DEBUG_STACK_DEPTH");
+    Py_DECREF(constants);
+    if (depth == NULL)
+        return -1;
+    Py_ssize_t value = PyNumber_AsSsize_t(depth, PyExc_OverflowError);
+    Py_DECREF(depth);
+    return value == -1 && PyErr_Occurred() ? -1 : value;
 }
 
 static PyObject *CallSoon_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
@@ -84,9 +108,16 @@ static PyObject *CallSoon_new(PyTypeObject *type, PyObject *args, PyObject *kwds
     PyUnicode_InternInPlace(&ready_attr);
     self->ready_attr = ready_attr;
     self->fallback = Py_NewRef(fallback);
-    self->ready_offset = -1;
-    if (PyType_Check(handle_class))
+    self->ready_offset = self->trace_offset = -1;
+    if (PyType_Check(handle_class)) {
         self->ready_offset = slot_offset((PyTypeObject *)handle_class, ready_attr);
+        self->trace_offset = slot_offset((PyTypeObject *)handle_class, ls_str.source_traceback);
+    }
+    self->stack_depth = debug_stack_depth();
+    if (self->stack_depth < 0) {
+        Py_DECREF(self);
+        return NULL;
+    }
     return (PyObject *)self;
 }
 
@@ -108,6 +139,62 @@ PyTypeObject ls_CallSoon_Type = {
 };
 
 /* ---------------------------------------------------------------------------------------
+ * Reraise: a handle's context for one call of asyncio's own Handle._run, after the hot path
+ * ran the handle's callback and it raised.  Its run() puts the real context back and
+ * raises the callback's exception from C, with its traceback as it was: the exception then
+ * leaves asyncio's Handle._run with the traceback it has without loopscope (no frame of
+ * loopscope's), and Handle._run builds this Python version's message and context for the
+ * loop's exception handler.
+ */
+typedef struct {
+    PyObject_HEAD
+    PyObject *handle;
+    PyObject *context; /* the handle's own context */
+    PyObject *exc;     /* the callback's exception, with its traceback */
+} Reraise;
+
+#define RERAISE_FIELDS(X) X(handle) X(context) X(exc)
+LS_GC_FUNCTIONS(Reraise, RERAISE_FIELDS)
+
+static PyObject *Reraise_run(Reraise *self, PyObject *const *Py_UNUSED(args),
+                             Py_ssize_t Py_UNUSED(nargs), PyObject *Py_UNUSED(kwnames)) {
+    PyObject *exc = self->exc, *handle = self->handle;
+    if (exc == NULL || handle == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "loopscope: Reraise.run called twice");
+        return NULL;
+    }
+    self->exc = self->handle = NULL;
+    /* the exception handler may read the handle's context (3.12+ runs it there) */
+    int rc = PyObject_SetAttr(handle, ls_str.context_slot, self->context);
+    Py_DECREF(handle);
+    if (rc < 0) {
+        Py_DECREF(exc);
+        return NULL;
+    }
+#if PY_VERSION_HEX >= 0x030C0000
+    PyErr_SetRaisedException(exc);
+#else
+    PyErr_Restore(Py_NewRef((PyObject *)Py_TYPE(exc)), exc, PyException_GetTraceback(exc));
+#endif
+    return NULL;
+}
+
+static PyMethodDef Reraise_methods[] = {
+    {"run", (PyCFunction)(void (*)(void))Reraise_run, METH_FASTCALL | METH_KEYWORDS, NULL},
+    {NULL}};
+
+PyTypeObject ls_Reraise_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "loopscope._speedups.Reraise",
+    .tp_basicsize = sizeof(Reraise),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "A handle's context for one call of asyncio's Handle._run (internal).",
+    .tp_dealloc = ls_gc_dealloc,
+    .tp_traverse = (traverseproc)Reraise_traverse,
+    .tp_clear = (inquiry)Reraise_clear,
+    .tp_methods = Reraise_methods,
+};
+
+/* ---------------------------------------------------------------------------------------
  * TimedRun (asyncio: Handle._run of the per-loop subclasses), a method descriptor
  */
 typedef struct {
@@ -117,24 +204,48 @@ typedef struct {
     PyObject *handle_run; /* asyncio.events.Handle._run */
     PyObject *ready_attr; /* "_loopscope_ready" or "_when" (NULL for I/O handles) */
     PyTypeObject *cls;    /* the handle class it is the _run of (slots read directly) */
-    Py_ssize_t callback_offset, ready_offset, context_offset, args_offset;
-    PyObject *report; /* report(handle, exc): asyncio's own except block, or NULL */
+    Py_ssize_t callback_offset, ready_offset, context_offset, args_offset, trace_offset;
 } TimedRun;
 
 #define RUN_STACK 8
 
+/* asyncio's own Handle._run, with the callback's exception ``exc`` (a reference this
+ * steals) raised in place of the call (see Reraise). */
+static PyObject *replay(TimedRun *self, PyObject *handle, PyObject *context, PyObject *exc) {
+    Reraise *stand_in = PyObject_GC_New(Reraise, &ls_Reraise_Type);
+    if (stand_in == NULL) {
+        Py_DECREF(exc);
+        return NULL;
+    }
+    stand_in->handle = Py_NewRef(handle);
+    stand_in->context = Py_NewRef(context);
+    stand_in->exc = exc;
+    PyObject_GC_Track(stand_in);
+    PyObject **slot = (PyObject **)((char *)handle + self->context_offset);
+    Py_XSETREF(*slot, Py_NewRef((PyObject *)stand_in));
+    PyObject *result = PyObject_Vectorcall(self->handle_run, &handle, 1, NULL);
+    if (*slot == (PyObject *)stand_in) /* run() was not called: put the context back */
+        Py_XSETREF(*slot, Py_NewRef(context));
+    Py_DECREF(stand_in);
+    return result;
+}
+
 /* events.Handle._run: self._context.run(self._callback, *self._args).  An exception other
- * than SystemExit/KeyboardInterrupt is handed to report(), which replays it through
- * asyncio's own Handle._run so the loop's exception handler gets what it always gets. */
+ * than SystemExit/KeyboardInterrupt is replayed through asyncio's own Handle._run, so the
+ * loop's exception handler gets what it always gets.  A handle made in debug mode (it has
+ * a source traceback) is run by asyncio's Handle._run itself: what the callback sees of
+ * the stack (a future's or a handle's source traceback made there) is then the stack it
+ * has without loopscope, Handle._run's frame included. */
 static PyObject *run_handle(TimedRun *self, PyObject *handle) {
-    if (self->report == NULL || Py_TYPE(handle) != self->cls || self->context_offset < 0 ||
-        self->args_offset < 0 || self->callback_offset < 0)
+    if (Py_TYPE(handle) != self->cls || self->context_offset < 0 || self->args_offset < 0 ||
+        self->callback_offset < 0 || self->trace_offset < 0)
         return PyObject_Vectorcall(self->handle_run, &handle, 1, NULL);
     PyObject *context = *(PyObject **)((char *)handle + self->context_offset);
     PyObject *callback = *(PyObject **)((char *)handle + self->callback_offset);
     PyObject *cargs = *(PyObject **)((char *)handle + self->args_offset);
+    PyObject *trace = *(PyObject **)((char *)handle + self->trace_offset);
     if (context == NULL || callback == NULL || cargs == NULL || !PyTuple_CheckExact(cargs) ||
-        PyTuple_GET_SIZE(cargs) > RUN_STACK - 3)
+        PyTuple_GET_SIZE(cargs) > RUN_STACK - 3 || (trace != NULL && trace != Py_None))
         return PyObject_Vectorcall(self->handle_run, &handle, 1, NULL);
     Py_ssize_t n = PyTuple_GET_SIZE(cargs);
     PyObject *stack[RUN_STACK];
@@ -148,23 +259,26 @@ static PyObject *run_handle(TimedRun *self, PyObject *handle) {
         stack[3 + i] = PyTuple_GET_ITEM(cargs, i);
     PyObject *result = PyObject_VectorcallMethod(
         ls_str.run, stack + 1, (size_t)(2 + n) | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
-    Py_DECREF(context);
     Py_DECREF(callback);
     Py_DECREF(cargs);
     if (result != NULL) {
+        Py_DECREF(context);
         Py_DECREF(result);
         Py_RETURN_NONE;
     }
     if (PyErr_ExceptionMatches(PyExc_SystemExit) ||
-        PyErr_ExceptionMatches(PyExc_KeyboardInterrupt))
+        PyErr_ExceptionMatches(PyExc_KeyboardInterrupt)) {
+        Py_DECREF(context);
         return NULL;
+    }
     PyObject *exc = exc_take();
-    if (exc == NULL)
+    if (exc == NULL) {
+        Py_DECREF(context);
         return NULL;
-    PyObject *report_args[2] = {handle, exc};
-    PyObject *reported = PyObject_Vectorcall(self->report, report_args, 2, NULL);
-    Py_DECREF(exc);
-    return reported;
+    }
+    result = replay(self, handle, context, exc);
+    Py_DECREF(context);
+    return result;
 }
 
 /* The hooks of timed_call() (timed.h) for TimedRun: the callback and the ready time are
@@ -233,10 +347,10 @@ static PyObject *TimedRun_descr_get(PyObject *self, PyObject *obj,
 }
 
 static PyObject *TimedRun_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"recorder", "handle_run", "ready_attr", "cls", "report", NULL};
-    PyObject *recorder, *handle_run, *ready_attr, *cls = Py_None, *report = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!OO|OO:TimedRun", kwlist, &ls_Recorder_Type,
-                                     &recorder, &handle_run, &ready_attr, &cls, &report))
+    static char *kwlist[] = {"recorder", "handle_run", "ready_attr", "cls", NULL};
+    PyObject *recorder, *handle_run, *ready_attr, *cls = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!OO|O:TimedRun", kwlist, &ls_Recorder_Type,
+                                     &recorder, &handle_run, &ready_attr, &cls))
         return NULL;
     if (cls != Py_None && !PyType_Check(cls)) {
         PyErr_SetString(PyExc_TypeError, "cls must be a type or None");
@@ -260,20 +374,20 @@ static PyObject *TimedRun_new(PyTypeObject *type, PyObject *args, PyObject *kwds
         self->ready_attr = ready_attr;
     }
     self->callback_offset = self->ready_offset = self->context_offset = self->args_offset = -1;
-    if (report != Py_None)
-        self->report = Py_NewRef(report);
+    self->trace_offset = -1;
     if (cls != Py_None) {
         self->cls = (PyTypeObject *)Py_NewRef(cls);
         self->callback_offset = slot_offset(self->cls, ls_str.callback);
         self->context_offset = slot_offset(self->cls, ls_str.context_slot);
         self->args_offset = slot_offset(self->cls, ls_str.args);
+        self->trace_offset = slot_offset(self->cls, ls_str.source_traceback);
         if (self->ready_attr != NULL)
             self->ready_offset = slot_offset(self->cls, self->ready_attr);
     }
     return (PyObject *)self;
 }
 
-#define TIMEDRUN_FIELDS(X) X(recorder) X(handle_run) X(ready_attr) X(cls) X(report)
+#define TIMEDRUN_FIELDS(X) X(recorder) X(handle_run) X(ready_attr) X(cls)
 LS_GC_FUNCTIONS(TimedRun, TIMEDRUN_FIELDS)
 
 static PyMemberDef TimedRun_members[] = {
@@ -282,7 +396,7 @@ static PyMemberDef TimedRun_members[] = {
 
 PyTypeObject ls_TimedRun_Type = {
     LS_CALLABLE_TYPE(TimedRun, Py_TPFLAGS_METHOD_DESCRIPTOR),
-    .tp_doc = "TimedRun(recorder, handle_run, ready_attr, cls=None, report=None)\n--\n\n"
+    .tp_doc = "TimedRun(recorder, handle_run, ready_attr, cls=None)\n--\n\n"
               "Handle._run that times the handle (asyncio's loop).",
     .tp_dealloc = ls_gc_dealloc,
     .tp_descr_get = TimedRun_descr_get,

@@ -38,6 +38,7 @@ static int intern_names(void) {
         {&ls_str.run, "run"},
         {&ls_str.poll, "poll"},
         {&ls_str.control, "control"},
+        {&ls_str.source_traceback, "_source_traceback"},
     };
     for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
         *names[i].slot = PyUnicode_InternFromString(names[i].text);
@@ -86,11 +87,14 @@ PyMODINIT_FUNC PyInit__speedups(void) {
     if (rc < 0)
         return NULL;
 
+    if (PyType_Ready(&ls_Reraise_Type) < 0) /* not exported: see asyncio_hooks.c */
+        return NULL;
     PyTypeObject *types[] = {&ls_Recorder_Type, &ls_TimedCallback_Type, &ls_TimedIO_Type,
                              &ls_Intercept_Type, &ls_CallSoon_Type, &ls_TimedRun_Type,
-                             &ls_Engine_Type, &ls_CreateTask_Type, &ls_TimedPoller_Type};
+                             &ls_Engine_Type, &ls_CreateTask_Type, &ls_TimedPoller_Type,
+                             &ls_RunForever_Type};
     const char *names[] = {"Recorder", "TimedCallback", "TimedIO", "Intercept", "CallSoon",
-                           "TimedRun", "Engine", "CreateTask", "TimedPoller"};
+                           "TimedRun", "Engine", "CreateTask", "TimedPoller", "RunForever"};
     ls_fast_clock_init();
     if (ls_watch_init() < 0)
         return NULL;

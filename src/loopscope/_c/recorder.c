@@ -1,5 +1,6 @@
 /*
- * loopscope._speedups.Recorder (LoopProbe.after_step in C: see speedups.h) and CreateTask.
+ * loopscope._speedups.Recorder (LoopProbe.after_step in C: see speedups.h), CreateTask and
+ * RunForever.
  */
 #include "speedups.h"
 
@@ -553,6 +554,103 @@ PyTypeObject ls_CreateTask_Type = {
     .tp_dealloc = ls_gc_dealloc,
     .tp_repr = (reprfunc)CreateTask_repr,
     .tp_members = CreateTask_members,
+};
+
+/* ---------------------------------------------------------------------------------------
+ * RunForever (both loops): the loop's run_forever between start() and stop().  No frame of
+ * loopscope's stays on the stack while the loop runs, so the stacks that debug mode keeps
+ * (a handle's, a future's or a task's source traceback, a coroutine's origin) are the
+ * stacks the program has without loopscope.
+ */
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    PyObject *start;       /* start(): whether this run is measured (then stop() follows) */
+    PyObject *run_forever; /* the loop's bound run_forever */
+    PyObject *stop;
+} RunForever;
+
+static void exc_discard(saved_exc *s) {
+#if PY_VERSION_HEX >= 0x030C0000
+    Py_XDECREF(s->exc);
+#else
+    Py_XDECREF(s->type);
+    Py_XDECREF(s->value);
+    Py_XDECREF(s->tb);
+#endif
+}
+
+static PyObject *RunForever_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf,
+                                       PyObject *kwnames) {
+    RunForever *self = (RunForever *)op;
+    if (self->run_forever == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "RunForever: cleared");
+        return NULL;
+    }
+    PyObject *started = PyObject_CallNoArgs(self->start);
+    if (started == NULL)
+        return NULL;
+    int measured = PyObject_IsTrue(started);
+    Py_DECREF(started);
+    if (measured < 0)
+        return NULL;
+    PyObject *result = PyObject_Vectorcall(self->run_forever, args, nargsf, kwnames);
+    if (!measured)
+        return result;
+    /* finally: stop() (an exception of its own wins, as in a finally block) */
+    saved_exc saved = {0};
+    if (result == NULL)
+        exc_save(&saved);
+    PyObject *stopped = PyObject_CallNoArgs(self->stop);
+    if (stopped == NULL) {
+        Py_XDECREF(result);
+        exc_discard(&saved);
+        return NULL;
+    }
+    Py_DECREF(stopped);
+    if (result == NULL)
+        exc_restore(&saved);
+    return result;
+}
+
+static PyObject *RunForever_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    PyObject *start, *run_forever, *stop;
+    static char *kwlist[] = {"start", "run_forever", "stop", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOO:RunForever", kwlist, &start,
+                                     &run_forever, &stop))
+        return NULL;
+    RunForever *self = (RunForever *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    self->vectorcall = RunForever_vectorcall;
+    self->start = Py_NewRef(start);
+    self->run_forever = Py_NewRef(run_forever);
+    self->stop = Py_NewRef(stop);
+    return (PyObject *)self;
+}
+
+#define RUNFOREVER_FIELDS(X) X(start) X(run_forever) X(stop)
+LS_GC_FUNCTIONS(RunForever, RUNFOREVER_FIELDS)
+
+static PyObject *RunForever_repr(RunForever *self) {
+    if (self->run_forever == NULL)
+        return PyUnicode_FromString("<RunForever (cleared)>");
+    return PyObject_Repr(self->run_forever);
+}
+
+static PyMemberDef RunForever_members[] = {
+    {"run_forever", T_OBJECT, offsetof(RunForever, run_forever), READONLY, NULL},
+    LS_VECTORCALL_MEMBER(RunForever),
+    {NULL}};
+
+PyTypeObject ls_RunForever_Type = {
+    LS_CALLABLE_TYPE(RunForever, 0),
+    .tp_doc = "RunForever(start, run_forever, stop)\n--\n\n"
+              "The loop's run_forever between start() and stop(), which follows when start()\n"
+              "returned true; repr() is the loop's.",
+    .tp_dealloc = ls_gc_dealloc,
+    .tp_repr = (reprfunc)RunForever_repr,
+    .tp_members = RunForever_members,
 };
 
 /* ---------------------------------------------------------------------------------------

@@ -59,6 +59,7 @@ typedef struct {
     PyObject *args;         /* "_args" */
     PyObject *run;
     PyObject *poll, *control; /* the poller's wait methods (TimedPoller) */
+    PyObject *source_traceback; /* "_source_traceback" */
 } ls_names;
 
 LS_HIDDEN extern ls_names ls_str;
@@ -214,12 +215,14 @@ LS_HIDDEN void ls_gc_dealloc(PyObject *self);
  * The types and module functions of the other files
  */
 LS_HIDDEN extern PyTypeObject ls_CreateTask_Type;    /* recorder.c */
+LS_HIDDEN extern PyTypeObject ls_RunForever_Type;
 LS_HIDDEN extern PyTypeObject ls_TimedCallback_Type; /* uvloop_hooks.c */
 LS_HIDDEN extern PyTypeObject ls_TimedIO_Type;
 LS_HIDDEN extern PyTypeObject ls_Intercept_Type;
 LS_HIDDEN extern PyTypeObject ls_CallSoon_Type;      /* asyncio_hooks.c */
 LS_HIDDEN extern PyTypeObject ls_TimedRun_Type;
 LS_HIDDEN extern PyTypeObject ls_TimedPoller_Type;
+LS_HIDDEN extern PyTypeObject ls_Reraise_Type;       /* (not exported) */
 LS_HIDDEN extern PyTypeObject ls_Engine_Type;        /* endpoint.c */
 
 LS_HIDDEN extern PyMethodDef ls_watch_methods[]; /* watch.c: watch_steps, wake_watchers */

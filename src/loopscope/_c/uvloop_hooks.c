@@ -166,6 +166,31 @@ static void TimedCallback_dealloc(TimedCallback *self) {
     PyObject_GC_Del(self);
 }
 
+/* What uvloop (and asyncio's format helpers) read to describe a callback is the callback's:
+ * __self__ (a task step is shown as its task), __qualname__ and __name__ (a handle's repr),
+ * str() ("Exception in callback ..."); each raises AttributeError exactly when the
+ * callback's does.  Read only to describe a handle, never per step. */
+static PyObject *TimedCallback_forward(Wrapper *self, void *name) {
+    if (self->callback == NULL) {
+        PyErr_SetString(PyExc_AttributeError, (const char *)name);
+        return NULL;
+    }
+    return PyObject_GetAttrString(self->callback, (const char *)name);
+}
+
+static PyObject *TimedCallback_str(Wrapper *self) {
+    if (self->callback == NULL)
+        return Wrapper_repr(self);
+    return PyObject_Str(self->callback);
+}
+
+static PyGetSetDef TimedCallback_getset[] = {
+    {"probe", (getter)Wrapper_get_probe, NULL, NULL, NULL},
+    {"__self__", (getter)TimedCallback_forward, NULL, NULL, "__self__"},
+    {"__qualname__", (getter)TimedCallback_forward, NULL, NULL, "__qualname__"},
+    {"__name__", (getter)TimedCallback_forward, NULL, NULL, "__name__"},
+    {NULL}};
+
 static PyMemberDef TimedCallback_members[] = {
     {"callback", T_OBJECT, offsetof(TimedCallback, callback), READONLY, NULL},
     {"ready", T_DOUBLE, offsetof(TimedCallback, ready), READONLY, NULL},
@@ -175,10 +200,12 @@ static PyMemberDef TimedCallback_members[] = {
 PyTypeObject ls_TimedCallback_Type = {
     LS_CALLABLE_TYPE(TimedCallback, 0),
     .tp_doc = "TimedCallback(callback, recorder, ready)\n--\n\n"
-              "A callback that measures itself (uvloop); repr() is the callback's.",
+              "A callback that measures itself (uvloop); repr(), str(), __self__,\n"
+              "__qualname__ and __name__ are the callback's.",
     .tp_dealloc = (destructor)TimedCallback_dealloc,
     .tp_repr = (reprfunc)Wrapper_repr,
-    .tp_getset = Wrapper_getset,
+    .tp_str = (reprfunc)TimedCallback_str,
+    .tp_getset = TimedCallback_getset,
     .tp_members = TimedCallback_members,
 };
 

@@ -10,7 +10,7 @@ from .._stats import BUCKETS
 from .asyncio_hooks import CallSoon, TimedPoller, TimedRun
 from .clock import _clock_reset, _clock_skew, clock_info, clock_now
 from .endpoint import Engine
-from .recorder import CreateTask, Recorder
+from .recorder import CreateTask, Recorder, RunForever
 from .uvloop_hooks import Intercept, TimedCallback, TimedIO
 from .watch import wake_watchers, watch_steps
 
@@ -22,6 +22,7 @@ __all__ = [
     "Engine",
     "Intercept",
     "Recorder",
+    "RunForever",
     "TimedCallback",
     "TimedIO",
     "TimedPoller",

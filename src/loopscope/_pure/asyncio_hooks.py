@@ -54,14 +54,12 @@ def TimedRun(
     handle_run: Callable[[Any], None],
     ready_attr: str | None,
     cls: type[Any] | None = None,
-    report: Callable[[Any, BaseException], None] | None = None,
 ) -> Callable[[Any], None]:
     """The ``_run`` of a timed handle class: asyncio's ``Handle._run`` timed around.
 
     ``ready_attr`` names the handle's attribute holding when it became runnable (None: an
-    I/O handle, recorded without a schedule delay).  ``cls`` and ``report`` serve the C
-    twin (slot offsets, and replaying an exception through asyncio's ``Handle._run``);
-    here ``handle_run`` itself runs the callback and handles its exceptions."""
+    I/O handle, recorded without a schedule delay).  ``cls`` serves the C twin (slot
+    offsets); here ``handle_run`` itself runs the callback and handles its exceptions."""
     if not isinstance(recorder, Recorder):
         raise TypeError("TimedRun() argument 'recorder' must be a Recorder")
     clock = recorder._clock

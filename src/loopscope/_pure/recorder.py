@@ -10,15 +10,27 @@ against a flush from another thread, so this twin writes straight into the probe
 
 from __future__ import annotations
 
+import sys
 import time
 import weakref
+from asyncio import format_helpers
 from bisect import bisect_left
 from collections.abc import Callable
 from typing import Any
 
 from .._stats import BUCKETS, LoopStats
 
-__all__ = ["CreateTask", "Recorder", "watched_recorders"]
+__all__ = ["CreateTask", "Recorder", "RunForever", "restack", "watched_recorders"]
+
+
+def restack(trace: Any, depth: int = 2) -> None:
+    """Debug mode: ``trace`` (a source traceback, changed in place) is the stack that the
+    loop kept from the calling wrapper's frame down; make it the stack it keeps without the
+    wrapper, taken from the wrapper's caller (``depth`` frames up from here).  Where the
+    stack was cut, the wrapper's frame took the place of an older one, which this keeps."""
+    if trace:
+        trace[:] = format_helpers.extract_stack(sys._getframe(depth), limit=len(trace))
+
 
 #: Recorders on the native clock, which the watchdog's wait reads (``watch.py``).
 watched_recorders: weakref.WeakSet[Recorder] = weakref.WeakSet()
@@ -119,11 +131,28 @@ def CreateTask(create_task: Callable[..., Any], recorder: Recorder) -> Callable[
 
     def counted_create_task(*args: Any, **kwargs: Any) -> Any:
         task = create_task(*args, **kwargs)
-        trace = getattr(task, "_source_traceback", None)
-        if trace:  # debug mode: where the task was created, without this frame
-            trace[:] = [frame for frame in trace if frame.filename != __file__]
+        restack(getattr(task, "_source_traceback", None))
         probe.stats.tasks_created += 1
         return task
 
     setattr(counted_create_task, "create_task", create_task)  # noqa: B010
     return counted_create_task
+
+
+def RunForever(
+    start: Callable[[], bool], run_forever: Callable[..., Any], stop: Callable[[], None]
+) -> Callable[..., Any]:
+    """The loop's run_forever between ``start()`` and ``stop()``, which follows when
+    ``start()`` returned true (attribute: ``run_forever``).  The C twin keeps no frame on
+    the stack while the loop runs; this one cannot help keeping its own."""
+
+    def measured_run_forever(*args: Any, **kwargs: Any) -> Any:
+        if not start():
+            return run_forever(*args, **kwargs)
+        try:
+            return run_forever(*args, **kwargs)
+        finally:
+            stop()
+
+    setattr(measured_run_forever, "run_forever", run_forever)  # noqa: B010
+    return measured_run_forever

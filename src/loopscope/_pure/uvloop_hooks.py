@@ -8,28 +8,36 @@ from collections.abc import Callable
 from types import MethodType
 from typing import Any
 
-from .recorder import Recorder
+from .recorder import Recorder, restack
 
 __all__ = ["Intercept", "TimedCallback", "TimedIO"]
 
 
 class TimedCallback:
-    """A callback that measures itself (uvloop); repr() is the callback's."""
+    """A callback that measures itself (uvloop); repr(), str(), ``__self__``,
+    ``__qualname__`` and ``__name__`` are the callback's."""
 
-    __slots__ = ("_recorder", "callback", "ready")
+    # One slot read per call: the __getattr__ below makes every attribute read of this
+    # class go through it first, which costs per read (Python 3.12+ cannot specialise it).
+    __slots__ = ("_state",)
 
     def __init__(self, callback: Callable[..., object], recorder: Recorder, ready: float) -> None:
-        self.callback = callback
-        self._recorder = recorder
-        self.ready = ready
+        self._state = (callback, recorder, ready)
+
+    @property
+    def callback(self) -> Callable[..., object]:
+        return self._state[0]
+
+    @property
+    def ready(self) -> float:
+        return self._state[2]
 
     @property
     def probe(self) -> Any:
-        return self._recorder.probe
+        return self._state[1].probe
 
     def __call__(self, *args: Any) -> object:
-        recorder = self._recorder
-        callback = self.callback
+        callback, recorder, ready = self._state
         clock = recorder._clock
         start = clock()
         recorder.current_callback = callback
@@ -40,12 +48,27 @@ class TimedCallback:
             recorder.current_start = 0.0
             recorder.current_callback = None  # do not keep the step alive
             try:
-                recorder.record(callback, self.ready, start, clock())
+                recorder.record(callback, ready, start, clock())
             except Exception as exc:
                 recorder.probe.fault(exc)
 
+    def __getattr__(self, name: str) -> Any:
+        # What uvloop reads to describe a callback is the callback's: __self__ (a task step
+        # is shown as its task), __qualname__ and __name__ (a handle's repr); AttributeError
+        # exactly when the callback has none.  (A class cannot hold a __qualname__ property.)
+        if name in _DESCRIBING:
+            return getattr(self._state[0], name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     def __repr__(self) -> str:
-        return repr(self.callback)
+        return repr(self._state[0])
+
+    def __str__(self) -> str:
+        return str(self._state[0])
+
+
+#: The attributes of a callback that TimedCallback forwards.
+_DESCRIBING = frozenset(("__self__", "__qualname__", "__name__"))
 
 
 class TimedIO:
@@ -141,7 +164,10 @@ def Intercept(
     if kind == "call_soon":
 
         def call_soon(callback: Any, *args: Any, context: Any = None) -> Any:
-            return original(TimedCallback(callback, recorder, clock()), *args, context=context)
+            handle = original(TimedCallback(callback, recorder, clock()), *args, context=context)
+            if handle._source_traceback:  # debug mode: without this frame
+                restack(handle._source_traceback)
+            return handle
 
         intercept = call_soon
     else:
@@ -149,7 +175,10 @@ def Intercept(
 
         def call_later(delay: float, callback: Any, *args: Any, context: Any = None) -> Any:
             wrapped = TimedCallback(callback, recorder, now() + max(delay, 0.0))
-            return original(delay, wrapped, *args, context=context)
+            timer = original(delay, wrapped, *args, context=context)
+            if timer._source_traceback:  # debug mode: without this frame
+                restack(timer._source_traceback)
+            return timer
 
         intercept = call_later
     for name in ("__name__", "__qualname__"):
