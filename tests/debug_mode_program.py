@@ -15,6 +15,7 @@ import functools
 import gc
 import logging
 import re
+import socket
 import sys
 import threading
 import time
@@ -176,6 +177,24 @@ async def case_exception_handler_context(loop: asyncio.AbstractEventLoop) -> Non
         loop.set_exception_handler(None)
 
 
+async def case_readers(loop: asyncio.AbstractEventLoop) -> None:
+    reading, writing = socket.socketpair()
+    reading.setblocking(False)
+
+    def on_readable() -> None:
+        reading.recv(100)
+        raise ValueError("raised by a reader")
+
+    try:
+        loop.add_reader(reading.fileno(), on_readable)
+        writing.send(b"x")
+        await settle(loop)
+        loop.remove_reader(reading.fileno())
+    finally:
+        reading.close()
+        writing.close()
+
+
 async def case_tasks_left_behind(loop: asyncio.AbstractEventLoop) -> None:
     # Collected after the case (run() collects), outside any step: a collection can take
     # longer than slow_callback_duration.
@@ -252,6 +271,7 @@ CASES: list[Callable[[asyncio.AbstractEventLoop], Coroutine[Any, Any, None]]] = 
     case_blocking_steps,
     case_raising_callbacks,
     case_exception_handler_context,
+    case_readers,
     case_tasks_left_behind,
     case_handle_reprs,
     case_source_tracebacks,

@@ -30,14 +30,17 @@ if TYPE_CHECKING:
 __all__ = ["LoopProbe", "ProbeContext", "restack"]
 
 
-def restack(trace: Any, depth: int = 2) -> None:
+def restack(trace: Any, depth: int = 2, keep: int = 0) -> None:
     """Debug mode: ``trace`` (a source traceback, changed in place) is the stack that the
-    loop kept from the calling wrapper's frame down; make it the stack it keeps without the
-    wrapper, taken from the wrapper's caller (``depth`` frames up from here).  Where the
-    stack was cut, the wrapper's frame took the place of an older one, which this keeps.
-    (The pure hot path has its own copy: it takes nothing from the layers above it.)"""
-    if trace:
-        trace[:] = format_helpers.extract_stack(sys._getframe(depth), limit=len(trace))
+    loop kept from the calling wrapper's frame down, and ``keep`` frames the loop called
+    from it; make it the stack it keeps without the wrapper, taken from the wrapper's
+    caller (``depth`` frames up from here).  Where the stack was cut, the wrapper's frame
+    took the place of an older one, which this keeps.  (The pure hot path has its own copy:
+    it takes nothing from the layers above it.)"""
+    if trace and len(trace) > keep:
+        kept = trace[len(trace) - keep :]
+        older = format_helpers.extract_stack(sys._getframe(depth), limit=len(trace) - keep)
+        trace[:] = older + kept
 
 
 class ProbeContext(Protocol):
