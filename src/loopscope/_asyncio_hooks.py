@@ -127,8 +127,7 @@ class AsyncioProbe(LoopProbe):
 
         def call_at(when: float, callback: Any, *args: Any, context: Any = None) -> Any:
             timer: Any = orig_call_at(when, callback, *args, context=context)
-            if timer._source_traceback:  # debug mode: without this frame
-                restack(timer._source_traceback)
+            restack(getattr(timer, "_source_traceback", None))  # debug mode: without this frame
             if timer.__class__ is _timer_class:
                 timer.__class__ = timer_class
             return timer
@@ -250,8 +249,9 @@ def _timed_io_registration(
 
     def register(fd: Any, callback: Any, *args: Any) -> Any:
         handle = original(fd, callback, *args)
-        if handle._source_traceback:  # debug mode: without this frame (before _add_reader's)
-            restack(handle._source_traceback, keep=1)
+        # debug mode: without this frame (before _add_reader's); a loop's own _add_reader
+        # may return anything
+        restack(getattr(handle, "_source_traceback", None), keep=1)
         if handle.__class__ is _handle_class:
             handle.__class__ = io_class
         return handle

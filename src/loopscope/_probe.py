@@ -37,10 +37,13 @@ def restack(trace: Any, depth: int = 2, keep: int = 0) -> None:
     caller (``depth`` frames up from here).  Where the stack was cut, the wrapper's frame
     took the place of an older one, which this keeps.  (The pure hot path has its own copy:
     it takes nothing from the layers above it.)"""
-    if trace and len(trace) > keep:
-        kept = trace[len(trace) - keep :]
-        older = format_helpers.extract_stack(sys._getframe(depth), limit=len(trace) - keep)
-        trace[:] = older + kept
+    try:
+        if trace and len(trace) > keep:
+            kept = trace[len(trace) - keep :]
+            older = format_helpers.extract_stack(sys._getframe(depth), limit=len(trace) - keep)
+            trace[:] = older + kept
+    except Exception:
+        pass  # not a stack as asyncio and uvloop keep them: left as it is
 
 
 class ProbeContext(Protocol):

@@ -150,21 +150,21 @@ class UvloopProbe(LoopProbe):
         # (Each drops its own frame from the stack that debug mode keeps.)
         def call_soon(callback: Any, *args: Any, context: Any = None) -> Any:
             handle: Any = orig_call_soon(timed(callback, recorder, clock()), *args, context=context)
-            restack(handle._source_traceback)
+            restack(getattr(handle, "_source_traceback", None))
             return handle
 
         def call_soon_threadsafe(callback: Any, *args: Any, context: Any = None) -> Any:
             handle: Any = orig_call_soon_threadsafe(
                 timed(callback, recorder, clock()), *args, context=context
             )
-            restack(handle._source_traceback)
+            restack(getattr(handle, "_source_traceback", None))
             return handle
 
         # uvloop's call_at calls self.call_later, so this covers both.
         def call_later(delay: float, callback: Any, *args: Any, context: Any = None) -> Any:
             wrapped = timed(callback, recorder, loop_time() + max(delay, 0.0))
             timer: Any = orig_call_later(delay, wrapped, *args, context=context)
-            restack(timer._source_traceback)
+            restack(getattr(timer, "_source_traceback", None))
             return timer
 
         intercept = _hotpath.twin.Intercept

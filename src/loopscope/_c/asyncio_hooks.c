@@ -60,7 +60,7 @@ static PyObject *CallSoon_vectorcall(PyObject *op, PyObject *const *args, size_t
         if (trace != NULL && PyList_Check(trace) &&
             PyList_GET_SIZE(trace) >= self->stack_depth &&
             PyList_SetSlice(trace, 0, 1, NULL) < 0)
-            goto error;
+            PyErr_Clear(); /* the stack stays as it is: nothing of this reaches the caller */
     }
     PyObject *res = PyObject_CallOneArg(self->append, handle);
     if (res == NULL)

@@ -28,8 +28,11 @@ def restack(trace: Any, depth: int = 2) -> None:
     loop kept from the calling wrapper's frame down; make it the stack it keeps without the
     wrapper, taken from the wrapper's caller (``depth`` frames up from here).  Where the
     stack was cut, the wrapper's frame took the place of an older one, which this keeps."""
-    if trace:
-        trace[:] = format_helpers.extract_stack(sys._getframe(depth), limit=len(trace))
+    try:
+        if trace:
+            trace[:] = format_helpers.extract_stack(sys._getframe(depth), limit=len(trace))
+    except Exception:
+        pass  # not a stack as asyncio and uvloop keep them: left as it is
 
 
 #: Recorders on the native clock, which the watchdog's wait reads (``watch.py``).

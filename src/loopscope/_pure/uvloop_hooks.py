@@ -165,8 +165,12 @@ def Intercept(
 
         def call_soon(callback: Any, *args: Any, context: Any = None) -> Any:
             handle = original(TimedCallback(callback, recorder, clock()), *args, context=context)
-            if handle._source_traceback:  # debug mode: without this frame
-                restack(handle._source_traceback)
+            try:
+                trace = handle._source_traceback
+            except AttributeError:  # a loop's own method may return anything
+                trace = None
+            if trace:  # debug mode: without this frame
+                restack(trace)
             return handle
 
         intercept = call_soon
@@ -176,8 +180,12 @@ def Intercept(
         def call_later(delay: float, callback: Any, *args: Any, context: Any = None) -> Any:
             wrapped = TimedCallback(callback, recorder, now() + max(delay, 0.0))
             timer = original(delay, wrapped, *args, context=context)
-            if timer._source_traceback:  # debug mode: without this frame
-                restack(timer._source_traceback)
+            try:
+                trace = timer._source_traceback
+            except AttributeError:  # a loop's own method may return anything
+                trace = None
+            if trace:  # debug mode: without this frame
+                restack(trace)
             return timer
 
         intercept = call_later
