@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
 import loopscope
+from loopscope import _hotpath
 from loopscope._instrument import overridden_hooks
 
 from .conftest import make_loop
@@ -273,14 +274,15 @@ class TestLoggingRoute:
         assert (record.pathname, record.lineno, record.funcName) == (
             str(HERE), blocking_line(), "blocking_call",
         )  # fmt: skip
-        # The stack shows the test's frames and counts the others where they were
-        # (loopscope's among them).
+        # The stack shows the test's frames and counts the others where they were (among
+        # them loopscope's, which only the pure hot path has on the stack while a step runs).
         assert record.stack_info is not None
         lines = record.stack_info.splitlines()
         assert lines[0] == "Blocking stack (most recent call last):"
         assert lines[-1] == f'  File "{HERE}", line {blocking_line()}, in blocking_call'
         runs = [line for line in lines if re.fullmatch(r"  \(\d+ frames? of .*\)", line)]
-        assert runs and any("loopscope" in line for line in runs), lines
+        own_frames = any("loopscope" in line for line in runs)
+        assert runs and own_frames == (_hotpath.twin is _hotpath.pure), lines
         shown = [line for line in lines[1:] if line not in runs]
         assert all(line.startswith(f'  File "{HERE}"') for line in shown), lines
 
