@@ -177,7 +177,9 @@ class UvloopProbe(LoopProbe):
         self.patch(loop, "call_soon_threadsafe", hooks[1])
         self.patch(loop, "call_later", hooks[2])
         for name in ("add_reader", "add_writer"):
-            self.patch(loop, name, self._timed_fd_registration(getattr(loop, name)))
+            original = getattr(loop, name)
+            fallback = self._timed_fd_registration(original)
+            self.patch(loop, name, intercept("add_reader", recorder, original, fallback))
         for name in FACTORY_METHODS:
             original = getattr(loop, name, None)
             if original is not None:
@@ -209,6 +211,7 @@ class UvloopProbe(LoopProbe):
         self.settle_busy()
 
     def _timed_fd_registration(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        """What the hot path's Intercept falls back to for calls of another shape."""
         probe = self
 
         def register(fd: Any, callback: Any, *args: Any) -> Any:

@@ -341,6 +341,20 @@ static PyObject *TimedIO_vectorcall(PyObject *op, PyObject *const *args, size_t 
     return result;
 }
 
+/* A new TimedIO of callback (called on instance, a weak reference, unless NULL); the
+ * recorder is ready. */
+static PyObject *TimedIO_create(PyTypeObject *type, PyObject *callback, Recorder *recorder,
+                                PyObject *instance) {
+    TimedIO *self = (TimedIO *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    self->callback = Py_NewRef(callback);
+    self->recorder = (Recorder *)Py_NewRef(recorder);
+    self->vectorcall = TimedIO_vectorcall;
+    self->instance = Py_XNewRef(instance);
+    return (PyObject *)self;
+}
+
 static PyObject *TimedIO_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
     PyObject *callback, *recorder, *instance = Py_None;
     static char *kwlist[] = {"callback", "recorder", "instance", NULL};
@@ -353,14 +367,8 @@ static PyObject *TimedIO_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     }
     if (ls_ready_recorder((Recorder *)recorder) < 0)
         return NULL;
-    TimedIO *self = (TimedIO *)type->tp_alloc(type, 0);
-    if (self == NULL)
-        return NULL;
-    self->callback = Py_NewRef(callback);
-    self->recorder = (Recorder *)Py_NewRef(recorder);
-    self->vectorcall = TimedIO_vectorcall;
-    self->instance = instance == Py_None ? NULL : Py_NewRef(instance);
-    return (PyObject *)self;
+    return TimedIO_create(type, callback, (Recorder *)recorder,
+                          instance == Py_None ? NULL : instance);
 }
 
 /* The method it times: callback itself, or callback bound to the instance (None once the
@@ -395,9 +403,35 @@ static PyObject *TimedIO_repr(TimedIO *self) {
     return repr;
 }
 
+/* What uvloop reads to describe a reader's or writer's handle is the method's, as for
+ * TimedCallback: __self__, __qualname__, __name__ and str(); AttributeError exactly when
+ * the method's raises it (and once its instance is gone). */
+static PyObject *TimedIO_forward(TimedIO *self, void *name) {
+    PyObject *method = TimedIO_get_callback(self, NULL);
+    if (method == NULL)
+        return NULL;
+    PyObject *value = method == Py_None ? NULL : PyObject_GetAttrString(method, (const char *)name);
+    if (method == Py_None)
+        PyErr_SetString(PyExc_AttributeError, (const char *)name);
+    Py_DECREF(method);
+    return value;
+}
+
+static PyObject *TimedIO_str(TimedIO *self) {
+    PyObject *method = TimedIO_get_callback(self, NULL);
+    if (method == NULL)
+        return NULL;
+    PyObject *text = method == Py_None ? TimedIO_repr(self) : PyObject_Str(method);
+    Py_DECREF(method);
+    return text;
+}
+
 static PyGetSetDef TimedIO_getset[] = {
     {"probe", (getter)Wrapper_get_probe, NULL, NULL, NULL},
     {"callback", (getter)TimedIO_get_callback, NULL, NULL, NULL},
+    {"__self__", (getter)TimedIO_forward, NULL, NULL, "__self__"},
+    {"__qualname__", (getter)TimedIO_forward, NULL, NULL, "__qualname__"},
+    {"__name__", (getter)TimedIO_forward, NULL, NULL, "__name__"},
     {NULL}};
 
 static PyMemberDef TimedIO_members[] = {
@@ -411,14 +445,17 @@ PyTypeObject ls_TimedIO_Type = {
               "With instance, a weak reference, it calls callback(instance(), *args).",
     .tp_dealloc = ls_gc_dealloc,
     .tp_repr = (reprfunc)TimedIO_repr,
+    .tp_str = (reprfunc)TimedIO_str,
     .tp_getset = TimedIO_getset,
     .tp_members = TimedIO_members,
 };
 
 /* ---------------------------------------------------------------------------------------
- * Intercept (uvloop's call_soon, call_soon_threadsafe, call_later)
+ * Intercept (uvloop's call_soon, call_soon_threadsafe, call_later, and add_reader and
+ * add_writer: kind "add_reader", whose callback becomes a TimedIO).  No Python frame of its
+ * own: debug mode's "created at" is the caller's line.
  */
-enum { KIND_SOON = 0, KIND_LATER = 1 };
+enum { KIND_SOON = 0, KIND_LATER = 1, KIND_IO = 2 };
 
 typedef struct {
     PyObject_HEAD
@@ -434,15 +471,45 @@ typedef struct {
 
 #define STACK_ARGS 8
 
+/* The loop's own method, called with the arguments given and `wrapped` (a new reference,
+ * released here) in place of the callback at cb_index. */
+static PyObject *call_original(Intercept *self, PyObject *const *args, Py_ssize_t nargs,
+                               PyObject *kwnames, Py_ssize_t cb_index, PyObject *wrapped) {
+    Py_ssize_t nkw = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
+    /* stack[0] is free for the callee (PY_VECTORCALL_ARGUMENTS_OFFSET); a bound method is
+     * called as its function with the loop first, as asyncio's C task calls the loop's
+     * method when nothing shadows it (no method object in between). */
+    PyObject *stack[STACK_ARGS + 2];
+    PyObject **call = stack + 1;
+    Py_ssize_t first = 0;
+    if (self->bound != NULL)
+        call[first++] = self->bound;
+    for (Py_ssize_t i = 0; i < nargs + nkw; i++)
+        call[first + i] = args[i];
+    call[first + cb_index] = wrapped;
+    PyObject *result = PyObject_Vectorcall(
+        self->function, call, (size_t)(first + nargs) | PY_VECTORCALL_ARGUMENTS_OFFSET, kwnames);
+    Py_DECREF(wrapped);
+    return result;
+}
+
 static PyObject *Intercept_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf,
                                       PyObject *kwnames) {
     Intercept *self = (Intercept *)op;
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
     Py_ssize_t nkw = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
     Py_ssize_t cb_index = self->kind == KIND_SOON ? 0 : 1;
-    double ready;
+    double ready = 0.0;
     if (nargs <= cb_index || nargs + nkw > STACK_ARGS || nkw > 1)
         goto fallback;
+    if (self->kind == KIND_IO) {
+        if (nkw != 0)
+            goto fallback;
+        PyObject *wrapped = TimedIO_create(&ls_TimedIO_Type, args[1], self->recorder, NULL);
+        if (wrapped == NULL)
+            return NULL;
+        return call_original(self, args, nargs, kwnames, cb_index, wrapped);
+    }
     if (nkw == 1) {
         PyObject *name = PyTuple_GET_ITEM(kwnames, 0);
         if (name != ls_str.context && name != seen_context) {
@@ -482,25 +549,11 @@ static PyObject *Intercept_vectorcall(PyObject *op, PyObject *const *args, size_
         ready += d > 0.0 ? d : 0.0;
     }
     {
-        TimedCallback *wrapped = TimedCallback_create(args[cb_index], self->recorder, ready);
+        PyObject *wrapped =
+            (PyObject *)TimedCallback_create(args[cb_index], self->recorder, ready);
         if (wrapped == NULL)
             return NULL;
-        /* stack[0] is free for the callee (PY_VECTORCALL_ARGUMENTS_OFFSET); a bound method
-         * is called as its function with the loop first, as asyncio's C task calls the
-         * loop's method when nothing shadows it (no method object in between). */
-        PyObject *stack[STACK_ARGS + 2];
-        PyObject **call = stack + 1;
-        Py_ssize_t first = 0;
-        if (self->bound != NULL)
-            call[first++] = self->bound;
-        for (Py_ssize_t i = 0; i < nargs + nkw; i++)
-            call[first + i] = args[i];
-        call[first + cb_index] = (PyObject *)wrapped;
-        PyObject *result = PyObject_Vectorcall(
-            self->function, call, (size_t)(first + nargs) | PY_VECTORCALL_ARGUMENTS_OFFSET,
-            kwnames);
-        Py_DECREF(wrapped);
-        return result;
+        return call_original(self, args, nargs, kwnames, cb_index, wrapped);
     }
 fallback:
     return PyObject_Vectorcall(self->fallback, args, nargsf, kwnames);
@@ -519,8 +572,11 @@ static PyObject *Intercept_new(PyTypeObject *type, PyObject *args, PyObject *kwd
         k = KIND_SOON;
     else if (strcmp(kind, "call_later") == 0)
         k = KIND_LATER;
+    else if (strcmp(kind, "add_reader") == 0)
+        k = KIND_IO;
     else {
-        PyErr_SetString(PyExc_ValueError, "kind must be 'call_soon' or 'call_later'");
+        PyErr_SetString(PyExc_ValueError,
+                        "kind must be 'call_soon', 'call_later' or 'add_reader'");
         return NULL;
     }
     if (k == KIND_LATER && !PyCallable_Check(loop_time)) {
@@ -554,9 +610,8 @@ static PyObject *Intercept_new(PyTypeObject *type, PyObject *args, PyObject *kwd
 LS_GC_FUNCTIONS(Intercept, INTERCEPT_FIELDS)
 
 static PyObject *Intercept_repr(Intercept *self) {
-    return PyUnicode_FromFormat("<loopscope %s of %R>",
-                                self->kind == KIND_SOON ? "call_soon" : "call_later",
-                                self->original);
+    static const char *kinds[] = {"call_soon", "call_later", "add_reader"};
+    return PyUnicode_FromFormat("<loopscope %s of %R>", kinds[self->kind], self->original);
 }
 
 static PyMemberDef Intercept_members[] = {
@@ -568,7 +623,8 @@ static PyMemberDef Intercept_members[] = {
 PyTypeObject ls_Intercept_Type = {
     LS_CALLABLE_TYPE(Intercept, 0),
     .tp_doc = "Intercept(kind, recorder, original, fallback, loop_time=None)\n--\n\n"
-              "uvloop's call_soon/call_soon_threadsafe/call_later, wrapping the callback.",
+              "uvloop's call_soon/call_soon_threadsafe/call_later (wrapping the callback in\n"
+              "a TimedCallback) or add_reader/add_writer (kind 'add_reader': in a TimedIO).",
     .tp_dealloc = ls_gc_dealloc,
     .tp_repr = (reprfunc)Intercept_repr,
     .tp_members = Intercept_members,

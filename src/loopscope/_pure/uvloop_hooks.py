@@ -72,7 +72,8 @@ _DESCRIBING = frozenset(("__self__", "__qualname__", "__name__"))
 
 
 class TimedIO:
-    """An I/O callback that measures itself (uvloop); repr() is the callback's.
+    """An I/O callback that measures itself (uvloop); repr(), str(), ``__self__``,
+    ``__qualname__`` and ``__name__`` are the callback's.
 
     With ``instance``, a weak reference, it calls ``callback(instance(), *args)``: a
     protocol method is kept as its function and a weak reference to the protocol, since a
@@ -80,7 +81,8 @@ class TimedIO:
     instance is gone (only a caller that kept the method after dropping the protocol can
     see that) a call does nothing."""
 
-    __slots__ = ("_function", "_instance", "_recorder")
+    # One slot read per call, as in TimedCallback (its __getattr__ makes every read slower).
+    __slots__ = ("_state",)
 
     def __init__(
         self,
@@ -92,31 +94,28 @@ class TimedIO:
             raise TypeError("TimedIO() argument 'recorder' must be a Recorder")
         if instance is not None and not isinstance(instance, weakref.ref):
             raise TypeError("TimedIO() argument 'instance' must be a weak reference")
-        self._function = callback
-        self._recorder = recorder
-        self._instance = instance
+        self._state = (callback, recorder, instance)
 
     @property
     def callback(self) -> Callable[..., object] | None:
         """The method it times (None once its instance is gone)."""
-        if self._instance is None:
-            return self._function
-        instance = self._instance()
-        return None if instance is None else MethodType(self._function, instance)
+        function, _, instance = self._state
+        if instance is None:
+            return function
+        bound_to = instance()
+        return None if bound_to is None else MethodType(function, bound_to)
 
     @property
     def probe(self) -> Any:
-        return self._recorder.probe
+        return self._state[1].probe
 
     def __call__(self, *args: Any) -> object:
-        instance = self._instance
+        callback, recorder, instance = self._state
         if instance is not None:
             bound_to = instance()
             if bound_to is None:
                 return None
             args = (bound_to,) + args  # noqa: RUF005 - cheaper than (bound_to, *args)
-        recorder = self._recorder
-        callback = self._function
         if recorder.current_start or not recorder.probe.active:
             # Called from inside a step that is already measured (or after uninstall).
             return callback(*args)
@@ -134,10 +133,23 @@ class TimedIO:
             except Exception as exc:
                 recorder.probe.fault(exc)
 
+    def __getattr__(self, name: str) -> Any:
+        # As TimedCallback's: what uvloop reads to describe a reader's or writer's handle.
+        if name in _DESCRIBING:
+            method = self.callback
+            if method is not None:
+                return getattr(method, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     def __repr__(self) -> str:
-        if self._instance is not None and self._instance() is None:
-            return f"<{type(self).__name__} of {self._function!r}, its instance gone>"
+        function, _, instance = self._state
+        if instance is not None and instance() is None:
+            return f"<{type(self).__name__} of {function!r}, its instance gone>"
         return repr(self.callback)
+
+    def __str__(self) -> str:
+        method = self.callback
+        return repr(self) if method is None else str(method)
 
 
 def Intercept(
@@ -147,21 +159,28 @@ def Intercept(
     fallback: Callable[..., Any],
     loop_time: Callable[[], float] | None = None,
 ) -> Callable[..., Any]:
-    """uvloop's call_soon/call_soon_threadsafe/call_later, wrapping the callback
+    """uvloop's call_soon/call_soon_threadsafe/call_later, wrapping the callback in a
+    TimedCallback, or add_reader/add_writer (kind ``add_reader``), wrapping it in a TimedIO
     (attributes: ``original``, ``fallback``).
 
     A plain function, as in ``asyncio_hooks``: it is called for every step.  It does what
     the fallback does, so a call of another shape fails with the fallback's own message
     (the C twin hands such calls to the fallback)."""
-    if kind not in ("call_soon", "call_later"):
-        raise ValueError("kind must be 'call_soon' or 'call_later'")
+    if kind not in ("call_soon", "call_later", "add_reader"):
+        raise ValueError("kind must be 'call_soon', 'call_later' or 'add_reader'")
     if kind == "call_later" and not callable(loop_time):
         raise TypeError("call_later needs loop_time")
     if not isinstance(recorder, Recorder):
         raise TypeError("Intercept() argument 'recorder' must be a Recorder")
     clock = recorder._clock
     intercept: Callable[..., Any]
-    if kind == "call_soon":
+    if kind == "add_reader":
+
+        def add_reader(fd: Any, callback: Any, *args: Any) -> Any:
+            return original(fd, TimedIO(callback, recorder), *args)
+
+        intercept = add_reader
+    elif kind == "call_soon":
 
         def call_soon(callback: Any, *args: Any, context: Any = None) -> Any:
             handle = original(TimedCallback(callback, recorder, clock()), *args, context=context)
