@@ -66,10 +66,15 @@ def fixture_installed(registry: CollectorRegistry) -> Iterator[loopscope.Install
     loopscope.uninstall()
 
 
+#: The one LOOPSCOPE_* variable a test keeps: it chooses the hot path this run tests, also
+#: in the processes a test starts.  Every other one would configure loopscope.
+HOT_PATH_VARIABLE = "LOOPSCOPE_PURE_PYTHON"
+
+
 @pytest.fixture(autouse=True)
 def _clean_installation(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     for name in list(__import__("os").environ):
-        if name.startswith("LOOPSCOPE_"):
+        if name.startswith("LOOPSCOPE_") and name != HOT_PATH_VARIABLE:
             monkeypatch.delenv(name)
     yield
     loopscope.uninstall()

@@ -1,7 +1,9 @@
 """CPython's own asyncio tests pass the same with loopscope installed as without it.
 
 Runs scripts/cpython_asyncio_suite.py for the interpreter running pytest: the eleven core
-modules of test.test_asyncio, twice (40 to 85 s per interpreter on two idle cores).
+modules of test.test_asyncio, twice (40 to 85 s per interpreter on two idle cores), with
+loopscope on the hot path this run of pytest uses (``LOOPSCOPE_PURE_PYTHON`` is passed on;
+every other ``LOOPSCOPE_*`` variable is not).
 ``CPYTHON_ASYNCIO_SUITE=quick`` runs a smaller selection (the two big modules cut down to
 a few classes), ``CPYTHON_ASYNCIO_SUITE=off`` skips it.
 """
@@ -15,6 +17,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from loopscope import _hotpath
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "cpython_asyncio_suite.py"
@@ -52,7 +56,12 @@ class TestCPythonAsyncioSuite:
         args = [sys.executable, str(SCRIPT), "--json", str(report)]
         if mode == "quick":
             args.append("--quick")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("LOOPSCOPE_")}
+        # loopscope's own defaults, on the hot path this run of the suite tests.
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("LOOPSCOPE_") or k == "LOOPSCOPE_PURE_PYTHON"
+        }
         proc = subprocess.run(
             args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500, check=False
         )
@@ -66,3 +75,4 @@ class TestCPythonAsyncioSuite:
         slack = len(result["allowed"]) + len(result["flaky"])
         assert result["passed"]["loopscope"] >= result["passed"]["plain"] - slack
         assert result["loops_instrumented"] > 100
+        assert result["hot_path"] == ("pure-Python" if _hotpath.twin is _hotpath.pure else "C")
