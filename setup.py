@@ -20,10 +20,13 @@ C_SOURCES = [
     "uvloop_hooks.c",
     "asyncio_hooks.c",
     "watch.c",
+    "gilreader.c",
+    "sentinel.c",
+    "framecopy.c",
     "clock.c",
     "endpoint.c",
 ]
-C_HEADERS = ["speedups.h", "compat.h", "timed.h", "clock.h"]
+C_HEADERS = ["speedups.h", "compat.h", "timed.h", "clock.h", "gilreader.h"]
 
 ext_modules = []
 if platform.python_implementation() == "CPython" and sys.platform != "win32":

@@ -114,5 +114,12 @@ PyMODINIT_FUNC PyInit__speedups(void) {
         Py_DECREF(module);
         return NULL;
     }
+    PyObject *gil_reader = ls_gil_reader_module();
+    if (gil_reader == NULL || PyModule_AddObjectRef(module, "gil_reader", gil_reader) < 0) {
+        Py_XDECREF(gil_reader);
+        Py_DECREF(module);
+        return NULL;
+    }
+    Py_DECREF(gil_reader);
     return module;
 }

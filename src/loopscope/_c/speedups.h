@@ -24,6 +24,8 @@
  *   Engine         the /metrics endpoint's socket work, without the GIL (endpoint.c).
  *   watch_steps    the watchdog thread's wait between checks, without the GIL (watch.c).
  *   clock_*        the native clock (clock.c): time.monotonic() from the CPU's counter.
+ *   gil_reader     a submodule: the stacks of loop threads holding the GIL in one long C
+ *                  call, read by a thread of its own while the call lasts (gilreader.c).
  *
  * The timed call that TimedCallback, TimedIO and TimedRun share is timed.h; the module's
  * init (interned names, the bucket bounds, the types) is module.c.
@@ -153,6 +155,14 @@ LS_HIDDEN int ls_take_slot(void);
 LS_HIDDEN double *ls_slot_start(int i);
 /* Give slot `i` back (its start set to 0.0); with the GIL. */
 LS_HIDDEN void ls_free_slot(int i);
+
+/* The GIL reader (sentinel.c): the watchdog arms it when it is about to want the GIL
+ * (`wait` seconds from now) and disarms it when it waits without the GIL again; free when
+ * no loop is registered. */
+LS_HIDDEN void ls_gil_arm(double wait);
+LS_HIDDEN void ls_gil_disarm(void);
+/* The module loopscope._speedups.gil_reader (a new reference, or NULL). */
+LS_HIDDEN PyObject *ls_gil_reader_module(void);
 
 #define STORE_START(r, value) store_double((r)->start, (value))
 static inline double load_start(Recorder *r) {

@@ -127,6 +127,7 @@ static PyObject *watch_steps(PyObject *Py_UNUSED(module), PyObject *const *args,
     }
     int long_step = 0;
     Py_BEGIN_ALLOW_THREADS
+    ls_gil_disarm(); /* this wait needs no GIL */
     double deadline = clock_gettime_seconds() + timeout;
     pthread_mutex_lock(&watch_mutex);
     unsigned long seen = watch_wakes;
@@ -147,6 +148,9 @@ static PyObject *watch_steps(PyObject *Py_UNUSED(module), PyObject *const *args,
             break;
     }
     pthread_mutex_unlock(&watch_mutex);
+    /* Taking the GIL back may take as long as a C call holding it lasts: the GIL reader
+     * reads the loops' stacks if it does (sentinel.c), until the next wait. */
+    ls_gil_arm(0.0);
     Py_END_ALLOW_THREADS
     return PyBool_FromLong(long_step);
 }
