@@ -35,6 +35,7 @@ from ._event_logs import LogOutput, log_notice
 from ._events import EventDispatch
 from ._executor import ExecutorBook, hook_loop
 from ._exit_hooks import at_exit
+from ._gilreader import Capture
 from ._infrastructure import created_by_server_infrastructure
 from ._instrument import Instrument
 from ._log import logger
@@ -371,6 +372,13 @@ class Installation:
         with self._probes_lock:
             if self._probes.get(loop) is probe:
                 del self._probes[loop]
+
+    def report_block_later(
+        self, probe: LoopProbe, capture: Capture, callback: object, task: object
+    ) -> None:
+        """A block the GIL reader saw in a step that ended before the watchdog could
+        report it: the watchdog reports it (``loop_blocked`` stays on its thread)."""
+        self.watchdog.hand_over(probe, capture, callback, task)
 
     def report_fault(self, where: str, exc: BaseException) -> None:
         """Log a fault inside loopscope once per place; never raises."""

@@ -12,15 +12,17 @@ from __future__ import annotations
 import contextlib
 import sys
 import threading
+import time
 import weakref
 from asyncio import AbstractEventLoop, BaseEventLoop, TimerHandle, format_helpers
 from bisect import bisect_left
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
-from . import _hotpath
+from . import _gilreader, _hotpath
 from ._describe import TASK_TYPES
 from ._log import logger
+from ._stacks import application_location
 from ._stats import BUCKETS, UNKNOWN_LOCATION, LoopStats, SeriesBook
 
 if TYPE_CHECKING:
@@ -58,6 +60,12 @@ class ProbeContext(Protocol):
 
     def forget(self, probe: LoopProbe) -> None:
         """The probe is done with its loop (closed, collected or removed)."""
+
+    def report_block_later(
+        self, probe: LoopProbe, capture: _gilreader.Capture, callback: object, task: object
+    ) -> None:
+        """Have the watchdog report a block the GIL reader saw during a step of ``probe``
+        that ended before the watchdog could report it."""
 
     def report_fault(self, what: str, exc: BaseException) -> None:
         """Report a fault of loopscope's own, once."""
@@ -126,6 +134,10 @@ class LoopProbe:
         self.thread_id = threading.get_ident()
         # Written by the watchdog: (step start, blocking stack, location) taken mid-step.
         self.sample: tuple[float, list[str], str | None] | None = None
+        #: The loop thread's registration with the GIL reader while the loop runs (-1 when
+        #: none), and the last of its captures the watchdog has dealt with.
+        self.gil_handle = -1
+        self.gil_seen = 0
         self.max_locations = options.max_locations
         self._saved_attrs: dict[str, object] = {}
         #: Where the hooks record every step, and the watchdog's markers: the step running
@@ -152,6 +164,7 @@ class LoopProbe:
 
     def _loop_collected(self, _ref: object) -> None:
         # The loop was garbage-collected without close(): keep its figures, drop the probe.
+        self._gil_unregister()
         self.active = False
         self._detach()
         self.installation.forget(self)
@@ -227,7 +240,7 @@ class LoopProbe:
         if sample is not None and sample[0] == start:
             stack, location = sample[1], sample[2]
         else:
-            stack, location = [], None
+            stack, location = self._captured_stack(callback, task, start, duration)
         self.sample = None
         stats.count_location(location or UNKNOWN_LOCATION, self.max_locations)
         self.events.slow_callback(
@@ -241,6 +254,25 @@ class LoopProbe:
             location=location,
         )
 
+    def _captured_stack(
+        self, callback: object, task: object, start: float, duration: float
+    ) -> tuple[list[str], str | None]:
+        """The stack the GIL reader took during the step that ran from ``start`` for
+        ``duration`` (it held the GIL in one C call), if the watchdog did not get the GIL
+        before the step ended; the watchdog is handed those captures to report the block."""
+        taken = [
+            capture
+            for capture in _gilreader.captures(self.gil_handle, 0)
+            if capture.step_start == start
+            or (not capture.step_start and start <= capture.captured_at <= start + duration)
+        ]
+        if not taken:
+            return [], None
+        for capture in taken:
+            if capture.seq > self.gil_seen:
+                self.installation.report_block_later(self, capture, callback, task)
+        return taken[0].stack, application_location(taken[0].stack)
+
     # --- run / stop ----------------------------------------------------------------------
 
     def on_run_start(self, loop: AbstractEventLoop) -> None:
@@ -252,12 +284,25 @@ class LoopProbe:
                 self._attach(name)
         self.busy_mark = self.clock()
         self.start_heartbeat(loop)
+        self._gil_register()
 
     def on_run_stop(self) -> None:
         """The loop stops running: time outside run_forever is neither busy nor lag."""
+        self._gil_unregister()
         self.stop_heartbeat()
         self.settle_busy()
         self.busy_mark = None
+
+    def _gil_register(self) -> None:
+        """Let the GIL reader read this thread's stack while the loop runs (its captures'
+        times are time.monotonic()'s: only with that clock)."""
+        self._gil_unregister()
+        if self.clock is time.monotonic:
+            self.gil_handle = _gilreader.register(self.recorder, self.label)
+
+    def _gil_unregister(self) -> None:
+        handle, self.gil_handle = self.gil_handle, -1
+        _gilreader.unregister(handle)
 
     def settle_busy(self) -> None:
         """Add the busy time since ``busy_mark`` (wall time, less any time known to be idle)
@@ -323,6 +368,7 @@ class LoopProbe:
     def on_close(self) -> None:
         """The loop was closed: fold its figures into its label and let it go."""
         loop = self.loop_ref()
+        self._gil_unregister()
         self.active = False
         self.heartbeat = None
         if loop is not None:
@@ -333,6 +379,7 @@ class LoopProbe:
     def remove(self) -> None:
         """Take the instrumentation off the loop (uninstall, or a fault)."""
         loop = self.loop_ref()
+        self._gil_unregister()
         self.active = False
         if loop is not None:
             self.remove_hooks(loop)

@@ -14,6 +14,7 @@ __all__ = [
     "format_stack",
     "frame_of",
     "is_importing",
+    "library_rules",
     "own_code_location",
 ]
 
@@ -94,6 +95,19 @@ def _is_library(filename: str) -> bool:
     if any(marker in path for marker in _SITE_MARKERS):
         return False  # an installed third-party package is the application's code
     return path.startswith(_STDLIB_DIRS)
+
+
+def library_rules() -> tuple[str, ...]:
+    """:func:`_is_library`'s choice for absolute paths, as rules for the GIL reader's C code
+    (tried in order, the first that matches decides): ``"+prefix"`` a library,
+    ``"-prefix"`` the application, ``"~part"`` (anywhere in the path) the application."""
+    own = [f"+{path}" for path in _OWN_DIRS]
+    return (
+        f"-{_DEMO_DIR}",
+        *own,
+        *(f"~{marker}" for marker in _SITE_MARKERS),
+        *(f"+{path}" for path in _STDLIB_DIRS),
+    )
 
 
 def _short(filename: str) -> str:

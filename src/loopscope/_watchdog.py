@@ -9,6 +9,12 @@ after ``loop_blocked_after`` seconds (1 s by default, never before the threshold
 twice, four times... that age after that, is reported as ``loop_blocked``, so a hang that
 never ends is still seen.
 
+A step that holds the GIL in one C call (``json.loads`` of a large body, a backtracking
+regular expression) keeps the thread from ``sys._current_frames()`` until the call returns:
+the GIL reader (``_gilreader``), armed whenever the thread is out of its wait, reads the
+loop's stack meanwhile, and the thread reports the block from that copy once it has the GIL back,
+with the age the block had when it was read.
+
 The thread sleeps in the hot path's ``watch_steps``: the C twin's wakes up without the GIL
 and reads the step markers in C, so the thread takes the GIL only when a step has run for
 half the threshold, when a loop is added, or once a second: a Python thread waking 40
@@ -22,12 +28,13 @@ import sys
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
-from . import _hotpath
+from . import _gilreader, _hotpath
 from ._describe import TASK_TYPES
-from ._stacks import application_location, format_stack
+from ._stacks import application_location, format_stack, library_rules
 
 if TYPE_CHECKING:
     from ._options import Options
@@ -55,6 +62,9 @@ MAX_REPORT_INTERVAL = 60.0
 REFRESH_INTERVAL = 1.0
 #: While stopping, the thread is woken again this often until it has gone (seconds).
 STOP_POLL = 0.01
+#: A capture of a step that ended before the watchdog could report it is left to the
+#: step's own report (record_slow) for this long (seconds), then dropped.
+HANDOVER_AGE = 2.0
 
 
 class Watchdog:
@@ -76,16 +86,31 @@ class Watchdog:
         self.next_report: weakref.WeakKeyDictionary[LoopProbe, tuple[float, float]] = (
             weakref.WeakKeyDictionary()
         )
+        #: Blocks of steps that ended before the thread could report them (hand_over).
+        self.handed: deque[tuple[LoopProbe, _gilreader.Capture, object, object]] = deque()
 
     def start(self) -> None:
         """Start the thread (again, after a fork)."""
         self.stopped.clear()
+        installation = self.installation_ref()
+        if installation is not None:
+            _gilreader.configure(
+                self.first_report, installation.options.events != "off", library_rules()
+            )
         self.thread = threading.Thread(target=self._run, name="loopscope-watchdog", daemon=True)
         self.thread.start()
 
     def wake(self) -> None:
         """Make the thread look at the loops again now (one was added, or stop)."""
         _hotpath.twin.wake_watchers()
+
+    def hand_over(
+        self, probe: LoopProbe, capture: _gilreader.Capture, callback: object, task: object
+    ) -> None:
+        """Report a block the GIL reader saw during a step of ``probe`` that has ended
+        (with that step's callback and task): from any thread, and soon."""
+        self.handed.append((probe, capture, callback, task))
+        self.wake()
 
     def stop(self) -> None:
         """Stop the thread and wait for it."""
@@ -126,11 +151,14 @@ class Watchdog:
             installation = self.installation_ref()
             if installation is not None:
                 installation.report_fault("watching for blocked loops (the watchdog)", exc)
+        finally:
+            _gilreader.disarm()
 
     def _wait(self, steps_seen: bool) -> bool:
         """Sleep until the next check: in the hot path's wait when it sees every loop's
         steps, else for one interval; False once stopped."""
         if not steps_seen:
+            _gilreader.arm(self.interval)  # it wants the GIL back at the end of this wait
             return not self.stopped.wait(self.interval)
         _hotpath.twin.watch_steps(self.sample_after, self.interval, REFRESH_INTERVAL)
         return not self.stopped.is_set()
@@ -150,9 +178,16 @@ class Watchdog:
         """One round: sample the stack of every loop that has been in one step too long."""
         frames = None
         now = self.clock()
+        while self.handed:
+            probe, capture, callback, task = self.handed.popleft()
+            if capture.seq > probe.gil_seen:  # else reported while its step ran
+                probe.gil_seen = capture.seq
+                self._report_capture(probe, capture, capture.step_start, callback, task)
         for probe in installation.live_probes():
             marks = probe.recorder  # where the hooks write the step markers
             start = marks.current_start
+            if probe.gil_handle >= 0:
+                self._report_captures(probe, start, marks.current_callback, now)
             if not start:
                 continue
             elapsed = now - start
@@ -171,6 +206,48 @@ class Watchdog:
                 probe.sample = (start, stack, location)
             self._maybe_report(probe, start, elapsed, callback, stack, location)
 
+    def _report_captures(
+        self, probe: LoopProbe, start: float, callback: object, now: float
+    ) -> None:
+        """Report the blocks the GIL reader saw in the step running now while the thread
+        waited for the GIL.  (Those of steps that ended meanwhile are handed over by the
+        steps' own reports.)"""
+        for capture in _gilreader.captures(probe.gil_handle, probe.gil_seen):
+            running = bool(start) and (
+                capture.step_start == start
+                or (not capture.step_start and capture.captured_at >= start)
+            )
+            if running:
+                probe.gil_seen = capture.seq
+                stack = capture.stack
+                sample = probe.sample
+                if sample is None or sample[0] != start:
+                    probe.sample = (start, stack, application_location(stack))
+                self._report_capture(probe, capture, start, callback, None)
+            elif now - capture.captured_at > HANDOVER_AGE:
+                probe.gil_seen = capture.seq  # its step ended long ago: record_slow had it
+
+    def _report_capture(
+        self,
+        probe: LoopProbe,
+        capture: _gilreader.Capture,
+        start: float,
+        callback: object,
+        task: object,
+    ) -> None:
+        if not start:
+            return
+        stack = capture.stack
+        self._maybe_report(
+            probe,
+            start,
+            capture.captured_at - start,
+            callback,
+            stack,
+            application_location(stack),
+            task,
+        )
+
     def _maybe_report(
         self,
         probe: LoopProbe,
@@ -179,6 +256,7 @@ class Watchdog:
         callback: object,
         stack: list[str],
         location: str | None,
+        task: object = None,
     ) -> None:
         reported_start, due = self.next_report.get(probe, (0.0, 0.0))
         if reported_start != start:
@@ -186,8 +264,9 @@ class Watchdog:
         if elapsed < due:
             return
         self.next_report[probe] = (start, min(max(due * 2, elapsed), due + MAX_REPORT_INTERVAL))
-        owner = getattr(callback, "__self__", None)
-        task = owner if isinstance(owner, TASK_TYPES) else None
+        if task is None:
+            owner = getattr(callback, "__self__", None)
+            task = owner if isinstance(owner, TASK_TYPES) else None
         probe.events.loop_blocked(
             probe.label,
             elapsed,

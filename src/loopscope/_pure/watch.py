@@ -2,7 +2,9 @@
 
 The C wait sleeps without the GIL and reads the recorders' start slots; this one sleeps on
 a condition variable, which releases the GIL as well, and reads the recorders' markers
-when it wakes every ``interval``."""
+when it wakes every ``interval``.  Each wake takes the GIL back, so the GIL reader (see
+``loopscope._gilreader``) is armed for the end of each wait, as the C wait arms it before
+it takes the GIL."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import os
 import threading
 import time
 
+from .._gilreader import arm
 from .recorder import watched_recorders
 
 __all__ = ["wake_watchers", "watch_steps"]
@@ -40,6 +43,7 @@ def watch_steps(sample_after: float, interval: float, timeout: float, /) -> bool
     with _condition:
         seen = _wakes
         while True:
+            arm(every)  # it wants the GIL back at the end of this wait
             if _condition.wait_for(lambda: _wakes != seen, every):
                 return False
             now = time.monotonic()
