@@ -1,0 +1,431 @@
+"""Blocks inside C calls that hold the GIL are located while they last.
+
+``json.loads`` of a large body, a backtracking regular expression and ``sorted()`` of a
+long list keep the GIL for their whole call, so the watchdog cannot take the loop thread's
+stack with ``sys._current_frames()`` until the call returns.  The GIL reader
+(``loopscope._gilreader``) reads it meanwhile: the first ``loop_blocked`` event of such a
+step comes with a ``blocked_for`` well below the step's length and names the line that
+made the call, and so does the step's ``slow_callback``.
+
+Each call is sized to block the loop for about 0.7 s on a 2-core machine shared with other
+work; nothing here depends on that length beyond "the first report is older than the
+threshold and younger than the step".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from array import array
+from collections.abc import Callable, Iterator
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+import loopscope
+from loopscope import _gilreader
+from loopscope._instrument import Instrument, LoopBlocked, SlowStep
+
+from .conftest import make_loop
+
+THRESHOLD = 0.1
+#: The first report of a block comes at one threshold's age (loop_blocked_after is set to
+#: the threshold): within this bound on a busy machine, well below the blocks' length.
+FIRST_REPORT_BOUND = 3 * THRESHOLD
+
+pytestmark = pytest.mark.skipif(
+    _gilreader.status() != "on", reason=f"the GIL reader is off here: {_gilreader.status()}"
+)
+
+#: A JSON body of 21 MB, a backtracking pattern and a million random numbers: each call
+#: below takes about 0.7 s here.
+BODY = "[" + ",".join(['{"k": 123456, "v": "xxxxxxxxxxxxxxxxxxxx"}'] * 500_000) + "]"
+SUBJECT = "a" * 22 + "b"
+NUMBERS = array("H", os.urandom(2 * 1_000_000)).tolist()
+
+
+def _calling_line(function: Callable[..., object], text: str) -> str:
+    """``"tests/test_gil_blocks.py:N in function"`` for the line of ``function`` that
+    contains ``text`` (as ``application_location`` names it)."""
+    code = function.__code__
+    with open(code.co_filename, encoding="utf-8") as source:
+        lines = source.read().splitlines()
+    for number in range(code.co_firstlineno, len(lines) + 1):
+        if text in lines[number - 1]:
+            return f"tests/test_gil_blocks.py:{number} in {code.co_name}"
+    raise AssertionError(f"{text!r} is not in {code.co_name}")
+
+
+def parse_body() -> None:
+    json.loads(BODY)
+
+
+def match_pattern() -> None:
+    re.match(r"(a+)+$", SUBJECT)
+
+
+def sort_numbers() -> None:
+    sorted(NUMBERS)
+
+
+CALLS = {
+    "json.loads": (parse_body, "json.loads("),
+    "re.match": (match_pattern, "re.match("),
+    "sorted": (sort_numbers, "sorted("),
+}
+
+
+class Events(Instrument):
+    """Every event, with the thread it was delivered on."""
+
+    def __init__(self) -> None:
+        self.events: list[SlowStep | LoopBlocked] = []
+
+    def slow_step(self, event: SlowStep) -> None:
+        self.events.append(event)
+
+    def loop_blocked(self, event: LoopBlocked) -> None:
+        self.events.append(event)
+
+    def of_step(self, started: float) -> tuple[list[LoopBlocked], SlowStep]:
+        """The loop_blocked events of the step that started at ``started``, in the order
+        they came, and its slow_callback."""
+        blocked = [e for e in self.events if isinstance(e, LoopBlocked) and e.started == started]
+        slow = [e for e in self.events if isinstance(e, SlowStep) and e.started == started]
+        assert len(slow) == 1, self.events
+        return blocked, slow[0]
+
+    def slow_steps(self) -> list[SlowStep]:
+        """The slow steps of the blockers (not any other step a busy machine made slow)."""
+        return [
+            e
+            for e in self.events
+            if isinstance(e, SlowStep) and e.coro is not None and e.coro.endswith(".step")
+        ]
+
+    def wait_for_blocks(self, timeout: float = 10.0) -> None:
+        """Wait until every slow step has a loop_blocked event: a block the watchdog could
+        not see before its step ended is handed to it by the step's own report, and
+        reported by the watchdog's thread a moment later (within ``timeout`` seconds: a
+        bound for a busy machine, not a measure)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            started = {e.started for e in self.events if isinstance(e, LoopBlocked)}
+            if all(slow.started in started for slow in self.slow_steps()):
+                return
+            time.sleep(0.01)
+
+
+@pytest.fixture(name="events")
+def fixture_events(registry: CollectorRegistry) -> Iterator[Events]:
+    """loopscope installed with a 0.1 s threshold, its first report of a block at 0.1 s."""
+    events = Events()
+    loopscope.install(
+        registry=registry,
+        slow_threshold=THRESHOLD,
+        loop_blocked_after=THRESHOLD,
+        events="off",  # no stderr reports in the test's output; instruments get every event
+        instruments=(events,),
+    )
+    yield events
+    loopscope.uninstall()
+
+
+def _run_steps(loop_kind: str, blockers: list[Callable[[], None]]) -> None:
+    """Run each blocker in a task step of its own on a fresh loop."""
+
+    async def main() -> None:
+        for blocker in blockers:
+
+            async def step(blocker: Callable[[], None] = blocker) -> None:
+                blocker()
+
+            await asyncio.create_task(step())
+
+    loop = make_loop(loop_kind)
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+
+
+class TestGilHoldingCalls:
+    """Each call is reported while it lasts, at the line that made it."""
+
+    def test_reported_while_it_lasts(self, loop_kind: str, events: Events) -> None:
+        """For json.loads, re.match and sorted: the step's first loop_blocked is younger
+        than the step by at least a threshold, within three thresholds, on the watchdog's
+        thread, and names the calling line, as does the step's slow_callback."""
+        _run_steps(loop_kind, [blocker for blocker, _ in CALLS.values()])
+        events.wait_for_blocks()
+        slow_steps = events.slow_steps()
+        assert len(slow_steps) == len(CALLS), events.events
+        for (name, (blocker, text)), slow in zip(CALLS.items(), slow_steps, strict=True):
+            line = _calling_line(blocker, text)
+            blocked, slow = events.of_step(slow.started)
+            assert blocked, f"{name}: no loop_blocked event ({slow})"
+            first = blocked[0]
+            assert first.location == line, (name, first)
+            assert first.blocked_for <= FIRST_REPORT_BOUND, (name, first.blocked_for)
+            assert first.blocked_for <= slow.duration - THRESHOLD, (name, first, slow)
+            assert first.thread == "loopscope-watchdog"
+            assert any(entry.endswith(f" in {blocker.__name__}") for entry in first.blocking_stack)
+            assert slow.location == line, (name, slow)
+
+
+class TestOff:
+    """Where the reader cannot work, blocks are reported as before: once the call returns."""
+
+    @pytest.fixture(name="reader_off", params=["unknown layout", "no C accelerator"])
+    def fixture_reader_off(
+        self, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+    ) -> Iterator[str]:
+        """The reader off: as on an interpreter whose frame layout it does not know, or as
+        without the C accelerator."""
+        if request.param == "unknown layout":
+            native = _gilreader._native()
+            native._forget_layout(True)
+            try:
+                yield request.param
+            finally:
+                native._forget_layout(False)
+        else:
+            monkeypatch.setattr(_gilreader, "_reader", None)
+            yield request.param
+
+    def test_reported_after_the_call(
+        self, loop_kind: str, reader_off: str, registry: CollectorRegistry
+    ) -> None:
+        """No thread is registered, and every loop_blocked event of a GIL-holding call
+        comes after it returned: as old as the call (give or take the rounding and the
+        clocks'), not a threshold younger, as with the reader."""
+        events = Events()
+        loopscope.install(
+            registry=registry,
+            slow_threshold=THRESHOLD,
+            loop_blocked_after=THRESHOLD,
+            events="off",
+            instruments=(events,),
+        )
+        registered: list[int] = []
+        took: list[float] = []
+
+        def blocker() -> None:
+            registered.append(_gilreader.registered())
+            start = time.monotonic()
+            match_pattern()
+            took.append(time.monotonic() - start)
+
+        try:
+            _run_steps(loop_kind, [blocker])
+        finally:
+            loopscope.uninstall()
+        assert registered == [0], reader_off
+        (slow,) = events.slow_steps()
+        blocked, _ = events.of_step(slow.started)
+        assert blocked, "the block was not reported at all"
+        assert all(event.blocked_for > took[0] - THRESHOLD / 2 for event in blocked), (
+            blocked,
+            took,
+        )
+
+
+class TestRegistration:
+    """A loop thread is registered while its loop runs, and only then."""
+
+    def test_while_running_and_until_uninstall(
+        self, loop_kind: str, registry: CollectorRegistry
+    ) -> None:
+        """Registered while the loop runs; not after run_until_complete returns; and
+        uninstall() ends the registration of a loop that is still running."""
+        loopscope.install(registry=registry, slow_threshold=THRESHOLD)
+        try:
+            seen: list[int] = []
+            loop = make_loop(loop_kind)
+
+            async def look() -> None:
+                seen.append(_gilreader.registered())
+
+            loop.run_until_complete(look())
+            seen.append(_gilreader.registered())
+            running = threading.Event()
+            stop = threading.Event()
+
+            async def run_until_stopped() -> None:
+                running.set()
+                while not stop.is_set():
+                    await asyncio.sleep(0.01)
+
+            thread = threading.Thread(target=loop.run_until_complete, args=(run_until_stopped(),))
+            thread.start()
+            assert running.wait(10)
+            seen.append(_gilreader.registered())
+            loopscope.uninstall()
+            seen.append(_gilreader.registered())
+            stop.set()
+            thread.join(10)
+            loop.close()
+        finally:
+            loopscope.uninstall()
+        assert seen == [1, 0, 1, 0]
+
+
+def _script(body: str) -> str:
+    return textwrap.dedent(body)
+
+
+def _run_script(script: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+
+
+def test_endless_call_reported_on_stderr(loop_kind: str) -> None:
+    """A call that would hold the GIL for hours is reported on stderr while it lasts (by
+    the reader itself: nothing Python can run), naming the line that made it."""
+    script = _script(
+        f"""
+        import re, sys
+        import loopscope
+        from tests.conftest import make_loop
+        loopscope.install(slow_threshold=0.1, loop_blocked_after=0.2)
+        async def endless():
+            re.match(r"(a+)+$", "a" * 60 + "b")  # the endless call
+        make_loop({loop_kind!r}).run_until_complete(endless())
+        """
+    )
+    line = next(
+        number for number, text in enumerate(script.splitlines(), 1) if "# the endless call" in text
+    )
+    report: list[str] = []
+    with subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    ) as process:
+        timer = threading.Timer(60, process.kill)  # a generous bound for a busy machine
+        timer.start()
+        try:
+            assert process.stderr is not None
+            for text in process.stderr:
+                if text.startswith("loopscope: loop"):
+                    report = [text]
+                elif report:
+                    report.append(text)
+                    if f"<string>:{line} in endless" in text:
+                        break
+        finally:
+            timer.cancel()
+            process.kill()
+    assert report, "no report on stderr"
+    header = report[0]
+    assert header.startswith("loopscope: loop 'MainThread' blocked for "), header
+    assert ", in a call that has held the GIL for " in header, header
+    assert header.rstrip().endswith(f" s, at <string>:{line} in endless"), header
+    assert any(f"<string>:{line} in endless" in text for text in report[2:])
+
+
+def test_reader_never_reads_a_moving_stack_into_a_crash() -> None:
+    """Stacks read again and again while the loop thread runs Python code (calls,
+    generators, exec'd code, exceptions: frames made and freed all the time) never crash
+    the process; what is read is a plausible stack or nothing."""
+    script = _script(
+        """
+        import sys, threading, time
+        from loopscope import _gilreader
+        native = _gilreader._native()
+        native.configure(0.0001, 3600.0, False, ())
+        handle = native.register(object(), "stress")
+        stop = threading.Event()
+        def reads():
+            # Armed and never disarmed: the reader reads every 0.1 ms or so, though the
+            # thread below runs bytecode (the watchdog never arms it that way).
+            while not stop.is_set():
+                native.arm(0.0)
+                time.sleep(0.0002)
+        def recurse(n):
+            return 0 if n == 0 else 1 + recurse(n - 1)
+        def numbers():
+            yield from range(50)
+        def fail():
+            raise ValueError
+        reader = threading.Thread(target=reads)
+        reader.start()
+        deadline = time.monotonic() + 1.5
+        seqs = set()
+        bad = []
+        while time.monotonic() < deadline:
+            recurse(30)
+            sum(numbers())
+            exec("x = [i * i for i in range(20)]")
+            try:
+                fail()
+            except ValueError:
+                pass
+            for seq, start, at, stack in native.captures(handle, 0):
+                seqs.add(seq)
+                bad += [e for e in stack if " in " not in e or ":" not in e]
+        stop.set()
+        reader.join()
+        native.unregister(handle)
+        print(len(seqs), max(seqs, default=0), len(bad))
+        """
+    )
+    out = _run_script(script)
+    assert out.returncode == 0, out.stderr
+    _, last, bad = (int(word) for word in out.stdout.split())
+    assert last >= 100, out.stdout  # it did read, many times
+    assert bad == 0, out.stdout
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_after_fork(loop_kind: str) -> None:
+    """A child made by os.fork() starts with no registration of the parent's, and its own
+    loop's GIL-holding block is reported while it lasts."""
+    script = _script(
+        f"""
+        import asyncio, os, re
+        import loopscope
+        from loopscope import _gilreader
+        from loopscope._instrument import Instrument
+        from tests.conftest import make_loop
+        blocked = []
+        class Events(Instrument):
+            def loop_blocked(self, event):
+                blocked.append(event)
+        loopscope.install(slow_threshold=0.1, loop_blocked_after=0.1, events="off",
+                          instruments=(Events(),))
+        async def parent_side():
+            pid = os.fork()
+            if pid == 0:
+                os._exit(0 if _gilreader.registered() == 0 else 3)
+            return os.waitpid(pid, 0)[1]
+        status = make_loop({loop_kind!r}).run_until_complete(parent_side())
+        pid = os.fork()
+        if pid == 0:
+            async def block():
+                re.match(r"(a+)+$", "a" * 22 + "b")  # blocks
+            make_loop({loop_kind!r}).run_until_complete(block())
+            first = blocked[0] if blocked else None
+            ok = first is not None and first.location.endswith("in block") and (
+                first.blocked_for <= 0.3)
+            os._exit(0 if ok else 4)
+        print(status, os.waitpid(pid, 0)[1])
+        """
+    )
+    out = _run_script(script)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["0", "0"], out.stdout
