@@ -266,12 +266,14 @@ class LoopProbe:
             if capture.step_start == start
             or (not capture.step_start and start <= capture.captured_at <= start + duration)
         ]
-        if not taken:
-            return [], None
         for capture in taken:
             if capture.seq > self.gil_seen:
                 self.installation.report_block_later(self, capture, callback, task)
-        return taken[0].stack, application_location(taken[0].stack)
+        # The first taken at half the threshold or later, as the watchdog's own sample.
+        sampled = [c for c in taken if c.captured_at - start >= self.threshold / 2]
+        if not sampled:
+            return [], None
+        return sampled[0].stack, application_location(sampled[0].stack)
 
     # --- run / stop ----------------------------------------------------------------------
 

@@ -12,8 +12,8 @@ never ends is still seen.
 A step that holds the GIL in one C call (``json.loads`` of a large body, a backtracking
 regular expression) keeps the thread from ``sys._current_frames()`` until the call returns:
 the GIL reader (``_gilreader``), armed whenever the thread is out of its wait, reads the
-loop's stack meanwhile, and the thread reports the block from that copy once it has the GIL back,
-with the age the block had when it was read.
+loop's stack meanwhile, and the thread reports the block from that copy once it has the
+GIL back, with the age the block had when it was read.
 
 The thread sleeps in the hot path's ``watch_steps``: the C twin's wakes up without the GIL
 and reads the step markers in C, so the thread takes the GIL only when a step has run for
@@ -221,7 +221,10 @@ class Watchdog:
                 probe.gil_seen = capture.seq
                 stack = capture.stack
                 sample = probe.sample
-                if sample is None or sample[0] != start:
+                # A sample is taken at half the threshold, as sys._current_frames() would.
+                if (sample is None or sample[0] != start) and (
+                    capture.captured_at - start >= self.sample_after
+                ):
                     probe.sample = (start, stack, application_location(stack))
                 self._report_capture(probe, capture, start, callback, None)
             elif now - capture.captured_at > HANDOVER_AGE:
