@@ -7,9 +7,9 @@ stack with ``sys._current_frames()`` until the call returns.  The GIL reader
 step comes with a ``blocked_for`` well below the step's length and names the line that
 made the call, and so does the step's ``slow_callback``.
 
-Each call is sized to block the loop for about 0.7 s on a 2-core machine shared with other
-work; nothing here depends on that length beyond "the first report is older than the
-threshold and younger than the step".
+Each call is sized to block the loop for about 0.6 s on the machine that runs the tests;
+nothing here depends on that length beyond "the first report is older than the threshold
+and younger than the step by a threshold".
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import math
 import os
 import re
 import subprocess
@@ -48,15 +49,38 @@ pytestmark = pytest.mark.skipif(
     reason=f"the GIL reader is off here: {_gilreader.status()}",
 )
 
-SUBJECT = "a" * 22 + "b"
+#: How long each call below blocks the loop (seconds), on whatever machine runs the tests:
+#: the inputs are scaled from a short run of each call when first needed.
+BLOCK = 0.6
+
+
+def _timed(call: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    call()
+    return max(time.perf_counter() - start, 1e-6)
 
 
 @functools.cache
-def _inputs() -> tuple[str, list[int]]:
-    """A JSON body of 21 MB and a million random numbers (made once, when first needed):
-    with SUBJECT, each call below takes about 0.7 s here."""
-    body = "[" + ",".join(['{"k": 123456, "v": "xxxxxxxxxxxxxxxxxxxx"}'] * 500_000) + "]"
-    return body, array("H", os.urandom(2 * 1_000_000)).tolist()
+def _inputs() -> tuple[str, str, list[int]]:
+    """The subject of the backtracking pattern, a JSON body and a list of random numbers,
+    each sized for a call of about BLOCK seconds here (a regular expression's time doubles
+    with each character; the others grow with their length)."""
+    length = 16
+    took = _timed(lambda: re.match(r"(a+)+$", "a" * length + "b"))
+    length = min(30, max(length, length + round(math.log2(BLOCK / took))))
+    item = '{"k": 123456, "v": "xxxxxxxxxxxxxxxxxxxx"}'
+    items = 100_000
+    body = "[" + ",".join([item] * items) + "]"
+    took = min(_timed(lambda: json.loads(body)) for _ in range(2))
+    items = min(3_000_000, int(items * BLOCK / took))
+    numbers = array("H", os.urandom(2 * 500_000)).tolist()
+    took = min(_timed(lambda: sorted(numbers)) for _ in range(2))
+    count = min(5_000_000, int(len(numbers) * BLOCK / took))
+    return (
+        "a" * length + "b",
+        "[" + ",".join([item] * items) + "]",
+        array("H", os.urandom(2 * count)).tolist(),
+    )
 
 
 def _calling_line(function: Callable[..., object], text: str) -> str:
@@ -72,15 +96,15 @@ def _calling_line(function: Callable[..., object], text: str) -> str:
 
 
 def parse_body() -> None:
-    json.loads(_inputs()[0])
+    json.loads(_inputs()[1])
 
 
 def match_pattern() -> None:
-    re.match(r"(a+)+$", SUBJECT)
+    re.match(r"(a+)+$", _inputs()[0])
 
 
 def sort_numbers() -> None:
-    sorted(_inputs()[1])
+    sorted(_inputs()[2])
 
 
 CALLS = {
@@ -403,10 +427,10 @@ def test_reader_never_reads_a_moving_stack_into_a_crash() -> None:
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_after_fork(loop_kind: str) -> None:
     """A child made by os.fork() starts with no registration of the parent's, and its own
-    loop's GIL-holding block is reported while it lasts."""
+    loop's GIL-holding block is reported while it lasts, at the calling line."""
     script = _script(
         f"""
-        import asyncio, os, re
+        import asyncio, os, re, sys, time
         import loopscope
         from loopscope import _gilreader
         from loopscope._instrument import Instrument
@@ -420,21 +444,33 @@ def test_after_fork(loop_kind: str) -> None:
         async def parent_side():
             pid = os.fork()
             if pid == 0:
-                os._exit(0 if _gilreader.registered() == 0 else 3)
+                os._exit(_gilreader.registered())
             return os.waitpid(pid, 0)[1]
-        status = make_loop({loop_kind!r}).run_until_complete(parent_side())
+        print("registered in the child:", parent_side_status := make_loop(
+            {loop_kind!r}).run_until_complete(parent_side()) >> 8)
+        sys.stdout.flush()
         pid = os.fork()
         if pid == 0:
             async def block():
-                re.match(r"(a+)+$", "a" * 22 + "b")  # blocks
-            make_loop({loop_kind!r}).run_until_complete(block())
+                start = time.monotonic()
+                re.match(r"(a+)+$", {_inputs()[0]!r})  # blocks
+                return time.monotonic() - start
+            took = make_loop({loop_kind!r}).run_until_complete(block())
+            deadline = time.monotonic() + 10  # a block reported once its step ended
+            while not blocked and time.monotonic() < deadline:
+                time.sleep(0.01)
             first = blocked[0] if blocked else None
-            ok = first is not None and first.location.endswith("in block") and (
-                first.blocked_for <= 0.3)
-            os._exit(0 if ok else 4)
-        print(status, os.waitpid(pid, 0)[1])
+            print("first", first and first.location, first and first.blocked_for, took, sep="|")
+            sys.stdout.flush()
+            os._exit(0)
+        os.waitpid(pid, 0)
         """
     )
     out = _run_script(script)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["0", "0"], out.stdout
+    registered, first = out.stdout.splitlines()
+    assert registered == "registered in the child: 0", out.stdout
+    _, location, blocked_for, took = first.split("|")
+    assert location.endswith("in block"), out.stdout
+    assert float(blocked_for) <= FIRST_REPORT_BOUND, out.stdout
+    assert float(blocked_for) <= float(took) - THRESHOLD, out.stdout
