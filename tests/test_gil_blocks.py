@@ -83,6 +83,13 @@ def _inputs() -> tuple[str, str, list[int]]:
     )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _sized_inputs() -> None:
+    """The inputs are sized before any loop runs: sizing them inside a measured step would
+    make a block of its own, partly in Python code."""
+    _inputs()
+
+
 def _calling_line(function: Callable[..., object], text: str) -> str:
     """``"tests/test_gil_blocks.py:N in function"`` for the line of ``function`` that
     contains ``text`` (as ``application_location`` names it)."""
