@@ -259,6 +259,23 @@ class TestTimedPoller:
         assert poller.waited == 1.0
         assert raw.calls == [(["event"], 0, 0), (None, 8, 0.5)]
 
+    def test_lacks_what_its_poller_lacks(self, twin: ModuleType) -> None:
+        """epoll has no control() and kqueue no poll(): their stand-ins have not either,
+        with the poller's own error."""
+        recorder = twin.Recorder(_Probe(), time.monotonic, 1.0, False, ())
+        epoll = select.epoll()
+        try:
+            poller = twin.TimedPoller(epoll, recorder)
+            assert hasattr(poller, "poll")
+            assert not hasattr(poller, "control")
+            with pytest.raises(AttributeError, match=r"'select\.epoll' object has no attribute"):
+                getattr(poller, "con" + "trol")  # a name that is not interned, too
+        finally:
+            epoll.close()
+        kqueue = twin.TimedPoller(_FakeKqueue(), recorder)
+        assert hasattr(kqueue, "control")
+        assert not hasattr(kqueue, "poll")
+
     def test_a_failing_clock_is_a_fault_not_an_error(self, twin: ModuleType) -> None:
         """A clock that raises is handed to the probe; the wait still happens and its
         result is the caller's."""

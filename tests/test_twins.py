@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import importlib
 import inspect
-import select
 import socket
 import time
 from collections.abc import Iterator
@@ -116,6 +115,16 @@ class _Probe:
         self.stats = LoopStats()
 
 
+class _BothWaits:
+    """A poller with both kinds of wait, so that its stand-in has both methods."""
+
+    def poll(self, *args: Any) -> list[Any]:
+        return []
+
+    def control(self, *args: Any) -> list[Any]:
+        return []
+
+
 @contextlib.contextmanager
 def _made(twin: ModuleType) -> Iterator[dict[str, Any]]:
     """One object made by each of the twin's constructors (the stub's classes)."""
@@ -131,7 +140,7 @@ def _made(twin: ModuleType) -> Iterator[dict[str, Any]]:
             "Intercept": twin.Intercept("call_soon", recorder, print, print),
             "CallSoon": twin.CallSoon(recorder, asyncio.Handle, None, print, "_x", print),
             "TimedRun": twin.TimedRun(recorder, print, None),
-            "TimedPoller": twin.TimedPoller(select.poll(), recorder),
+            "TimedPoller": twin.TimedPoller(_BothWaits(), recorder),
             "Engine": twin.Engine(listener.fileno(), wake.fileno(), print, 5.0, 4, 64),
         }
     finally:

@@ -411,6 +411,7 @@ typedef struct {
     Recorder *recorder;
     PyObject *poller; /* select.epoll, select.poll, select.devpoll or select.kqueue */
     double waited;    /* seconds spent in the timed waits, on the recorder's clock */
+    char has_poll, has_control; /* whether the poller has them (epoll has no control) */
 } TimedPoller;
 
 #define WAIT_STACK 8
@@ -473,6 +474,15 @@ static PyObject *TimedPoller_control(PyObject *op, PyObject *const *args, Py_ssi
 /* Every other attribute is the poller's (register, modify, unregister, fileno, close,
  * closed, ...), so the selector uses it as it would use the poller itself. */
 static PyObject *TimedPoller_getattro(PyObject *op, PyObject *name) {
+    TimedPoller *self = (TimedPoller *)op;
+    /* and what the poller lacks of the two, its stand-in lacks too */
+    if (!(self->has_poll && self->has_control) && PyUnicode_Check(name)) {
+        int poll = name == ls_str.poll || PyUnicode_Compare(name, ls_str.poll) == 0;
+        int control = !poll && (name == ls_str.control ||
+                                PyUnicode_Compare(name, ls_str.control) == 0);
+        if ((poll && !self->has_poll) || (control && !self->has_control))
+            return PyObject_GetAttr(self->poller, name);
+    }
     PyObject *value = PyObject_GenericGetAttr(op, name);
     if (value != NULL || !PyErr_ExceptionMatches(PyExc_AttributeError))
         return value;
@@ -498,6 +508,8 @@ static PyObject *TimedPoller_new(PyTypeObject *type, PyObject *args, PyObject *k
     self->recorder = (Recorder *)Py_NewRef(recorder);
     self->poller = Py_NewRef(poller);
     self->waited = 0.0;
+    self->has_poll = (char)PyObject_HasAttr(poller, ls_str.poll);
+    self->has_control = (char)PyObject_HasAttr(poller, ls_str.control);
     return (PyObject *)self;
 }
 

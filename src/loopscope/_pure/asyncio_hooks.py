@@ -150,10 +150,14 @@ class TimedPoller:
             raise TypeError("TimedPoller() argument 'recorder' must be a Recorder")
         self.poller = poller
         self._waited = waited = [0.0]
-        #: The poller's poll(), timed.
-        self.poll = _timed_wait(_method(poller, "poll"), recorder, waited, False)
-        #: The poller's control(), timed when it waits (no changelist).
-        self.control = _timed_wait(_method(poller, "control"), recorder, waited, True)
+        # What the poller lacks of the two (epoll has no control) stays unset here, so that
+        # reading it raises the poller's own AttributeError (through __getattr__).
+        if hasattr(poller, "poll"):
+            #: The poller's poll(), timed.
+            self.poll = _timed_wait(poller.poll, recorder, waited, False)
+        if hasattr(poller, "control"):
+            #: The poller's control(), timed when it waits (no changelist).
+            self.control = _timed_wait(poller.control, recorder, waited, True)
 
     @property
     def waited(self) -> float:
@@ -165,15 +169,3 @@ class TimedPoller:
 
     def __repr__(self) -> str:
         return repr(self.poller)
-
-
-def _method(poller: Any, name: str) -> Callable[..., Any]:
-    """``poller.name``, or, for a poller without it, what calling it would raise."""
-    method = getattr(poller, name, None)
-    if method is not None:
-        return method  # type: ignore[no-any-return]
-
-    def missing(*_args: Any, **_kwargs: Any) -> Any:
-        return getattr(poller, name)(*_args, **_kwargs)
-
-    return missing
