@@ -244,11 +244,12 @@ UVLOOP_MAKES_PROTOCOLS = {scenario.__name__ for scenario in SCENARIOS}
 
 
 async def _until_freed(tracker: Tracker) -> None:
-    """Let the loop finish closing: transports are let go of within a few iterations."""
-    for _ in range(200):
+    """Let the loop finish closing: transports are let go of within a few iterations (a
+    subprocess's once the child watcher has seen it exit: up to 2 s on a busy machine)."""
+    for _ in range(400):
         if not tracker.alive():
             return
-        await asyncio.sleep(0.001)
+        await asyncio.sleep(0.005)
 
 
 @pytest.mark.usefixtures("no_gc")

@@ -266,7 +266,12 @@ class Watchdog:
             due = self.first_report
         if elapsed < due:
             return
-        self.next_report[probe] = (start, min(max(due * 2, elapsed), due + MAX_REPORT_INTERVAL))
+        # The next report at the next age of the schedule (first_report, twice that, ...,
+        # at most a minute apart) past this one: a report that came late (a block read by
+        # the GIL reader, reported once the GIL came back) does not bring the next one on.
+        while due <= elapsed:
+            due = min(due * 2, due + MAX_REPORT_INTERVAL)
+        self.next_report[probe] = (start, due)
         if task is None:
             owner = getattr(callback, "__self__", None)
             task = owner if isinstance(owner, TASK_TYPES) else None
