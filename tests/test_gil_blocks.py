@@ -246,9 +246,11 @@ class TestOff:
     def test_reported_after_the_call(
         self, loop_kind: str, reader_off: str, registry: CollectorRegistry
     ) -> None:
-        """No thread is registered, and every loop_blocked event of a GIL-holding call
-        comes after it returned: as old as the call (give or take the rounding and the
-        clocks'), not a threshold younger, as with the reader."""
+        """No thread is registered, so nothing is read without the GIL, and the block is
+        reported once the call has returned: as old as the call (give or take the rounding
+        and the clocks'), not a threshold younger, as with the reader.  (A Python signal
+        handler run inside the call, as the regular expression engine runs them, can give
+        the watchdog the GIL earlier: only the report after the call is asked for.)"""
         events = Events()
         loopscope.install(
             registry=registry,
@@ -278,7 +280,7 @@ class TestOff:
         (slow,) = events.slow_steps()
         blocked, _ = events.of_step(slow.started)
         assert blocked, "the block was not reported at all"
-        assert all(event.blocked_for > took[0] - THRESHOLD / 2 for event in blocked), (
+        assert any(event.blocked_for > took[0] - THRESHOLD / 2 for event in blocked), (
             blocked,
             took,
         )
