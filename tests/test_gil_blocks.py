@@ -43,7 +43,7 @@ THRESHOLD = 0.1
 FIRST_REPORT_BOUND = 3 * THRESHOLD
 
 #: Where the reader is built to work: under CI it must be on there.
-_SUPPORTED = sys.platform.startswith("linux") and (3, 10) <= sys.version_info[:2] <= (3, 12)
+_SUPPORTED = sys.platform.startswith("linux") and (3, 10) <= sys.version_info[:2] <= (3, 13)
 pytestmark = pytest.mark.skipif(
     _gilreader.status() != "on" and not (os.environ.get("CI") and _SUPPORTED),
     reason=f"the GIL reader is off here: {_gilreader.status()}",

@@ -272,13 +272,18 @@ static int innermost(PyThreadState *tstate, uintptr_t *frame, uintptr_t *instr) 
  * read fails or finds something that is not a frame of code (the stack moved); *more when
  * the walk stopped before the outermost frame. */
 static int walk(uintptr_t frame, int *more) {
-    int n = 0;
+    int n = 0, steps = 0;
     *more = 0;
     while (frame != 0) {
         if (n >= WALK_LIMIT) {
             *more = 1;
             break;
         }
+        /* Frames that are not shown (C entry shims, frames of no code) do not count in n:
+         * a moving stack can chain them into a loop, so every frame visited counts here.
+         * A real stack has at most one such frame beside each shown one. */
+        if (++steps > 2 * WALK_LIMIT + 2)
+            return -1;
         PyCodeObject code;
 #if PY_VERSION_HEX >= 0x030B0000
         _PyInterpreterFrame f;

@@ -12,7 +12,7 @@
  *                stack, and it reports a block that goes on on stderr itself.
  *   gilreader.c  the module loopscope._speedups.gil_reader (the Python side, with the GIL).
  *
- * The reader is built on Linux for CPython 3.10 to 3.12 (with the GIL); elsewhere it is off
+ * The reader is built on Linux for CPython 3.10 to 3.13 (with the GIL); elsewhere it is off
  * and gil_reader.status() says why.
  */
 #ifndef LOOPSCOPE_GILREADER_H
@@ -20,9 +20,7 @@
 
 #include "speedups.h"
 
-/* Not on 3.13 yet: there, a stress test (stacks read while the loop thread runs bytecode)
- * hangs the process on an idle machine. */
-#if defined(__linux__) && PY_VERSION_HEX >= 0x030A0000 && PY_VERSION_HEX < 0x030D0000 &&     \
+#if defined(__linux__) && PY_VERSION_HEX >= 0x030A0000 && PY_VERSION_HEX < 0x030E0000 &&     \
     !defined(Py_GIL_DISABLED)
 #define GIL_READER 1
 #endif
