@@ -277,6 +277,38 @@ class TestLongBlocks:
         assert blocked[0]["blocked_for"] < blocked[-1]["blocked_for"] < 0.5
         assert blocked[0]["task"]
 
+    def test_slow_step_named_where_it_spent_its_time(
+        self, run: Run, registry: CollectorRegistry, events: list[dict[str, Any]]
+    ) -> None:
+        """A step that blocks briefly in one place and for long in another is counted under
+        the second: the location sampled most often, not the first sampled."""
+
+        def briefly() -> None:
+            time.sleep(0.1)
+
+        def for_long() -> None:
+            time.sleep(0.5)
+
+        async def main() -> None:
+            briefly()
+            for_long()
+
+        run(main)
+        slow = _slow(events)
+        assert len(slow) == 1, events
+        assert slow[0]["location"].endswith(" in for_long"), slow[0]
+        assert any(entry.endswith(" in for_long") for entry in slow[0]["blocking_stack"])
+        location = slow[0]["location"]
+        assert (
+            sample(
+                registry,
+                "asyncio_loop_slow_callbacks_by_location_total",
+                loop="MainThread",
+                location=location,
+            )
+            == 1
+        )
+
 
 class TestThreads:
     """Loops in other threads are watched under their own names."""

@@ -67,6 +67,28 @@ STOP_POLL = 0.01
 HANDOVER_AGE = 2.0
 
 
+class _Tally:
+    """How many samples of one step saw each location, and the first stack of each."""
+
+    __slots__ = ("counts", "stacks", "start")
+
+    def __init__(self, start: float) -> None:
+        self.start = start
+        self.counts: dict[str | None, int] = {}
+        self.stacks: dict[str | None, list[str]] = {}
+
+    def add(self, location: str | None, stack: list[str]) -> str | None:
+        """Count a sample; the location seen most often so far (a known one before None,
+        the earliest of equals)."""
+        counts = self.counts
+        counts[location] = counts.get(location, 0) + 1
+        self.stacks.setdefault(location, stack)
+        known = [where for where in counts if where is not None]
+        if not known:
+            return None
+        return max(known, key=counts.__getitem__)
+
+
 class Watchdog:
     """Watches every instrumented loop of one installation."""
 
@@ -86,6 +108,8 @@ class Watchdog:
         self.next_report: weakref.WeakKeyDictionary[LoopProbe, tuple[float, float]] = (
             weakref.WeakKeyDictionary()
         )
+        #: Per probe: the locations sampled in the step that runs now.
+        self.tallies: weakref.WeakKeyDictionary[LoopProbe, _Tally] = weakref.WeakKeyDictionary()
         #: Blocks of steps that ended before the thread could report them (hand_over).
         self.handed: deque[tuple[LoopProbe, _gilreader.Capture, object, object]] = deque()
 
@@ -201,9 +225,7 @@ class Watchdog:
                 continue  # the step ended while we looked
             stack = format_stack(frame)
             location = application_location(stack)
-            sample = probe.sample
-            if sample is None or sample[0] != start:
-                probe.sample = (start, stack, location)
+            self._note_sample(probe, start, stack, location)
             self._maybe_report(probe, start, elapsed, callback, stack, location)
 
     def _report_captures(
@@ -220,15 +242,24 @@ class Watchdog:
             if running:
                 probe.gil_seen = capture.seq
                 stack = capture.stack
-                sample = probe.sample
                 # A sample is taken at half the threshold, as sys._current_frames() would.
-                if (sample is None or sample[0] != start) and (
-                    capture.captured_at - start >= self.sample_after
-                ):
-                    probe.sample = (start, stack, application_location(stack))
+                if capture.captured_at - start >= self.sample_after:
+                    self._note_sample(probe, start, stack, application_location(stack))
                 self._report_capture(probe, capture, start, callback, None)
             elif now - capture.captured_at > HANDOVER_AGE:
                 probe.gil_seen = capture.seq  # its step ended long ago: record_slow had it
+
+    def _note_sample(
+        self, probe: LoopProbe, start: float, stack: list[str], location: str | None
+    ) -> None:
+        """Count one sample of the step that started at ``start``: the step's sample (what
+        its slow_callback report will name) is the location seen most often while it ran,
+        the earliest of equals, with the first stack taken there."""
+        tally = self.tallies.get(probe)
+        if tally is None or tally.start != start:
+            tally = self.tallies[probe] = _Tally(start)
+        best = tally.add(location, stack)
+        probe.sample = (start, tally.stacks[best], best)
 
     def _report_capture(
         self,
