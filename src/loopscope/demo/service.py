@@ -72,6 +72,8 @@ async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
                 status, body = 400, {"error": "bad request line"}
             else:
                 status, body = await _answer(parts[1])
+            if writer.is_closing():
+                break  # the service is stopping and closed the connection meanwhile
             payload = json.dumps(body).encode()
             reason = {200: "OK", 400: "Bad Request", 404: "Not Found"}[status]
             writer.write(
