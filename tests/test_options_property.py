@@ -103,6 +103,8 @@ def _choices(words: set[str]) -> tuple[st.SearchStrategy[Any], st.SearchStrategy
     return st.one_of(text, st.integers(), st.none(), st.booleans()), text
 
 
+_SWITCH = {"1", "0", "true", "false", "yes", "no", "on", "off"}
+
 INVALID: dict[str, tuple[st.SearchStrategy[Any], st.SearchStrategy[str] | None]] = {
     "slow_threshold": _seconds(3600.0),
     "lag_interval": _seconds(60.0),
@@ -140,6 +142,10 @@ INVALID: dict[str, tuple[st.SearchStrategy[Any], st.SearchStrategy[str] | None]]
     "loop_blocked_after": _seconds(3600.0),
     "log_stack": _choices({"application", "full", "none"}),
     "import_events": _choices({"once", "all", "off"}),
+    "events_endpoint": (
+        st.one_of(_choices(_SWITCH)[1], st.integers(), st.none(), st.floats()),
+        _choices(_SWITCH)[1],
+    ),
     "max_loop_labels": _CAP,
     "max_locations": _CAP,
     "max_executor_labels": _CAP,

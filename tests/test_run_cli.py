@@ -304,6 +304,7 @@ BAD_VALUES = {
     "--loop-blocked-after": "0",
     "--log-stack": "some",
     "--import-events": "twice",
+    "--events-endpoint": "maybe",
     "--max-loop-labels": "0",
     "--max-locations": "many",
     "--max-executor-labels": "10001",

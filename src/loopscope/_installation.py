@@ -32,6 +32,7 @@ from . import _port_sharing
 from ._asyncio_hooks import AsyncioProbe
 from ._collector import LoopCollector
 from ._event_logs import LogOutput, log_notice
+from ._event_ring import EventRing
 from ._events import EventDispatch
 from ._executor import ExecutorBook, hook_loop
 from ._exit_hooks import at_exit
@@ -98,7 +99,11 @@ class Installation:
         self.log_output: LogOutput | None = None
         if options.events != "off":
             self.log_output = LogOutput(options.events, options.log_stack, options.import_events)
-        builtin = (self.log_output,) if self.log_output is not None else ()
+        #: The recent events served on /loopscope/events (option ``events_endpoint``).
+        self.event_ring: EventRing | None = None
+        if options.events_endpoint and options.port is not None:
+            self.event_ring = EventRing()
+        builtin = tuple(x for x in (self.log_output, self.event_ring) if x is not None)
         self.events = EventDispatch((*builtin, *options.instruments))
         #: Run on every loop instrumented (``LoopProbe.patch_lifecycle``).
         self.loop_hooks: tuple[LoopHook, ...] = (
@@ -186,8 +191,14 @@ class Installation:
         addr, port = self.options.addr, self.options.port
         assert port is not None
         try:
+            ring = self.event_ring
             self.server = MetricsServer(
-                addr, port, registry, self.options, before_build=self._before_build
+                addr,
+                port,
+                registry,
+                self.options,
+                before_build=self._before_build,
+                events=ring.json if ring is not None else None,
             )
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE and port != 0:
@@ -308,7 +319,8 @@ class Installation:
 
     @property
     def instruments(self) -> tuple[Instrument, ...]:
-        """The instruments receiving events now, loopscope's own log output first."""
+        """The instruments receiving events now, loopscope's own (its log output and its ring
+        of recent events) first."""
         return self.events.instruments
 
     def __enter__(self) -> Installation:

@@ -151,6 +151,15 @@ class Options:
             group=_EVENTS,
         ),
     )
+    events_endpoint: bool = field(
+        default=True,
+        metadata=_about(
+            "with a port, serve the most recent slow-step and loop_blocked events as JSON on "
+            "/loopscope/events (for loopscope top): true or false",
+            metavar="BOOL",
+            group=_ENDPOINT,
+        ),
+    )
     instruments: tuple[Instrument, ...] = field(
         default=(),
         compare=False,
@@ -333,6 +342,18 @@ def _parse_choice(name: str, raw: object, choices: tuple[str, ...]) -> str:
     raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {raw!r}")
 
 
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def _parse_switch(name: str, raw: object) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, str) and raw.strip().lower() in (*_TRUE, *_FALSE):
+        return raw.strip().lower() in _TRUE
+    raise ConfigError(f"{name} must be true or false (or 1/0, yes/no, on/off); got {raw!r}")
+
+
 def _parse_instruments(name: str, raw: object) -> tuple[Instrument, ...]:
     items: tuple[object, ...] | None = None
     if not isinstance(raw, (Instrument, str, bytes, dict)):  # one object is not a list
@@ -426,6 +447,7 @@ _PARSERS: dict[str, Callable[[str, object], Any]] = {
     "loop_blocked_after": _parse_seconds,
     "log_stack": lambda name, raw: _parse_choice(name, raw, ("application", "full", "none")),
     "import_events": lambda name, raw: _parse_choice(name, raw, ("once", "all", "off")),
+    "events_endpoint": _parse_switch,
     "instruments": _parse_instruments,
     "max_loop_labels": _parse_label_cap,
     "max_locations": _parse_label_cap,

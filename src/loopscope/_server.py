@@ -2,7 +2,8 @@
 while the loop is blocked.  (The helpers that mount /metrics into an ASGI or aiohttp app are
 in ``_apps``.)
 
-The endpoint serves nothing but the exposition: ``GET``/``HEAD`` on ``/metrics`` (and ``/``).
+The endpoint serves the exposition, ``GET``/``HEAD`` on ``/metrics`` (and ``/``), and, when
+given a source of events, the most recent events as JSON on ``EVENTS_PATH``.
 It binds 127.0.0.1 unless told otherwise, can serve HTTPS (``tls_certfile``/``tls_keyfile``),
 require client certificates (``tls_client_cafile``) and HTTP basic authentication
 (``basic_auth_username``/``basic_auth_password``).
@@ -57,6 +58,8 @@ if TYPE_CHECKING:
 __all__ = ["MetricsServer"]
 
 METRICS_PATHS = frozenset({"/metrics", "/"})
+#: Where the recent events are served (``events_endpoint`` option); never cached.
+EVENTS_PATH = "/loopscope/events"
 #: Seconds a client has to send its request (TLS handshake included) once accepted, and
 #: seconds a connection may stall while its answer is written, before it is dropped.
 CONNECTION_TIMEOUT = 10.0
@@ -74,6 +77,7 @@ MAX_CONNECTIONS = 256
 #: dropped connection (socketserver's default of 5 made a burst's clients retry after 1 s).
 BACKLOG = 128
 _TEXT = "text/plain; charset=utf-8"
+_JSON = "application/json"
 #: Plain connections stay in blocking mode and are read and written with this flag: one
 #: ioctl (and one GIL hand-off) less per connection than setblocking(False).
 _DONTWAIT: int = getattr(socket, "MSG_DONTWAIT", 0)
@@ -218,6 +222,7 @@ class _Endpoint:
         tls: ssl.SSLContext | None,
         credentials: bytes | None,
         before_build: Callable[[], None] | None = None,
+        events: Callable[[], bytes] | None = None,
     ) -> None:
         # An IPv6 literal (``::1``, ``::``) binds IPv6; anything else (an IPv4 address or a
         # host name) binds IPv4.
@@ -240,6 +245,7 @@ class _Endpoint:
         self.server_port: int = self.server_address[1]
         self.tls = tls
         self.credentials = credentials
+        self.events = events
         self.exposition = _Exposition(registry, before_build)
         self.selector = selectors.DefaultSelector()
         self.connections: dict[socket.socket, _Connection] = {}
@@ -472,6 +478,8 @@ class _Endpoint:
                 "authentication required",
                 (("WWW-Authenticate", 'Basic realm="loopscope", charset="UTF-8"'),),
             ), False
+        if request.path == EVENTS_PATH and self.events is not None:
+            return self._events(request.method, self.events), False
         if request.path not in METRICS_PATHS:
             return self._error("404 Not Found", "loopscope serves only /metrics"), False
         if request.method not in ("GET", "HEAD"):
@@ -497,6 +505,19 @@ class _Endpoint:
                 "500 Internal Server Error", "the metrics could not be collected"
             ), False
 
+    def _events(self, method: str, events: Callable[[], bytes]) -> bytes:
+        """The answer on ``EVENTS_PATH``: the recent events as JSON, built for each request
+        (only clients like ``loopscope top`` ask, about once a second)."""
+        if method not in ("GET", "HEAD"):
+            return self._error(
+                "405 Method Not Allowed",
+                f"only GET and HEAD are allowed on {EVENTS_PATH}",
+                (("Allow", "GET, HEAD"),),
+            )
+        body = events()
+        full = _response("200 OK", [("Content-Type", _JSON)], body, self.exposition.now())
+        return full[: len(full) - len(body)] if method == "HEAD" else full
+
 
 class MetricsServer:
     """Serves the registry over HTTP(S) from a daemon thread."""
@@ -508,10 +529,12 @@ class MetricsServer:
         registry: CollectorRegistry,
         options: Options,
         before_build: Callable[[], None] | None = None,
+        events: Callable[[], bytes] | None = None,
     ) -> None:
         """TLS and basic authentication come from ``options``; ``before_build`` is called on
         the endpoint's thread before each build of the exposition (at most once per
-        ``REUSE_SECONDS``); what it raises fails that scrape."""
+        ``REUSE_SECONDS``); what it raises fails that scrape.  ``events`` (None: not
+        served) gives the JSON document served on ``EVENTS_PATH``."""
         tls: ssl.SSLContext | None = None
         credentials: bytes | None = None
         if options.tls_certfile is not None:
@@ -521,7 +544,7 @@ class MetricsServer:
                 raise OSError(str(exc)) from None
         if options.basic_auth_username is not None and options.basic_auth_password is not None:
             credentials = _credentials(options.basic_auth_username, options.basic_auth_password)
-        self.httpd = _Endpoint(addr, port, registry, tls, credentials, before_build)
+        self.httpd = _Endpoint(addr, port, registry, tls, credentials, before_build, events)
         self.port: int = self.httpd.server_port
         self.addr = addr
         self.thread = threading.Thread(
