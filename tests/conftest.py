@@ -52,6 +52,17 @@ def fixture_busy_port() -> Iterator[int]:
     sock.close()
 
 
+@pytest.fixture(scope="session", name="shared_pki")
+def fixture_shared_pki(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A throw-away CA and certificates (tests/test_endpoint_security.py's ``Pki``), made
+    once per session for the modules that only need to serve and trust HTTPS."""
+    from .test_endpoint_security import _NO_OPENSSL, Pki
+
+    if _NO_OPENSSL:
+        pytest.skip("needs openssl")
+    return Pki(tmp_path_factory.mktemp("shared-pki"))
+
+
 @pytest.fixture(name="registry")
 def fixture_registry() -> CollectorRegistry:
     """A fresh registry per test."""

@@ -7,12 +7,9 @@ import asyncio
 import base64
 import http.client
 import json
-import os
-import shutil
 import ssl
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -145,22 +142,14 @@ class TestProtected:
         )
         assert status == 200 and "events" in json.loads(body)
 
-    def test_over_tls(self, registry: CollectorRegistry, pki: Pki) -> None:
+    def test_over_tls(self, registry: CollectorRegistry, shared_pki: Pki) -> None:
         """Over HTTPS with the endpoint's certificate."""
         installation = loopscope.install(
             registry=registry,
             port=0,
-            tls_certfile=str(pki.server_cert),
-            tls_keyfile=str(pki.server_key),
+            tls_certfile=str(shared_pki.server_cert),
+            tls_keyfile=str(shared_pki.server_key),
         )
         assert installation.port is not None
-        status, _headers, body = _get(installation.port, context=pki.client_context())
+        status, _headers, body = _get(installation.port, context=shared_pki.client_context())
         assert status == 200 and "events" in json.loads(body)
-
-
-@pytest.fixture(scope="module", name="pki")
-def fixture_pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    """Certificates generated for this module."""
-    if shutil.which("openssl") is None and not os.environ.get("CI"):
-        pytest.skip("needs openssl")
-    return Pki(Path(tmp_path_factory.mktemp("pki")))

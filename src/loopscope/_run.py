@@ -118,6 +118,10 @@ def _parser() -> argparse.ArgumentParser:
             group = groups[info.group] = run.add_argument_group(info.group)
         group.add_argument(info.flag, dest=info.name, metavar=info.metavar, help=_help(info))
     run.add_argument("command", nargs=argparse.REMAINDER, help="the command and its arguments")
+    from . import _report, _top
+
+    _top.add_command(commands)
+    _report.add_command(commands)
     return parser
 
 
@@ -275,6 +279,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.subcommand == "run":
         return _run(args)
+    handler = getattr(args, "handler", None)
+    if handler is not None:
+        status: int = handler(args)
+        return status
     parser.print_help(sys.stderr)
     return 2
 

@@ -1,0 +1,276 @@
+"""The terminal view of ``loopscope top``, drawn with ``rich``: a table of loops with
+sparklines, the top blocking locations, and the recent slow steps with the stack of the
+latest.  Imported only when ``rich`` is there and the output is a terminal."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from ._top_figures import LoopRates
+from ._top_format import SORTS, event_duration, event_what, seconds_text, sparkline
+from ._top_session import TopSession, Watched
+
+__all__ = ["View", "render", "run_live"]
+
+#: Columns of history shown at least (the sparklines take what the width leaves).
+_MIN_SPARK = 8
+
+
+@dataclass
+class View:
+    """What the keys changed."""
+
+    paused: bool = False
+    sort: int = 0
+    #: (endpoint, loop) picked with ``l``; None: every loop.
+    picked: tuple[str, str] | None = None
+
+    def handle(self, key: str, session: TopSession) -> bool:
+        """Apply ``key``; False when it asks to quit."""
+        if key in ("q", "Q"):
+            return False
+        if key in ("p", "P", " "):
+            self.paused = not self.paused
+        elif key in ("s", "S"):
+            self.sort = (self.sort + 1) % len(SORTS)
+        elif key in ("l", "L"):
+            loops = [(r.endpoint, r.loop) for w in session.watched for r in w.rows]
+            choices: list[tuple[str, str] | None] = [None, *sorted(set(loops))]
+            at = choices.index(self.picked) if self.picked in choices else 0
+            self.picked = choices[(at + 1) % len(choices)]
+        return True
+
+    def shows(self, endpoint: str, loop: str) -> bool:
+        return self.picked is None or self.picked == (endpoint, loop)
+
+
+def run_live(session: TopSession, interval: float, duration: float) -> None:
+    """Draw ``session`` until ``q``, Ctrl-C or ``duration`` seconds (0: no end)."""
+    console = Console()
+    view = View()
+    resized = [False]
+    fd = sys.stdin.fileno()
+    started = time.monotonic()
+    next_poll = started + interval
+    with (
+        cbreak(fd),
+        on_resize(resized),
+        Live(
+            render(session, view, console.size.width, console.size.height),
+            console=console,
+            screen=True,
+            auto_refresh=False,
+        ) as live,
+    ):
+        while duration <= 0 or time.monotonic() - started < duration:
+            now = time.monotonic()
+            redraw = False
+            if now >= next_poll:
+                next_poll = max(next_poll + interval, now + interval / 2)
+                if not view.paused:
+                    session.poll()
+                    redraw = True
+            # Short waits: a resize (whose signal select() retries through) is seen soon.
+            for key in read_keys(fd, min(0.2, max(0.0, next_poll - time.monotonic()))):
+                if not view.handle(key, session):
+                    return
+                redraw = True
+            if resized[0]:
+                resized[0] = False
+                redraw = True
+            if redraw:
+                size = console.size
+                live.update(render(session, view, size.width, size.height), refresh=True)
+
+
+def render(session: TopSession, view: View, width: int, height: int) -> RenderableType:
+    """The whole screen for a terminal of ``width`` x ``height`` characters."""
+    sort_name = SORTS[view.sort][0]
+    header = Text()
+    header.append("loopscope top", style="bold")
+    header.append(f"  {len(session.watched)} endpoint(s)  sort: {sort_name}  ")
+    if view.picked is not None:
+        header.append(f"loop: {view.picked[1]} on {view.picked[0]}  ", style="bold cyan")
+    if view.paused:
+        header.append("PAUSED  ", style="bold reverse yellow")
+    header.append("q quit  p pause  s sort  l loop", style="dim")
+    parts: list[RenderableType] = [header, _loops_table(session, view, width)]
+    for watched in session.watched:
+        if watched.down is not None:
+            parts.append(Text(f"DOWN {watched.down}", style="bold red"))
+    # What remains of the height goes to the locations and the slow steps.
+    room = max(4, height - 6 - sum(len(w.rows) or 1 for w in session.watched))
+    parts.append(_locations_table(session, view, max(1, room // 3)))
+    parts.append(_events_part(session, view, max(2, room - room // 3 - 3), width))
+    return Group(*parts)
+
+
+def _loops_table(session: TopSession, view: View, width: int) -> Table:
+    table = Table(expand=False, box=None, header_style="bold", pad_edge=False)
+    columns = ("endpoint", "loop", "lag p50", "lag p99", "util", "steps/s", "tasks",
+               "new/s", "slow", "blocked", "executors", "queue p99")  # fmt: skip
+    rows: list[tuple[Watched, LoopRates]] = [
+        (w, r) for w in session.watched for r in w.rows if view.shows(r.endpoint, r.loop)
+    ]
+    names = {
+        "endpoint": max((len(r.endpoint) for _w, r in rows), default=8),
+        "loop": max((len(r.loop) + len(r.implementation) + 3 for _w, r in rows), default=4),
+    }
+    for name in columns:
+        if name in names:  # kept whole on a narrow terminal: the figures squeeze instead
+            table.add_column(name, no_wrap=True, min_width=min(names[name], 40))
+        else:
+            table.add_column(name, justify="right")
+    # The history columns take what the figures leave, and go on a narrow terminal.
+    spark = (width - 118) // 2
+    if spark >= _MIN_SPARK:
+        table.add_column("lag p99 history", no_wrap=True)
+        table.add_column("util history", no_wrap=True)
+    key = SORTS[view.sort][1]
+    rows.sort(key=lambda pair: key(pair[1]))
+    for watched, row in rows:
+        history = list(watched.history.get(row.loop, ()))
+        lag_line = sparkline([lag for lag, _u in history], spark)
+        util_line = sparkline([util for _l, util in history], spark, top=1.0)
+        executors = (
+            f"{row.executors_busy:.0f}/{row.executors_max:.0f}" if row.executors_max else "-"
+        )
+        cells: list[RenderableType] = [
+            row.endpoint,
+            f"{row.loop} ({row.implementation})",
+            seconds_text(row.lag_p50),
+            Text(seconds_text(row.lag_p99), style="red" if (row.lag_p99 or 0) >= 0.1 else ""),
+            f"{row.utilization:.0%}",
+            f"{row.steps_per_second:.0f}",
+            f"{row.tasks_alive:.0f}",
+            f"{row.tasks_created_per_second:.0f}",
+            Text(f"{row.slow_steps:.0f}", style="red" if row.slow_steps else ""),
+            f"{row.blocked_seconds:.3f}s",
+            executors,
+            seconds_text(row.queue_p99),
+        ]
+        if spark >= _MIN_SPARK:
+            cells += [Text(lag_line, style="magenta"), Text(util_line, style="green")]
+        table.add_row(*cells)
+    for watched in session.watched:
+        if watched.down is None and not watched.rows:
+            table.add_row(watched.endpoint.name, "(waiting for a second read)")
+    return table
+
+
+def _locations_table(session: TopSession, view: View, lines: int) -> Table:
+    table = Table(title="top blocking locations (slow steps since attached)", title_justify="left",
+                  box=None, header_style="bold", pad_edge=False)  # fmt: skip
+    table.add_column("slow", justify="right")
+    table.add_column("endpoint")
+    table.add_column("loop")
+    table.add_column("location")
+    found: list[tuple[float, str, str, str]] = []
+    for watched in session.watched:
+        for (loop, where), count in watched.locations().items():
+            if view.shows(watched.endpoint.name, loop):
+                found.append((count, watched.endpoint.name, loop, where))
+    found.sort(key=lambda item: -item[0])
+    for count, endpoint, loop, where in found[:lines]:
+        table.add_row(f"{count:.0f}", endpoint, loop, where)
+    if not found:
+        table.add_row("", "", "", Text("(no slow step yet)", style="dim"))
+    return table
+
+
+def _events_part(session: TopSession, view: View, lines: int, width: int) -> RenderableType:
+    events = [
+        e for w in session.watched for e in w.events
+        if view.shows(str(e.get("endpoint")), str(e.get("loop")))
+    ]  # fmt: skip
+    events.sort(key=lambda e: float(e.get("timestamp") or 0.0))
+    table = Table(title="recent slow steps", title_justify="left", box=None,
+                  header_style="bold", pad_edge=False)  # fmt: skip
+    for name in ("time", "endpoint", "loop", "duration", "what", "location"):
+        table.add_column(name, no_wrap=name != "location")
+    stack_lines = min(8, max(0, lines // 2))
+    shown = events[-max(1, lines - stack_lines - 2) :]
+    for event in reversed(shown):
+        stamp = time.strftime("%H:%M:%S", time.localtime(float(event.get("timestamp") or 0)))
+        table.add_row(
+            stamp,
+            str(event.get("endpoint")),
+            str(event.get("loop")),
+            event_duration(event),
+            event_what(event),
+            str(event.get("location") or "(unknown)"),
+        )
+    if not events:
+        table.add_row("", "", "", "", Text("(none yet)", style="dim"), "")
+        return table
+    latest = events[-1]
+    stack = Text(f"stack of the latest ({event_duration(latest)} at "
+                 f"{latest.get('location') or 'an unknown line'}):\n", style="bold")  # fmt: skip
+    stack.append("\n".join(_stack_lines(latest, stack_lines, width)))
+    return Group(table, stack)
+
+
+def _stack_lines(event: dict[str, Any], lines: int, width: int) -> list[str]:
+    """The last ``lines`` entries of the event's blocking stack, most recent call last."""
+    entries = [str(x) for x in event.get("blocking_stack") or []][-lines:] if lines else []
+    shown = []
+    for entry in entries:
+        text = f"  {entry}"
+        shown.append(text if len(text) <= width else "  ..." + text[-(width - 5) :])
+    return shown or ["  (no stack: the step ended before it was taken)"]
+
+
+# --- the terminal ---------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def cbreak(fd: int) -> Iterator[None]:
+    """The terminal of ``fd`` in cbreak mode (keys come one by one, not echoed) until the
+    block ends, however it ends."""
+    import termios
+    import tty
+
+    saved = termios.tcgetattr(fd)
+    try:
+        tty.setcbreak(fd)
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+def read_keys(fd: int, timeout: float) -> str:
+    """The keys typed within ``timeout`` seconds ("" when none)."""
+    ready, _w, _x = select.select([fd], [], [], max(0.0, timeout))
+    if not ready:
+        return ""
+    return os.read(fd, 64).decode("utf-8", "replace")
+
+
+@contextlib.contextmanager
+def on_resize(flag: list[bool]) -> Iterator[None]:
+    """``flag[0]`` set True whenever the terminal is resized (SIGWINCH), in the block."""
+    if not hasattr(signal, "SIGWINCH"):
+        yield
+        return
+
+    def resized(_signum: int, _frame: object) -> None:
+        flag[0] = True
+
+    previous = signal.signal(signal.SIGWINCH, resized)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGWINCH, previous)
