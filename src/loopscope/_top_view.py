@@ -113,7 +113,9 @@ def render(session: TopSession, view: View, width: int, height: int) -> Renderab
             parts.append(Text(f"DOWN {watched.down}", style="bold red"))
     # What remains of the height goes to the locations and the slow steps.
     room = max(4, height - 6 - sum(len(w.rows) or 1 for w in session.watched))
+    parts.append(Text("top blocking locations (slow steps since attached)", style="bold"))
     parts.append(_locations_table(session, view, max(1, room // 3)))
+    parts.append(Text("recent slow steps", style="bold"))
     parts.append(_events_part(session, view, max(2, room - room // 3 - 3), width))
     return Group(*parts)
 
@@ -172,8 +174,7 @@ def _loops_table(session: TopSession, view: View, width: int) -> Table:
 
 
 def _locations_table(session: TopSession, view: View, lines: int) -> Table:
-    table = Table(title="top blocking locations (slow steps since attached)", title_justify="left",
-                  box=None, header_style="bold", pad_edge=False)  # fmt: skip
+    table = Table(box=None, header_style="dim", pad_edge=False)
     table.add_column("slow", justify="right")
     table.add_column("endpoint")
     table.add_column("loop")
@@ -197,8 +198,7 @@ def _events_part(session: TopSession, view: View, lines: int, width: int) -> Ren
         if view.shows(str(e.get("endpoint")), str(e.get("loop")))
     ]  # fmt: skip
     events.sort(key=lambda e: float(e.get("timestamp") or 0.0))
-    table = Table(title="recent slow steps", title_justify="left", box=None,
-                  header_style="bold", pad_edge=False)  # fmt: skip
+    table = Table(box=None, header_style="dim", pad_edge=False)
     for name in ("time", "endpoint", "loop", "duration", "what", "location"):
         table.add_column(name, no_wrap=name != "location")
     stack_lines = min(8, max(0, lines // 2))

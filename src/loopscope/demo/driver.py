@@ -1,65 +1,25 @@
 """The demo's driver: starts the service in its own process, drives load at it from client
-threads, and prints loopscope's figures once a second with the slow-step events."""
+threads, and watches it with ``loopscope top`` (its terminal view on a terminal, plain lines
+otherwise).  However the driver is stopped (its duration over, ``q``, Ctrl-C, SIGTERM or
+SIGHUP), it stops the service; and the service stops by itself when the driver is gone
+(its standard input, a pipe from the driver, reaches its end)."""
 
 from __future__ import annotations
 
 import argparse
 import http.client
 import json
+import signal
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import IO
 
-from prometheus_client.parser import text_string_to_metric_families
-
-
-@dataclass
-class Scrape:
-    """The figures of one scrape, summed over loops."""
-
-    at: float
-    values: dict[str, float] = field(default_factory=dict)
-    lag_buckets: dict[float, float] = field(default_factory=dict)
-
-
-def scrape(url: str) -> Scrape:
-    """Read /metrics and keep what the live view shows."""
-    with urllib.request.urlopen(url, timeout=5) as response:
-        text = response.read().decode()
-    result = Scrape(at=time.monotonic())
-    wanted = {
-        "asyncio_loop_busy_seconds_total",
-        "asyncio_loop_task_steps_total",
-        "asyncio_loop_slow_callbacks_total",
-        "asyncio_loop_blocked_seconds_total",
-        "asyncio_tasks",
-        "asyncio_loop_callback_duration_seconds_count",
-    }
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name in wanted:
-                result.values[s.name] = result.values.get(s.name, 0.0) + s.value
-            elif s.name == "asyncio_loop_lag_seconds_bucket":
-                le = float(s.labels["le"])
-                result.lag_buckets[le] = result.lag_buckets.get(le, 0.0) + s.value
-    return result
-
-
-def quantile_upper_bound(before: Scrape, after: Scrape, q: float) -> float | None:
-    """The upper bound of the bucket holding the q-quantile of the lag between two scrapes."""
-    deltas = sorted(
-        (le, after.lag_buckets[le] - before.lag_buckets.get(le, 0.0)) for le in after.lag_buckets
-    )
-    if not deltas or deltas[-1][1] <= 0:
-        return None
-    total = deltas[-1][1]
-    for le, cumulative in deltas:
-        if cumulative >= q * total:
-            return le
-    return None
+from .._top import run_top
+from .._top_figures import Endpoint
 
 
 class Load:
@@ -109,22 +69,30 @@ class Load:
         conn.close()
 
 
-def describe_event(event: dict[str, object]) -> str:
-    """One line for a slow_callback or loop_blocked event."""
-    what = (
-        f"task {event['task']} ({event.get('coro')})" if "task" in event else event.get("callback")
-    )
-    if event.get("event") == "loop_blocked":
-        so_far = float(str(event["blocked_for"])) * 1000
-        head = f"loop {event.get('loop')} BLOCKED for {so_far:.0f} ms so far"
-    else:
-        head = f"slow step: {float(str(event['duration'])) * 1000:.0f} ms"
-    location = event.get("location") or "(ended before its stack was taken)"
-    return f"  {head} in {what}, blocked at {location}"
+class _Stopped(Exception):
+    """SIGTERM or SIGHUP arrived: stop as Ctrl-C would."""
 
 
-def _forward_events(stream: object, ready: list[dict[str, object]], got: threading.Event) -> None:
-    for raw in iter(stream.readline, ""):  # type: ignore[attr-defined]
+def _raise_stopped(signum: int, _frame: object) -> None:
+    raise _Stopped(signal.Signals(signum).name)
+
+
+@contextmanager
+def _stopped_by_signals() -> Iterator[None]:
+    """In the block, SIGTERM and SIGHUP raise :class:`_Stopped` in the main thread."""
+    wanted = [signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+    previous = {sig: signal.signal(sig, _raise_stopped) for sig in wanted}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _forward_output(stream: IO[str], ready: list[dict[str, object]], got: threading.Event) -> None:
+    """Read the service's output: its ready line, and anything but its event lines (which
+    top shows) on stderr."""
+    for raw in iter(stream.readline, ""):
         line = raw.rstrip()
         try:
             event = json.loads(line)
@@ -134,111 +102,76 @@ def _forward_events(stream: object, ready: list[dict[str, object]], got: threadi
             ready.append(event)
             got.set()
         elif isinstance(event, dict) and event.get("event") in ("slow_callback", "loop_blocked"):
-            print(describe_event(event), flush=True)
+            continue
         elif line:
-            print(f"  service | {line}", flush=True)
+            print(f"  service | {line}", file=sys.stderr, flush=True)
+
+
+def _stop_service(service: subprocess.Popen[str]) -> None:
+    if service.poll() is None:
+        service.terminate()
+    try:
+        service.wait(10)
+    except subprocess.TimeoutExpired:
+        service.kill()
+        service.wait()
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m loopscope.demo``: run the service, load it, and watch."""
+    """``python -m loopscope.demo``: run the service, load it, and watch it with top."""
     parser = argparse.ArgumentParser(prog="python -m loopscope.demo")
     parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="uvloop")
     parser.add_argument("--metrics-port", type=int, default=9100)
     parser.add_argument(
-        "--duration", type=float, default=60.0, help="seconds to run; 0 runs until Ctrl-C"
+        "--duration", type=float, default=60.0, help="seconds to run; 0 runs until q or Ctrl-C"
     )
     parser.add_argument("--clients", type=int, default=4)
     args = parser.parse_args(argv)
 
-    service = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "loopscope.demo",
-            "serve",
-            "--port",
-            "0",
-            "--metrics-port",
-            str(args.metrics_port),
-            "--loop",
-            args.loop,
-            "--json-logs",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        bufsize=1,
-    )
-    ready: list[dict[str, object]] = []
-    got_ready = threading.Event()
-    threading.Thread(
-        target=_forward_events, args=(service.stdout, ready, got_ready), daemon=True
-    ).start()
-    try:
-        if not got_ready.wait(30) or service.poll() is not None:
-            print("the demo service did not start; its output is above", file=sys.stderr)
-            return 1
-        port = int(ready[0]["port"])  # type: ignore[call-overload]
-        metrics_url = f"http://127.0.0.1:{ready[0]['metrics_port']}/metrics"
-        print(
-            f"demo service on http://127.0.0.1:{port}/ ({args.loop} loop); "
-            f"loopscope's metrics on {metrics_url}",
-            flush=True,
-        )
-        print("load: 4 clients on /, and every 1.5 s one of /block, /offload, /cpu", flush=True)
-        print(
-            f"{'time':>5} {'req/s':>7} {'lag p99<=':>10} {'busy':>6} {'steps/s':>8} "
-            f"{'tasks':>6} {'slow':>5} {'blocked s':>10}",
-            flush=True,
-        )
-        load = Load(port, args.clients)
-        load.start()
-        started = time.monotonic()
-        previous = scrape(metrics_url)
-        previous_requests = 0
-        while args.duration <= 0 or time.monotonic() - started < args.duration:
-            time.sleep(1.0)
-            if service.poll() is not None:
-                print("the demo service exited", file=sys.stderr)
+    with _stopped_by_signals():
+        service = subprocess.Popen(
+            [sys.executable, "-m", "loopscope.demo", "serve", "--port", "0",
+             "--metrics-port", str(args.metrics_port), "--loop", args.loop, "--json-logs",
+             "--stop-at-stdin-end"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+        )  # fmt: skip
+        load: Load | None = None
+        try:
+            assert service.stdout is not None
+            ready: list[dict[str, object]] = []
+            got_ready = threading.Event()
+            threading.Thread(
+                target=_forward_output, args=(service.stdout, ready, got_ready), daemon=True
+            ).start()
+            if not got_ready.wait(30) or service.poll() is not None:
+                print("the demo service did not start; its output is above", file=sys.stderr)
                 return 1
-            current = scrape(metrics_url)
-            elapsed = current.at - previous.at
-            v, p = current.values, previous.values
-            lag = quantile_upper_bound(previous, current, 0.99)
-            requests = load.requests
-
-            def rate(
-                name: str,
-                cur: dict[str, float] = v,
-                prev: dict[str, float] = p,
-                seconds: float = elapsed,
-            ) -> float:
-                return (cur[name] - prev[name]) / seconds
-
+            port = int(str(ready[0]["port"]))
+            metrics_url = f"http://127.0.0.1:{ready[0]['metrics_port']}/metrics"
             print(
-                f"{current.at - started:5.0f} "
-                f"{(requests - previous_requests) / elapsed:7.0f} "
-                f"{'-' if lag is None else f'{lag * 1000:.2f} ms':>10} "
-                f"{rate('asyncio_loop_busy_seconds_total'):6.0%} "
-                f"{rate('asyncio_loop_task_steps_total'):8.0f} "
-                f"{v['asyncio_tasks']:6.0f} "
-                f"{v['asyncio_loop_slow_callbacks_total']:5.0f} "
-                f"{v['asyncio_loop_blocked_seconds_total']:10.3f}",
+                f"demo service (pid {service.pid}) on http://127.0.0.1:{port}/ ({args.loop} "
+                f"loop); loopscope's metrics on {metrics_url}",
                 flush=True,
             )
-            previous, previous_requests = current, requests
-        load.stop.set()
-        print(
-            f"done: {load.requests} requests, {load.errors} errors; "
-            f"{previous.values['asyncio_loop_slow_callbacks_total']:.0f} slow steps found",
-            flush=True,
-        )
-        return 0
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        service.terminate()
-        try:
-            service.wait(10)
-        except subprocess.TimeoutExpired:
-            service.kill()
+            print(f"load: {args.clients} clients on /, and every 1.5 s one of /block, "
+                  "/offload, /cpu", flush=True)  # fmt: skip
+            load = Load(port, args.clients)
+            load.start()
+            status = run_top([Endpoint(metrics_url)], interval=1.0, duration=args.duration)
+            load.stop.set()
+            print(f"done: {load.requests} requests, {load.errors} errors", flush=True)
+            return status
+        except (KeyboardInterrupt, _Stopped):
+            return 0
+        finally:
+            # A second signal must not cut the clean-up short.
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_IGN)
+            if load is not None:
+                load.stop.set()
+            _stop_service(service)
+            signal.signal(signal.SIGINT, signal.default_int_handler)

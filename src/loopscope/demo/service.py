@@ -11,10 +11,12 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import sys
 import time
 from collections.abc import Callable
+from typing import IO
 from urllib.parse import parse_qs, urlsplit
 
 import loopscope
@@ -89,13 +91,35 @@ async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
         writer.close()
 
 
-async def serve(host: str, port: int, ready: Callable[[int], None] | None = None) -> None:
-    """Serve until cancelled or until SIGTERM/SIGINT."""
+def _stop_at_end_of(stream: IO[bytes], stop: asyncio.Future[None]) -> None:
+    """Cancel ``stop`` once ``stream`` (a pipe from the driver) reaches its end: the driver
+    is gone, however it ended."""
+
+    def drain() -> None:
+        if not os.read(stream.fileno(), 4096):
+            loop.remove_reader(stream.fileno())
+            if not stop.done():
+                stop.cancel()
+
+    loop = asyncio.get_running_loop()
+    loop.add_reader(stream.fileno(), drain)
+
+
+async def serve(
+    host: str,
+    port: int,
+    ready: Callable[[int], None] | None = None,
+    stop_at_stdin_end: bool = False,
+) -> None:
+    """Serve until cancelled, SIGTERM/SIGINT, or (``stop_at_stdin_end``) the end of the
+    standard input."""
     server = await asyncio.start_server(_handle, host, port)
     bound = server.sockets[0].getsockname()[1]
     stop = asyncio.get_running_loop().create_future()
     for sig in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(sig, stop.cancel)
+    if stop_at_stdin_end:
+        _stop_at_end_of(sys.stdin.buffer, stop)
     if ready is not None:
         ready(bound)
     async with server:
@@ -120,6 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--json-logs", action="store_true", help="log events as JSON lines (for the driver)"
     )
+    parser.add_argument(
+        "--stop-at-stdin-end",
+        action="store_true",
+        help="stop when the standard input ends (the driver's pipe: the driver is gone)",
+    )
     args = parser.parse_args(argv)
     if args.json_logs:
         import structlog
@@ -142,9 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.loop == "uvloop":
         import uvloop
 
-        uvloop.run(serve(args.host, args.port, ready))
+        uvloop.run(serve(args.host, args.port, ready, args.stop_at_stdin_end))
     else:
-        asyncio.run(serve(args.host, args.port, ready))
+        asyncio.run(serve(args.host, args.port, ready, args.stop_at_stdin_end))
     return 0
 
 
