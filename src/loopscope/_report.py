@@ -100,7 +100,10 @@ def build_report(entries: Sequence[dict[str, Any]], title: str = "loopscope repo
     sections = [
         _section("Loop lag (heartbeat), p50 and p99", _line_chart("lag", lag_series, start, ms)),
         _section("Utilization", _line_chart("utilization", utilization, start, _percent, 1.0)),
-        _section("Slow steps per interval", _line_chart("slow", slow, start, _count, bars=True)),
+        _section(
+            "Slow steps per interval",
+            _line_chart("slow", slow, start, _count, _counts_top(slow), bars=True),
+        ),
         _section("Top blocking locations", _locations_chart(locations)),
         _section("Slowest steps, with their stacks", _slowest(events)),
     ]
@@ -190,6 +193,12 @@ def _line_chart(
                      f"{html.escape(series_name)}</text>")  # fmt: skip
     parts.append("</svg>")
     return "\n".join(parts)
+
+
+def _counts_top(series: Series) -> float:
+    """The top of a count axis: whole numbers at each of its five ticks."""
+    most = max((v for values in series.values() for _t, v in values), default=0.0)
+    return max(4.0, 4.0 * math.ceil(most / 4.0))
 
 
 def _nice(value: float) -> float:
