@@ -14,11 +14,11 @@ import pytest
 
 
 def test_demo_runs(loop_kind: str) -> None:
-    """Six seconds of the demo print top's lines, a slow step with its location, no error."""
+    """Four seconds of the demo print top's lines, a slow step with its location, no error."""
     result = subprocess.run(
         [
             sys.executable, "-m", "loopscope.demo", "--loop", loop_kind,
-            "--duration", "6", "--metrics-port", "0",
+            "--duration", "4", "--metrics-port", "0",
         ],
         capture_output=True,
         text=True,

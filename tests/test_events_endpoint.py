@@ -123,6 +123,9 @@ class TestEventsPath:
         document = json.loads(ring.json())
         assert [e["seq"] for e in document["events"]] == [3, 4, 5]
         assert document["seen"] == 5
+        assert ring.json() is ring.json()  # not built again without a new event
+        ring.slow_step(event)
+        assert [e["seq"] for e in json.loads(ring.json())["events"]] == [4, 5, 6]
 
 
 class TestProtected:

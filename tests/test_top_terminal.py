@@ -85,7 +85,7 @@ def fixture_tmux_top(loop_kind: str) -> Iterator[tuple[Tmux, list[subprocess.Pop
     """The demo service on ``loop_kind``, and loopscope top attached to it in tmux."""
     service, ready = _start_service(loop_kind)
     services = [service]
-    top = f"{sys.executable} -m loopscope top 127.0.0.1:{ready['metrics_port']} --interval 0.3"
+    top = f"{sys.executable} -m loopscope top 127.0.0.1:{ready['metrics_port']} --interval 0.2"
     tmux = Tmux(f"{top}; echo top-exited-$?; sleep 60")
     try:
         yield tmux, services, ready
