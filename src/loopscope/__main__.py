@@ -1,4 +1,5 @@
-"""``loopscope`` command line (``python -m loopscope``): ``loopscope run -- COMMAND``."""
+"""``loopscope`` command line (``python -m loopscope``): ``loopscope run -- COMMAND``,
+``loopscope top [URL ...]`` and ``loopscope report FILE``."""
 
 from __future__ import annotations
 
