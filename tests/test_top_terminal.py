@@ -63,6 +63,9 @@ class Tmux:
     def screen(self) -> str:
         return self._tmux("capture-pane", "-p", "-t", "top")
 
+    def resize(self, columns: int, lines: int) -> None:
+        self._tmux("resize-window", "-t", "top", "-x", str(columns), "-y", str(lines))
+
     def keys(self, *keys: str) -> None:
         self._tmux("send-keys", "-t", "top", *keys)
 
@@ -99,7 +102,8 @@ def test_top_in_a_terminal(
     tmux_top: tuple[Tmux, list[subprocess.Popen[str]], dict], loop_kind: str
 ) -> None:
     """The loop's row, a blocking location and the slow step's stack after a block; the keys
-    work; the endpoint shown down when the service goes, back when it returns; q quits."""
+    work; the view follows a resize; the endpoint shown down when the service goes, back
+    when it returns; q quits."""
     tmux, services, ready = tmux_top
     row = f"MainThread ({loop_kind})"
     tmux.wait_for("the loop's row", lambda s: row in s)
@@ -111,7 +115,9 @@ def test_top_in_a_terminal(
     tmux.wait_for("the pause", lambda s: "PAUSED" in s)
     tmux.keys("p", "s", "l")
     screen = tmux.wait_for("sort and loop", lambda s: "sort: utilization" in s and "loop: " in s)
-    assert "PAUSED" not in screen
+    assert "PAUSED" not in screen and "lag p99 history" in screen
+    tmux.resize(110, 40)  # narrower: the history columns go, the loop's row stays whole
+    tmux.wait_for("the resize", lambda s: "lag p99 history" not in s and row in s)
     _stop(services[0])
     tmux.wait_for("the endpoint down", lambda s: "DOWN" in s and "connection refused" in s)
     services.append(_start_service(loop_kind, ready["metrics_port"])[0])

@@ -60,6 +60,7 @@ class View:
 def run_live(session: TopSession, interval: float, duration: float) -> None:
     """Draw ``session`` until ``q``, Ctrl-C or ``duration`` seconds (0: no end)."""
     console = Console()
+    _follow_terminal(console)
     view = View()
     resized = [False]
     fd = sys.stdin.fileno()
@@ -92,8 +93,19 @@ def run_live(session: TopSession, interval: float, duration: float) -> None:
                 resized[0] = False
                 redraw = True
             if redraw:
+                _follow_terminal(console)
                 size = console.size
                 live.update(render(session, view, size.width, size.height), refresh=True)
+
+
+def _follow_terminal(console: Console) -> None:
+    """Size ``console`` as the terminal is now: asked of the terminal itself, since rich
+    (like ``shutil``) would take an exported ``COLUMNS``/``LINES`` and never see a resize."""
+    try:
+        size = os.get_terminal_size(sys.stdout.fileno())
+    except (OSError, ValueError):
+        return
+    console.size = (size.columns, size.lines)
 
 
 def render(session: TopSession, view: View, width: int, height: int) -> RenderableType:
