@@ -1,4 +1,5 @@
-"""``loopscope top`` on a real terminal: inside tmux, against the demo service."""
+"""``loopscope top`` on a real terminal: inside tmux, against the demo service on both
+loops at once."""
 
 from __future__ import annotations
 
@@ -20,19 +21,23 @@ pytestmark = pytest.mark.skipif(
 TIMEOUT = 30.0
 
 
-def _start_service(loop_kind: str, metrics_port: int = 0) -> tuple[subprocess.Popen[str], dict]:
-    """The demo service and its ready line (``port``, ``metrics_port``)."""
-    process = subprocess.Popen(
+def _spawn_service(loop_kind: str, metrics_port: int = 0) -> subprocess.Popen[str]:
+    """The demo service on ``loop_kind``, starting."""
+    return subprocess.Popen(
         [sys.executable, "-m", "loopscope.demo", "serve", "--port", "0",
          "--metrics-port", str(metrics_port), "--loop", loop_kind, "--json-logs"],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
     )  # fmt: skip
+
+
+def _ready(process: subprocess.Popen[str]) -> dict:
+    """The ready line of a service (``port``, ``metrics_port``), once it serves."""
     assert process.stdout is not None
     for line in process.stdout:
         if '"demo_ready"' in line:
-            return process, json.loads(line)
+            return dict(json.loads(line))
     process.kill()
     raise AssertionError("the demo service did not start")
 
@@ -83,44 +88,64 @@ class Tmux:
         self._tmux("kill-server")
 
 
-@pytest.fixture(name="tmux_top")
-def fixture_tmux_top(loop_kind: str) -> Iterator[tuple[Tmux, list[subprocess.Popen[str]], dict]]:
-    """The demo service on ``loop_kind``, and loopscope top attached to it in tmux."""
-    service, ready = _start_service(loop_kind)
-    services = [service]
-    top = f"{sys.executable} -m loopscope top 127.0.0.1:{ready['metrics_port']} --interval 0.2"
-    tmux = Tmux(f"{top}; echo top-exited-$?; sleep 60")
+@pytest.fixture(name="watching")
+def fixture_watching() -> Iterator[tuple[Tmux, dict[str, subprocess.Popen[str]], dict[str, dict]]]:
+    """The demo service on each loop, and one loopscope top attached to both in tmux."""
+    services: dict[str, subprocess.Popen[str]] = {}
+    ready: dict[str, dict] = {}
+    tmux: Tmux | None = None
     try:
+        for kind in ("asyncio", "uvloop"):  # both start at once
+            services[kind] = _spawn_service(kind)
+        for kind, process in services.items():
+            ready[kind] = _ready(process)
+        urls = " ".join(f"127.0.0.1:{ready[kind]['metrics_port']}" for kind in ready)
+        top = f"{sys.executable} -m loopscope top {urls} --interval 0.2"
+        tmux = Tmux(f"{top}; echo top-exited-$?; sleep 60")
         yield tmux, services, ready
     finally:
-        tmux.close()
-        for process in services:
+        if tmux is not None:
+            tmux.close()
+        for process in services.values():
             _stop(process)
 
 
-def test_top_in_a_terminal(
-    tmux_top: tuple[Tmux, list[subprocess.Popen[str]], dict], loop_kind: str
-) -> None:
-    """The loop's row, a blocking location and the slow step's stack after a block; the keys
-    work; the view follows a resize; the endpoint shown down when the service goes, back
-    when it returns; q quits."""
-    tmux, services, ready = tmux_top
-    row = f"MainThread ({loop_kind})"
-    tmux.wait_for("the loop's row", lambda s: row in s)
+def _block(ready: dict) -> None:
     with urllib.request.urlopen(f"http://127.0.0.1:{ready['port']}/block?ms=150", timeout=10):
         pass
-    screen = tmux.wait_for("the block", lambda s: "stack of the latest" in s and "in _handle" in s)
-    assert "loopscope/demo/service.py:" in screen and "in _blocking_sleep" in screen
+
+
+def test_top_in_a_terminal(
+    watching: tuple[Tmux, dict[str, subprocess.Popen[str]], dict[str, dict]],
+) -> None:
+    """One top on both loops: each loop's row, and after a block on each, its location and
+    the stack of its slow step; the keys work; the view follows a resize; a service that
+    goes is shown down, and back when it returns; q quits."""
+    tmux, services, ready = watching
+    rows = {kind: f"MainThread ({kind})" for kind in ready}
+    tmux.wait_for("both loops' rows", lambda s: all(row in s for row in rows.values()))
+    for kind in ("asyncio", "uvloop"):
+        endpoint = f"127.0.0.1:{ready[kind]['metrics_port']}"
+        _block(ready[kind])
+        screen = tmux.wait_for(
+            f"the block on {kind}",
+            lambda s, e=endpoint: "stack of the latest (" in s and f"on {e} at" in s,
+        )
+        assert "loopscope/demo/service.py:" in screen and "in _blocking_sleep" in screen
+        assert "in _handle" in screen
     tmux.keys("p")
     tmux.wait_for("the pause", lambda s: "PAUSED" in s)
     tmux.keys("p", "s", "l")
     screen = tmux.wait_for("sort and loop", lambda s: "sort: utilization" in s and "loop: " in s)
     assert "PAUSED" not in screen and "lag p99 history" in screen
-    tmux.resize(110, 40)  # narrower: the history columns go, the loop's row stays whole
-    tmux.wait_for("the resize", lambda s: "lag p99 history" not in s and row in s)
-    _stop(services[0])
-    tmux.wait_for("the endpoint down", lambda s: "DOWN" in s and "connection refused" in s)
-    services.append(_start_service(loop_kind, ready["metrics_port"])[0])
-    tmux.wait_for("the endpoint back", lambda s: "DOWN" not in s and row in s)
+    tmux.keys("l", "l")  # the other loop, then every loop again
+    tmux.wait_for("every loop", lambda s: "loop: " not in s and rows["asyncio"] in s)
+    tmux.resize(110, 40)  # narrower: the history columns go, the loops' rows stay whole
+    tmux.wait_for("the resize", lambda s: "lag p99 history" not in s and rows["uvloop"] in s)
+    _stop(services["uvloop"])
+    screen = tmux.wait_for("uvloop's service down", lambda s: "connection refused" in s)
+    assert "DOWN 127.0.0.1:" in screen and rows["asyncio"] in screen
+    services["uvloop"] = _spawn_service("uvloop", ready["uvloop"]["metrics_port"])
+    tmux.wait_for("the service back", lambda s: "DOWN" not in s and rows["uvloop"] in s)
     tmux.keys("q")
     tmux.wait_for("top quitting", lambda s: "top-exited-0" in s)

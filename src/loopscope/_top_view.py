@@ -229,8 +229,8 @@ def _events_part(session: TopSession, view: View, lines: int, width: int) -> Ren
         table.add_row("", "", "", "", Text("(none yet)", style="dim"), "")
         return table
     latest = events[-1]
-    stack = Text(f"stack of the latest ({event_duration(latest)} at "
-                 f"{latest.get('location') or 'an unknown line'}):\n", style="bold")  # fmt: skip
+    stack = Text(f"stack of the latest ({event_duration(latest)} on {latest.get('endpoint')} "
+                 f"at {latest.get('location') or 'an unknown line'}):\n", style="bold")  # fmt: skip
     stack.append("\n".join(_stack_lines(latest, stack_lines, width)))
     return Group(table, stack)
 

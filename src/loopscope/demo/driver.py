@@ -161,10 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                   "/offload, /cpu", flush=True)  # fmt: skip
             load = Load(port, args.clients)
             load.start()
-            status = run_top([Endpoint(metrics_url)], interval=1.0, duration=args.duration)
-            load.stop.set()
-            print(f"done: {load.requests} requests, {load.errors} errors", flush=True)
-            return status
+            return run_top([Endpoint(metrics_url)], interval=1.0, duration=args.duration)
         except (KeyboardInterrupt, _Stopped):
             return 0
         finally:
@@ -174,4 +171,6 @@ def main(argv: list[str] | None = None) -> int:
             if load is not None:
                 load.stop.set()
             _stop_service(service)
+            if load is not None:
+                print(f"done: {load.requests} requests, {load.errors} errors", flush=True)
             signal.signal(signal.SIGINT, signal.default_int_handler)
