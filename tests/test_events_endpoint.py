@@ -47,7 +47,7 @@ def _get(
 
 
 def _blocking_call() -> None:
-    time.sleep(0.05)
+    time.sleep(0.15)  # five times the slow threshold: its stack is surely taken
 
 
 async def _block() -> None:
@@ -61,7 +61,7 @@ class TestEventsPath:
 
     def test_slow_step_served(self, registry: CollectorRegistry, run: Run) -> None:
         """A slow step shows up with its location and blocking stack, as JSON."""
-        installation = loopscope.install(registry=registry, port=0, slow_threshold=0.02)
+        installation = loopscope.install(registry=registry, port=0, slow_threshold=0.03)
         assert installation.port is not None
         status, _headers, body = _get(installation.port)
         assert status == 200 and json.loads(body)["events"] == []
@@ -71,7 +71,7 @@ class TestEventsPath:
         document = json.loads(body)
         assert document["loopscope_events"] == 1 and document["capacity"] > 0
         [event] = document["events"]
-        assert event["event"] == "slow_callback" and event["duration"] >= 0.02
+        assert event["event"] == "slow_callback" and event["duration"] >= 0.03
         assert "test_events_endpoint.py" in event["location"]
         assert "_blocking_call" in event["location"]
         assert any("in _block" in entry for entry in event["blocking_stack"])

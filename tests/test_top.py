@@ -37,7 +37,7 @@ def _top(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]
 
 
 def _blocking_call() -> None:
-    time.sleep(0.05)
+    time.sleep(0.15)  # five times the slow threshold: its stack is surely taken
 
 
 async def _block() -> None:
@@ -176,17 +176,18 @@ class TestWatching:
 
     def test_lines_and_events(self, registry: CollectorRegistry, loop_kind: str) -> None:
         """One line per loop and interval, and a line for a slow step with its location."""
-        installation = loopscope.install(registry=registry, port=0, slow_threshold=0.02)
+        installation = loopscope.install(registry=registry, port=0, slow_threshold=0.03)
         out = io.StringIO()
         done = threading.Event()
 
         def serve_loop() -> None:
             async def main() -> None:
+                blocked = False
                 while not done.is_set():
                     await asyncio.sleep(0.02)
-                    if len(out.getvalue().splitlines()) >= 1:
+                    if not blocked and out.getvalue():  # once top has printed a line
                         _blocking_call()
-                        done.wait(0.3)
+                        blocked = True
 
             from .conftest import make_loop
 

@@ -111,7 +111,7 @@ def fixture_watching() -> Iterator[tuple[Tmux, dict[str, subprocess.Popen[str]],
 
 
 def _block(ready: dict) -> None:
-    with urllib.request.urlopen(f"http://127.0.0.1:{ready['port']}/block?ms=150", timeout=10):
+    with urllib.request.urlopen(f"http://127.0.0.1:{ready['port']}/block?ms=400", timeout=10):
         pass
 
 
