@@ -3,6 +3,7 @@ loops at once."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -59,6 +60,7 @@ class Tmux:
     def __init__(self, command: str) -> None:
         self.socket = f"loopscope-test-{os.getpid()}"
         self._tmux("new-session", "-d", "-s", "top", "-x", "180", "-y", "45", command)
+        self.socket_path = self._tmux("display-message", "-p", "#{socket_path}").strip()
 
     def _tmux(self, *args: str) -> str:
         command = ["tmux", "-L", self.socket, "-f", os.devnull, *args]
@@ -86,6 +88,9 @@ class Tmux:
 
     def close(self) -> None:
         self._tmux("kill-server")
+        if self.socket_path:  # tmux leaves it behind
+            with contextlib.suppress(OSError):
+                os.unlink(self.socket_path)
 
 
 @pytest.fixture(name="watching")
