@@ -133,11 +133,19 @@ class TestServing:
         assert b"asyncio_loop_info" in body
 
     def test_http_1_0_and_query(self, registry: CollectorRegistry) -> None:
-        """An HTTP/1.0 request, and a query string after /metrics, are answered."""
+        """An HTTP/1.0 request, and a query string after /metrics, are answered; only
+        ``name[]`` in the query restricts the families."""
         installation = loopscope.install(registry=registry, port=0)
         assert installation.port is not None
-        answer = _raw(installation.port, b"GET /metrics?name[]=x HTTP/1.0\r\n\r\n")
+        answer = _raw(installation.port, b"GET /metrics?x=1 HTTP/1.0\r\n\r\n")
         assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and b"asyncio_loop_info" in answer
+        some = _raw(
+            installation.port,
+            b"GET /metrics?name[]=process_context_switches_total HTTP/1.0\r\n\r\n",
+        )
+        assert some.startswith(b"HTTP/1.1 200 OK\r\n")
+        assert b"# TYPE process_context_switches_total counter" in some
+        assert b"asyncio_loop_info" not in some
 
     @pytest.mark.parametrize(
         ("request_bytes", "status"),
@@ -276,9 +284,9 @@ class TestEngine:
         asked = [0]
         original = _server._Exposition.answer
 
-        def counted(self: _server._Exposition, head_only: bool) -> bytes:
+        def counted(self: _server._Exposition, head_only: bool, form: Any) -> bytes:
             asked[0] += 1
-            return original(self, head_only)
+            return original(self, head_only, form)
 
         monkeypatch.setattr(_server._Exposition, "answer", counted)
         installation = loopscope.install(registry=registry, port=0)

@@ -45,11 +45,11 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import CollectorRegistry
 
 from . import _hotpath
 from ._log import logger
+from ._negotiation import KeptExposition, Wanted, wanted
 from ._options import ConfigError, tls_context
 
 if TYPE_CHECKING:
@@ -107,59 +107,88 @@ def _response(status: str, headers: list[tuple[str, str]], body: bytes, date: st
 class _Request:
     """The parts of a request head the endpoint looks at."""
 
-    __slots__ = ("authorization", "method", "path")
+    __slots__ = ("accept", "accept_encoding", "authorization", "method", "path", "query")
 
-    def __init__(self, method: str, path: str, authorization: str | None) -> None:
+    def __init__(
+        self,
+        method: str,
+        path: str,
+        query: str,
+        authorization: str | None,
+        accept: str | None,
+        accept_encoding: str | None,
+    ) -> None:
         self.method = method
         self.path = path
+        self.query = query
         self.authorization = authorization
+        self.accept = accept
+        self.accept_encoding = accept_encoding
 
 
 def _parse(head: bytes) -> _Request | None:
-    """The request line and the Authorization header of ``head`` (up to the blank line),
-    or None when it is not an HTTP/1.x request.  An Authorization header sent more than once
-    counts as none."""
+    """The request line and the headers the endpoint reads of ``head`` (up to the blank
+    line), or None when it is not an HTTP/1.x request.  An Authorization header sent more
+    than once counts as none; an Accept or Accept-Encoding header sent more than once counts
+    as their values joined with commas, as WSGI servers join them."""
     lines = head.decode("latin-1").split("\r\n")
     parts = lines[0].split()
     if len(parts) != 3 or not parts[2].startswith("HTTP/1.") or not parts[1]:
         return None
     method, target = parts[0], parts[1]
-    path = unquote(target.partition("?")[0], "latin-1")
+    raw_path, _, query = target.partition("?")
+    path = unquote(raw_path, "latin-1")
     if path.startswith("//"):  # as http.server does: no scheme-relative paths
         path = "/" + path.lstrip("/")
     authorization: str | None = None
     seen = 0
+    accept: list[str] = []
+    accept_encoding: list[str] = []
     for line in lines[1:]:
         name, colon, value = line.partition(":")
         if not colon:
             continue
-        if name.strip().lower() == "authorization":
+        name = name.strip().lower()
+        if name == "authorization":
             seen += 1
             authorization = value.strip()
-    return _Request(method, path, authorization if seen == 1 else None)
+        elif name == "accept":
+            accept.append(value.strip())
+        elif name == "accept-encoding":
+            accept_encoding.append(value.strip())
+    return _Request(
+        method,
+        path,
+        query,
+        authorization if seen == 1 else None,
+        ",".join(accept) if accept else None,
+        ",".join(accept_encoding) if accept_encoding else None,
+    )
+
+
+#: Forms of the exposition whose whole responses are kept at once; beyond that (a client
+#: varying ``?name[]=``), answers are made and not kept.
+_KEPT_FORMS = 32
 
 
 class _Exposition:
-    """The exposition, built at most once per ``REUSE_SECONDS``, and the whole ``200``
-    responses to GET and HEAD around it, rebuilt when the exposition or the second of the
-    ``Date`` header changes.  Used from the server thread only."""
+    """The exposition (collected at most once per ``REUSE_SECONDS``, see
+    :class:`KeptExposition`) and the whole ``200`` responses to GET and HEAD in each form
+    asked for, rebuilt when the exposition or the second of the ``Date`` header changes.
+    Used from the server thread only."""
 
     def __init__(
         self, registry: CollectorRegistry, before_build: Callable[[], None] | None = None
     ) -> None:
-        self.registry = registry
-        self.before_build = before_build
-        self.built_at = float("-inf")
-        self.body: bytes | None = None
+        self.kept = KeptExposition(registry, REUSE_SECONDS, before_build)
         self.second = -1
         self.date = ""
-        self.answers: tuple[bytes, bytes] = (b"", b"")
-        self.answers_body: bytes | None = None  # the exposition self.answers hold
-        self.answers_second = -1  # and the second of their Date header
+        #: Per form: (the body they hold, the second of their Date header, GET's, HEAD's).
+        self.answers: dict[object, tuple[bytes, int, bytes, bytes]] = {}
         self.failures = 0
         #: Held while an exposition is built (the registry's own lock is taken meanwhile);
         #: the installation holds it across a fork (see MetricsServer.hold_builds).
-        self.build_lock = threading.Lock()
+        self.build_lock = self.kept.build_lock
 
     def now(self) -> str:
         """The ``Date`` header's value, formatted once a second."""
@@ -168,31 +197,28 @@ class _Exposition:
             self.second, self.date = second, email.utils.formatdate(second, usegmt=True)
         return self.date
 
-    def answer(self, head_only: bool) -> bytes:
-        """The ``200`` response; raises what a collector raised."""
-        if time.monotonic() - self.built_at >= REUSE_SECONDS or self.body is None:
-            # A failed build is not kept: the next scrape tries again.
-            self.body = None
-            with self.build_lock:
-                if self.before_build is not None:
-                    self.before_build()
-                self.body = generate_latest(self.registry)
-            self.built_at = time.monotonic()
+    def answer(self, head_only: bool, form: Wanted) -> bytes:
+        """The ``200`` response in ``form``; raises what a collector raised."""
+        body = self.kept.body(form)
         date = self.now()
-        if self.answers_body is not self.body or self.answers_second != self.second:
-            headers = [("Content-Type", CONTENT_TYPE_LATEST)]
-            full = _response("200 OK", headers, self.body, date)
-            head = full[: len(full) - len(self.body)]
-            self.answers = (full, head)
-            self.answers_body, self.answers_second = self.body, self.second
-        return self.answers[1] if head_only else self.answers[0]
+        kept = self.answers.get(form.key)
+        if kept is None or kept[0] is not body or kept[1] != self.second:
+            headers = [("Content-Type", form.content_type)]
+            if form.gzip:
+                headers.append(("Content-Encoding", "gzip"))
+            full = _response("200 OK", headers, body, date)
+            kept = (body, self.second, full, full[: len(full) - len(body)])
+            if len(self.answers) >= _KEPT_FORMS and form.key not in self.answers:
+                self.answers = {k: v for k, v in self.answers.items() if v[1] == self.second}
+            if len(self.answers) < _KEPT_FORMS:
+                self.answers[form.key] = kept
+        return kept[3] if head_only else kept[2]
 
     def fresh_for(self) -> float:
         """Seconds for which answer() will return what it last returned: until the
-        exposition is due to be built again or the ``Date`` header's second ends."""
-        reuse_left = self.built_at + REUSE_SECONDS - time.monotonic()
+        exposition is due to be collected again or the ``Date`` header's second ends."""
         second_left = self.second + 1 - time.time()
-        return max(0.0, min(reuse_left, second_left))
+        return max(0.0, min(self.kept.fresh_for(), second_left))
 
 
 class _Connection:
@@ -488,9 +514,13 @@ class _Endpoint:
                 "only GET and HEAD are allowed on /metrics",
                 (("Allow", "GET, HEAD"),),
             ), False
+        try:
+            form = wanted(request.accept, request.accept_encoding, request.query)
+        except (TypeError, ValueError):  # prometheus_client's parse of a version failed
+            return self._error("400 Bad Request", "unreadable Accept header"), False
         exposition = self.exposition
         try:
-            return exposition.answer(head_only=request.method == "HEAD"), True
+            return exposition.answer(request.method == "HEAD", form), True
         except Exception as exc:
             # A collector of the registry (loopscope's or another) raised: this scrape fails
             # with 500, the server thread and the application go on.
