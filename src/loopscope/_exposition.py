@@ -18,9 +18,11 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
+from prometheus_client.samples import Exemplar
 from prometheus_client.utils import floatToGoString
 
-from ._stats import BUCKETS, Histogram, LoopStats
+from ._exemplars import SLOW
+from ._stats import BUCKETS, Histogram, LoopStats, StepExemplar
 
 __all__ = ["ExecutorFigures", "Figures", "bucket_samples", "families"]
 
@@ -101,6 +103,25 @@ def bucket_samples(hist: Histogram) -> list[tuple[str, float]]:
     return out
 
 
+def _exemplar(step: StepExemplar | None) -> Exemplar | None:
+    if step is None:
+        return None
+    labels = {"trace_id": step.trace_id, "span_id": step.span_id}
+    return Exemplar(labels, step.duration, step.timestamp)
+
+
+def exemplar_bucket_samples(
+    hist: Histogram, exemplars: dict[int, StepExemplar]
+) -> list[tuple[str, float] | tuple[str, float, Exemplar]]:
+    """:func:`bucket_samples` with each bucket's exemplar, where it has one (OpenMetrics
+    shows them; the text format leaves them out)."""
+    out: list[tuple[str, float] | tuple[str, float, Exemplar]] = []
+    for index, (name, count) in enumerate(bucket_samples(hist)):
+        exemplar = _exemplar(exemplars.get(index))
+        out.append((name, count) if exemplar is None else (name, count, exemplar))
+    return out
+
+
 def families(figures: Figures) -> Iterator[Metric]:
     """The ``asyncio_*`` and ``process_context_switches_total`` families, in export order."""
     yield from loop_families(figures)
@@ -116,13 +137,19 @@ def loop_families(figures: Figures) -> Iterator[Metric]:
         family = HistogramMetricFamily(name, doc, labels=labels)
         for label, stats in loops.items():
             hist: Histogram = getattr(stats, attr)
-            family.add_metric([label], bucket_samples(hist), hist.total)
+            if attr == "callback_duration" and stats.exemplars:
+                family.add_metric(
+                    [label], exemplar_bucket_samples(hist, stats.exemplars), hist.total
+                )
+            else:
+                family.add_metric([label], bucket_samples(hist), hist.total)
         yield family
 
     for name, (doc, attr) in _LOOP_COUNTERS.items():
         counter = CounterMetricFamily(name, doc, labels=labels)
         for label, stats in loops.items():
-            counter.add_metric([label], float(getattr(stats, attr)))
+            exemplar = _exemplar(stats.exemplars.get(SLOW)) if attr == "slow_callbacks" else None
+            counter.add_metric([label], float(getattr(stats, attr)), exemplar=exemplar)
         yield counter
 
     by_location = CounterMetricFamily(

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from . import _gilreader, _hotpath
 from ._describe import TASK_TYPES
+from ._exemplars import EXEMPLAR_FLOOR, SLOW, Sampler, tracing_api
 from ._log import logger
 from ._stacks import application_location
 from ._stats import BUCKETS, UNKNOWN_LOCATION, LoopStats, SeriesBook
@@ -145,6 +146,12 @@ class LoopProbe:
         self.recorder = _hotpath.twin.Recorder(
             self, self.clock, self.threshold, self.busy_from_callbacks, TASK_TYPES
         )
+        #: Exemplars, when opentelemetry-api is there to find the steps' spans.
+        self.exemplar_sampler: Sampler | None = None
+        trace_api = tracing_api()
+        if trace_api is not None:
+            self.exemplar_sampler = Sampler(trace_api)
+            self.recorder.exemplar_floor = EXEMPLAR_FLOOR
         self._attach(self.fixed_name or threading.current_thread().name)
 
     # --- labels --------------------------------------------------------------------------
@@ -230,12 +237,28 @@ class LoopProbe:
 
     # --- hot path ------------------------------------------------------------------------
 
+    def offer_exemplar(self, callback: object, task: object, start: float, duration: float) -> None:
+        """A task step at or over the exemplar floor, under the slow threshold."""
+        self._exemplar(task, duration, (bisect_left(BUCKETS, duration),))
+
+    def _exemplar(self, task: object, duration: float, keys: tuple[int, ...]) -> None:
+        sampler = self.exemplar_sampler
+        if sampler is None or task is None:
+            return
+        try:
+            sampler.offer(self.stats.exemplars, keys, task, duration)
+        except Exception as exc:
+            # Never the application's concern: no more exemplars from this loop.
+            self.exemplar_sampler = None
+            self.installation.report_fault("taking an exemplar", exc)
+
     def record_slow(self, callback: object, task: object, start: float, duration: float) -> None:
         """Count a slow step, by location too, and report it with the stack the watchdog
         took while it ran (if it had the time to)."""
         stats = self.stats
         stats.slow_callbacks += 1
         stats.blocked_seconds += duration
+        self._exemplar(task, duration, (bisect_left(BUCKETS, duration), SLOW))
         sample = self.sample
         if sample is not None and sample[0] == start:
             stack, location = sample[1], sample[2]

@@ -28,6 +28,7 @@ class Recorder:
     busy_from_callbacks: int
     current_start: float
     current_callback: object
+    exemplar_floor: float
     @property
     def threshold(self) -> float: ...
     @property

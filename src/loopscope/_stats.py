@@ -11,7 +11,16 @@ import threading
 from dataclasses import dataclass, field
 from typing import Protocol
 
-__all__ = ["BUCKETS", "Histogram", "LabelSeries", "LoopStats", "SeriesBook"]
+__all__ = [
+    "BUCKETS",
+    "EXEMPLAR_WINDOW",
+    "Histogram",
+    "LabelSeries",
+    "LoopStats",
+    "SeriesBook",
+    "StepExemplar",
+    "newer_or_slower",
+]
 
 #: Upper bounds in seconds, 10 microseconds to 10 seconds in 1-2.5-5 steps.
 BUCKETS: tuple[float, ...] = (
@@ -24,6 +33,9 @@ BUCKETS: tuple[float, ...] = (
     10.0,
 )  # fmt: skip
 
+#: Seconds for which a kept exemplar counts as recent: a slower step replaces it at once, any
+#: step with a span replaces it after that.
+EXEMPLAR_WINDOW = 15.0
 #: Label value used once the number of distinct values reaches its cap.
 OVERFLOW_LABEL = "other"
 #: Location of a slow step that ended before the watchdog could sample its stack.
@@ -48,6 +60,25 @@ class Histogram:
         return Histogram(list(self.counts), self.total)
 
 
+@dataclass(frozen=True)
+class StepExemplar:
+    """One step's trace: ids in lowercase hex, its duration (seconds) and when it ended
+    (seconds since the epoch)."""
+
+    trace_id: str
+    span_id: str
+    duration: float
+    timestamp: float
+
+
+def newer_or_slower(kept: StepExemplar, other: StepExemplar) -> StepExemplar:
+    """Which of two exemplars for the same series to show: the slower of the two unless one
+    is more than ``EXEMPLAR_WINDOW`` older than the other."""
+    if abs(kept.timestamp - other.timestamp) > EXEMPLAR_WINDOW:
+        return kept if kept.timestamp > other.timestamp else other
+    return kept if kept.duration >= other.duration else other
+
+
 class PendingFigures(Protocol):
     """Figures kept outside a :class:`LoopStats`: the C accelerator's recorder."""
 
@@ -68,6 +99,9 @@ class LoopStats:
     blocked_seconds: float = 0.0
     tasks_created: int = 0
     slow_locations: dict[str, int] = field(default_factory=dict)
+    #: Exemplars of traced steps, per callback-duration bucket index and for the slow-step
+    #: counter (key ``_exemplars.SLOW``); written by the loop's thread only.
+    exemplars: dict[int, StepExemplar] = field(default_factory=dict, compare=False)
     #: With the C accelerator, the recorder whose figures belong here until flushed.
     pending: PendingFigures | None = field(default=None, compare=False, repr=False)
 
@@ -98,6 +132,9 @@ class LoopStats:
             if location not in self.slow_locations and len(self.slow_locations) >= location_cap:
                 location = OVERFLOW_LABEL
             self.slow_locations[location] = self.slow_locations.get(location, 0) + count
+        for key, exemplar in list(other.exemplars.items()):
+            kept = self.exemplars.get(key)
+            self.exemplars[key] = exemplar if kept is None else newer_or_slower(kept, exemplar)
 
     def copy(self) -> LoopStats:
         """A snapshot of these figures."""
@@ -111,6 +148,7 @@ class LoopStats:
             self.blocked_seconds,
             self.tasks_created,
             dict(self.slow_locations),
+            dict(self.exemplars),
         )
 
 

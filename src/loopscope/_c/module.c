@@ -32,6 +32,7 @@ static int intern_names(void) {
         {&ls_str.fault, "fault"},
         {&ls_str.context, "context"},
         {&ls_str.record_slow, "record_slow"},
+        {&ls_str.offer_exemplar, "offer_exemplar"},
         {&ls_str.active, "active"},
         {&ls_str.context_slot, "_context"},
         {&ls_str.args, "_args"},

@@ -96,26 +96,20 @@ static int set_bounds(PyObject *bounds) {
 /* ---------------------------------------------------------------------------------------
  * LoopProbe.after_step / after_io
  */
-/* probe.record_slow(callback, task, start, duration) */
-static int record_slow(Recorder *r, PyObject *callback, PyObject *owner, double start,
-                       double duration) {
+/* probe.<method>(callback, task, start, duration): record_slow, or offer_exemplar for a task
+ * step that may carry an exemplar */
+static int call_probe(Recorder *r, PyObject *method, PyObject *callback, PyObject *owner,
+                      double start, double duration) {
     PyObject *a = PyFloat_FromDouble(start);
-    if (a == NULL)
-        return -1;
-    PyObject *d = PyFloat_FromDouble(duration);
-    if (d == NULL) {
-        Py_DECREF(a);
-        return -1;
-    }
+    PyObject *d = a != NULL ? PyFloat_FromDouble(duration) : NULL;
     PyObject *args[5] = {r->probe, callback, owner != NULL ? owner : Py_None, a, d};
-    PyObject *res = PyObject_VectorcallMethod(ls_str.record_slow, args,
-                                              5 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
-    Py_DECREF(a);
-    Py_DECREF(d);
-    if (res == NULL)
-        return -1;
-    Py_DECREF(res);
-    return 0;
+    PyObject *res = d != NULL ? PyObject_VectorcallMethod(
+                                    method, args, 5 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL)
+                              : NULL;
+    Py_XDECREF(a);
+    Py_XDECREF(d);
+    Py_XDECREF(res);
+    return res == NULL ? -1 : 0;
 }
 
 /* getattr(callback, "__self__", None) as a new reference (or NULL for None); -1 on error */
@@ -155,7 +149,7 @@ int ls_record_io(Recorder *r, PyObject *callback, double start, double end) {
     if (r->busy_from_callbacks)
         r->busy_seconds += duration;
     if (duration >= r->threshold)
-        return record_slow(r, callback, NULL, start, duration);
+        return call_probe(r, ls_str.record_slow, callback, NULL, start, duration);
     return 0;
 }
 
@@ -198,8 +192,12 @@ int ls_record(Recorder *r, PyObject *callback, double ready, double start, doubl
             Py_CLEAR(owner);
     }
     int rc = 0;
-    if (duration >= r->threshold)
-        rc = record_slow(r, callback, owner, start, duration);
+    if (duration >= r->floor) {
+        if (duration >= r->threshold)
+            rc = call_probe(r, ls_str.record_slow, callback, owner, start, duration);
+        else if (owner != NULL)
+            rc = call_probe(r, ls_str.offer_exemplar, callback, owner, start, duration);
+    }
     Py_XDECREF(owner);
     return rc;
 }
@@ -251,6 +249,8 @@ static int Recorder_init(Recorder *self, PyObject *args, PyObject *kwds) {
             self->start = ls_slot_start(self->slot);
     }
     self->threshold = threshold;
+    self->exemplar_floor = INFINITY;
+    self->floor = threshold;
     self->busy_from_callbacks = busy;
     return 0;
 }
@@ -449,6 +449,21 @@ static int Recorder_set_current_start(Recorder *self, PyObject *value, void *Py_
     return 0;
 }
 
+static PyObject *Recorder_get_exemplar_floor(Recorder *self, void *Py_UNUSED(closure)) {
+    return PyFloat_FromDouble(self->exemplar_floor);
+}
+
+static int Recorder_set_exemplar_floor(Recorder *self, PyObject *value, void *Py_UNUSED(c)) {
+    double floor = value != NULL ? PyFloat_AsDouble(value) : -1.0;
+    if (value == NULL)
+        PyErr_SetString(PyExc_AttributeError, "exemplar_floor cannot be deleted");
+    if (floor == -1.0 && PyErr_Occurred())
+        return -1;
+    self->exemplar_floor = floor;
+    self->floor = floor < self->threshold ? floor : self->threshold;
+    return 0;
+}
+
 static PyObject *Recorder_get_current_callback(Recorder *self, void *Py_UNUSED(closure)) {
     return Py_NewRef(self->current_callback != NULL ? self->current_callback : Py_None);
 }
@@ -465,6 +480,8 @@ static PyGetSetDef Recorder_getset[] = {
      "Start of the step running now (the probe's clock), 0.0 between steps.", NULL},
     {"watched", (getter)Recorder_get_watched, NULL,
      "Whether watch_steps() sees this recorder's steps (it has a start slot).", NULL},
+    {"exemplar_floor", (getter)Recorder_get_exemplar_floor, (setter)Recorder_set_exemplar_floor,
+     "Task steps from this long to threshold go to probe.offer_exemplar().", NULL},
     {"current_callback", (getter)Recorder_get_current_callback,
      (setter)Recorder_set_current_callback, "The callback of the step running now, or None.",
      NULL},

@@ -48,7 +48,7 @@
 #define NBUCKETS 20 /* 19 bounds + the +Inf slot */
 /* What the Python side expects of this module (_probe.SPEEDUPS_INTERFACE): raised whenever
  * the two change together, so that a module built from older sources is not used. */
-#define SPEEDUPS_INTERFACE 7
+#define SPEEDUPS_INTERFACE 8
 
 /* Interned attribute names, created at module init (module.c). */
 typedef struct {
@@ -57,6 +57,7 @@ typedef struct {
     PyObject *self;         /* "__self__" */
     PyObject *callback;     /* "_callback" */
     PyObject *fault, *context, *record_slow, *active;
+    PyObject *offer_exemplar;
     PyObject *context_slot; /* "_context" */
     PyObject *args;         /* "_args" */
     PyObject *run;
@@ -86,6 +87,10 @@ typedef struct {
     int native_clock;      /* clock is time.monotonic: read it here */
     int busy_from_callbacks;
     double threshold;
+    /* Task steps at or over exemplar_floor (and under threshold) are offered to
+     * probe.offer_exemplar(); floor is the lower of the two, the one compare per step. */
+    double exemplar_floor;
+    double floor;
     /* figures not yet folded into the probe's LoopStats */
     unsigned long long duration_counts[NBUCKETS];
     unsigned long long delay_counts[NBUCKETS];

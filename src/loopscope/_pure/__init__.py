@@ -36,6 +36,6 @@ __all__ = [
 ]
 
 #: The interface both twins implement (the C twin's INTERFACE must equal it).
-INTERFACE = 7
+INTERFACE = 8
 #: Slots of a histogram: one per bucket bound, and +Inf.
 NBUCKETS = len(BUCKETS) + 1

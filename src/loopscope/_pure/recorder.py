@@ -45,6 +45,8 @@ class Recorder:
     __slots__ = (
         "__weakref__",
         "_clock",
+        "_exemplar_floor",
+        "_floor",
         "_native_clock",
         "_task_types",
         "busy_from_callbacks",
@@ -67,6 +69,10 @@ class Recorder:
         self.probe = probe
         self._clock = clock
         self.threshold = float(threshold)
+        #: See exemplar_floor; _floor is the lower of it and threshold, the one comparison
+        #: per step.
+        self._exemplar_floor = float("inf")
+        self._floor = self.threshold
         self.busy_from_callbacks = int(bool(busy_from_callbacks))
         self._task_types = task_types
         self._native_clock = int(clock is time.monotonic)
@@ -81,6 +87,18 @@ class Recorder:
     def watched(self) -> bool:
         """Whether watch_steps() sees this recorder's steps."""
         return bool(self._native_clock)
+
+    @property
+    def exemplar_floor(self) -> float:
+        """Task steps this long or longer (and shorter than threshold) are offered to
+        ``probe.offer_exemplar(callback, task, start, duration)``; inf (the default): none."""
+        return self._exemplar_floor
+
+    @exemplar_floor.setter
+    def exemplar_floor(self, value: float) -> None:
+        floor = float(value)
+        self._exemplar_floor = floor
+        self._floor = floor if floor < self.threshold else self.threshold
 
     def flush(self, stats: LoopStats, /) -> None:
         """Fold the figures kept here into a LoopStats: this twin keeps none (see above)."""
@@ -109,8 +127,11 @@ class Recorder:
             stats.task_steps += 1
         else:
             owner = None
-        if duration >= self.threshold:
-            self.probe.record_slow(callback, owner, start, duration)
+        if duration >= self._floor:
+            if duration >= self.threshold:
+                self.probe.record_slow(callback, owner, start, duration)
+            elif owner is not None:
+                self.probe.offer_exemplar(callback, owner, start, duration)
 
     def record_io(self, callback: object, start: float, end: float, /) -> None:
         """One I/O callback (reader, writer, protocol method): no schedule delay, no task."""

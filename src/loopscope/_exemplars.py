@@ -1,0 +1,135 @@
+"""Exemplars: the trace of a task step that landed in a callback-duration bucket, or was slow.
+
+When ``opentelemetry-api`` is importable, the hot path offers the probe the task steps that
+ran for ``EXEMPLAR_FLOOR`` or longer (one comparison per step, made anyway for the slow
+threshold); shorter steps are never looked at.  For an offered step, the probe asks
+:func:`take` for the span that was current in the task: OpenTelemetry keeps it in a
+context variable, and at the end of a step the loop is back in its own context, so the
+task's context is read (``Task.get_context()`` on 3.12+, ``_context`` on a Python task, the
+context the C task holds on 3.10 and 3.11) and the span looked up inside it.
+
+Per bucket (and for the slow-step counter) the slowest step of the last ``WINDOW`` seconds
+is kept.  A step that is not slower than the one kept costs a comparison; the others cost a
+span lookup, at most ``LOOKUPS_PER_WINDOW`` per bucket per window, so a storm of 2 ms steps
+without tracing costs a few lookups every few seconds, not one per step.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import gc
+import importlib.util
+import time
+from types import ModuleType
+from typing import Any
+
+from ._stats import EXEMPLAR_WINDOW as WINDOW
+from ._stats import StepExemplar
+
+__all__ = [
+    "EXEMPLAR_FLOOR",
+    "LOOKUPS_PER_WINDOW",
+    "SLOW",
+    "WINDOW",
+    "Sampler",
+    "tracing_api",
+]
+
+#: Task steps shorter than this (seconds) never carry an exemplar: following a sub-millisecond
+#: step to its trace rarely helps, and looking at them would cost on every step.
+EXEMPLAR_FLOOR = 0.001
+#: Span lookups per bucket per window.
+LOOKUPS_PER_WINDOW = 4
+#: The key of the slow-step counter's exemplar (the buckets' keys are their indexes).
+SLOW = -1
+
+
+@functools.cache
+def tracing_api() -> ModuleType | None:
+    """``opentelemetry.trace``, when ``opentelemetry-api`` is installed (imported on first
+    use, never by importing loopscope)."""
+    try:
+        if importlib.util.find_spec("opentelemetry") is None:
+            return None
+        import opentelemetry.trace as trace_api
+
+        return trace_api
+    except Exception:
+        return None
+
+
+def _task_context(task: Any) -> contextvars.Context | None:
+    get_context = getattr(task, "get_context", None)
+    if get_context is not None:
+        context = get_context()
+        return context if isinstance(context, contextvars.Context) else None
+    context = getattr(task, "_context", None)
+    if isinstance(context, contextvars.Context):
+        return context
+    # 3.10 and 3.11's C task keeps its context without showing it; the garbage collector's
+    # view of what the task refers to includes it.
+    for referent in gc.get_referents(task):
+        if isinstance(referent, contextvars.Context):
+            return referent
+    return None
+
+
+def _span_ids(trace_api: ModuleType, task: Any) -> tuple[str, str] | None:
+    """The ids of the recording span current in ``task``, if any."""
+    context = _task_context(task)
+    if context is None:
+        return None
+    try:
+        span = context.run(trace_api.get_current_span)
+    except RuntimeError:
+        # The context is entered already: this is the task's own step, still inside it.
+        span = trace_api.get_current_span()
+    if not span.is_recording():
+        return None
+    span_context = span.get_span_context()
+    if not span_context.is_valid:
+        return None
+    return f"{span_context.trace_id:032x}", f"{span_context.span_id:016x}"
+
+
+class Sampler:
+    """The exemplars of one loop, written by its thread only."""
+
+    __slots__ = ("budget", "trace_api")
+
+    def __init__(self, trace_api: ModuleType) -> None:
+        self.trace_api = trace_api
+        #: Per key: (start of its lookup window, monotonic seconds; lookups in it).
+        self.budget: dict[int, tuple[float, int]] = {}
+
+    def offer(
+        self, kept: dict[int, StepExemplar], keys: tuple[int, ...], task: Any, duration: float
+    ) -> None:
+        """A step of ``task`` that ran for ``duration`` seconds: keep it under each of
+        ``keys`` where it is the slowest recent one and a recording span was current."""
+        now = time.time()
+        wanted = [
+            key
+            for key in keys
+            if (held := kept.get(key)) is None
+            or now - held.timestamp >= WINDOW
+            or duration > held.duration
+        ]
+        if not wanted:
+            return
+        if SLOW not in keys:  # slow steps are rare and costly already: never rationed
+            monotonic = time.monotonic()
+            key = wanted[0]
+            start, used = self.budget.get(key, (monotonic, 0))
+            if monotonic - start >= WINDOW:
+                start, used = monotonic, 0
+            if used >= LOOKUPS_PER_WINDOW:
+                return
+            self.budget[key] = (start, used + 1)
+        ids = _span_ids(self.trace_api, task)
+        if ids is None:
+            return
+        exemplar = StepExemplar(ids[0], ids[1], duration, now)
+        for key in wanted:
+            kept[key] = exemplar
