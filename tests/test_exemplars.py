@@ -48,27 +48,30 @@ class TestExemplars:
     """Traced steps carry exemplars, on both loops and both hot paths."""
 
     def test_traced_steps_link_to_their_traces(self, registry: CollectorRegistry, run: Run) -> None:
-        """The slow traced step is the slow counter's exemplar and its bucket's; a shorter
-        traced step is its own bucket's; an even slower step without a span is none's; the
+        """The slow traced step is the slow counter's exemplar and its bucket's, although
+        its span ended before the step did; a shorter traced step is its own bucket's; an even slower step without a span is none's; the
         text format shows no exemplar."""
         tracer = TracerProvider().get_tracer("test")
         loopscope.install(registry=registry, slow_threshold=THRESHOLD)
         traces: dict[str, str] = {}
 
-        async def handler(name: str, block: float) -> None:
+        async def handler(name: str, block: float, then_await: bool) -> None:
             with tracer.start_as_current_span(name) as span:
                 traces[name] = format(span.get_span_context().trace_id, "032x")
                 await asyncio.sleep(0)
                 time.sleep(block)
-                await asyncio.sleep(0)
+                if then_await:
+                    await asyncio.sleep(0)
+            await asyncio.sleep(0)
 
         async def untraced(block: float) -> None:
             await asyncio.sleep(0)
             time.sleep(block)
 
         async def main() -> None:
-            await handler("short", THRESHOLD / 20)
-            await handler("slow", THRESHOLD * 4)
+            await handler("short", THRESHOLD / 20, then_await=True)
+            # The span ends in the step that blocked: the watchdog saw it while it ran.
+            await handler("slow", THRESHOLD * 4, then_await=False)
             await untraced(THRESHOLD * 6)
 
         run(main)

@@ -6,7 +6,9 @@ threshold); shorter steps are never looked at.  For an offered step, the probe a
 :func:`take` for the span that was current in the task: OpenTelemetry keeps it in a
 context variable, and at the end of a step the loop is back in its own context, so the
 task's context is read (``Task.get_context()`` on 3.12+, ``_context`` on a Python task, the
-context the C task holds on 3.10 and 3.11) and the span looked up inside it.
+context the C task holds on 3.10 and 3.11) and the span looked up inside it.  A request
+whose span ends in the very step that blocked has no span left at the step's end: for slow
+steps, the watchdog notes the span while the step runs, when it takes the stack.
 
 Per bucket (and for the slow-step counter) the slowest step of the last ``WINDOW`` seconds
 is kept.  A step that is not slower than the one kept costs a comparison; the others cost a
@@ -20,6 +22,7 @@ import contextvars
 import functools
 import gc
 import importlib.util
+import sys
 import time
 from types import ModuleType
 from typing import Any
@@ -33,6 +36,7 @@ __all__ = [
     "SLOW",
     "WINDOW",
     "Sampler",
+    "span_ids",
     "tracing_api",
 ]
 
@@ -75,16 +79,20 @@ def _task_context(task: Any) -> contextvars.Context | None:
     return None
 
 
-def _span_ids(trace_api: ModuleType, task: Any) -> tuple[str, str] | None:
-    """The ids of the recording span current in ``task``, if any."""
+def span_ids(trace_api: ModuleType, task: Any) -> tuple[str, str] | None:
+    """The ids of the recording span current in ``task``, if any.  Reads the task's context
+    without entering it, so it works at the end of a step (the loop back in its own context)
+    and from another thread while the step runs (the watchdog's)."""
     context = _task_context(task)
     if context is None:
         return None
-    try:
-        span = context.run(trace_api.get_current_span)
-    except RuntimeError:
-        # The context is entered already: this is the task's own step, still inside it.
-        span = trace_api.get_current_span()
+    otel_context_type = sys.modules["opentelemetry.context"].Context  # trace imports it
+    for value in list(context.values()):
+        if isinstance(value, otel_context_type):
+            span = trace_api.get_current_span(value)
+            break
+    else:
+        return None
     if not span.is_recording():
         return None
     span_context = span.get_span_context()
@@ -104,10 +112,16 @@ class Sampler:
         self.budget: dict[int, tuple[float, int]] = {}
 
     def offer(
-        self, kept: dict[int, StepExemplar], keys: tuple[int, ...], task: Any, duration: float
+        self,
+        kept: dict[int, StepExemplar],
+        keys: tuple[int, ...],
+        task: Any,
+        duration: float,
+        seen: tuple[str, str] | None = None,
     ) -> None:
         """A step of ``task`` that ran for ``duration`` seconds: keep it under each of
-        ``keys`` where it is the slowest recent one and a recording span was current."""
+        ``keys`` where it is the slowest recent one and a recording span was current (at its
+        end, or ``seen`` while it ran: the span a slow step ended before it returned)."""
         now = time.time()
         wanted = [
             key
@@ -127,7 +141,7 @@ class Sampler:
             if used >= LOOKUPS_PER_WINDOW:
                 return
             self.budget[key] = (start, used + 1)
-        ids = _span_ids(self.trace_api, task)
+        ids = span_ids(self.trace_api, task) or seen
         if ids is None:
             return
         exemplar = StepExemplar(ids[0], ids[1], duration, now)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from . import _gilreader, _hotpath
 from ._describe import TASK_TYPES
-from ._exemplars import EXEMPLAR_FLOOR, SLOW, Sampler, tracing_api
+from ._exemplars import EXEMPLAR_FLOOR, SLOW, Sampler, span_ids, tracing_api
 from ._log import logger
 from ._stacks import application_location
 from ._stats import BUCKETS, UNKNOWN_LOCATION, LoopStats, SeriesBook
@@ -148,6 +148,9 @@ class LoopProbe:
         )
         #: Exemplars, when opentelemetry-api is there to find the steps' spans.
         self.exemplar_sampler: Sampler | None = None
+        #: Written by the watchdog: (step start, span ids) of the span current in a slow
+        #: step's task while it ran.
+        self.step_span: tuple[float, tuple[str, str]] | None = None
         trace_api = tracing_api()
         if trace_api is not None:
             self.exemplar_sampler = Sampler(trace_api)
@@ -241,12 +244,32 @@ class LoopProbe:
         """A task step at or over the exemplar floor, under the slow threshold."""
         self._exemplar(task, duration, (bisect_left(BUCKETS, duration),))
 
-    def _exemplar(self, task: object, duration: float, keys: tuple[int, ...]) -> None:
+    def note_span(self, start: float, callback: object) -> None:
+        """From the watchdog, while a long step that started at ``start`` runs: note the
+        span current in its task (the step may end it before it returns)."""
+        sampler = self.exemplar_sampler
+        if sampler is None:
+            return
+        task = getattr(callback, "__self__", None)
+        if not isinstance(task, TASK_TYPES):
+            return
+        try:
+            ids = span_ids(sampler.trace_api, task)
+        except Exception:
+            return  # the task changed under us: no exemplar from this look
+        if ids is not None:
+            self.step_span = (start, ids)
+
+    def _exemplar(
+        self, task: object, duration: float, keys: tuple[int, ...], start: float = 0.0
+    ) -> None:
         sampler = self.exemplar_sampler
         if sampler is None or task is None:
             return
+        noted = self.step_span
+        seen = noted[1] if noted is not None and noted[0] == start else None
         try:
-            sampler.offer(self.stats.exemplars, keys, task, duration)
+            sampler.offer(self.stats.exemplars, keys, task, duration, seen)
         except Exception as exc:
             # Never the application's concern: no more exemplars from this loop.
             self.exemplar_sampler = None
@@ -258,7 +281,7 @@ class LoopProbe:
         stats = self.stats
         stats.slow_callbacks += 1
         stats.blocked_seconds += duration
-        self._exemplar(task, duration, (bisect_left(BUCKETS, duration), SLOW))
+        self._exemplar(task, duration, (bisect_left(BUCKETS, duration), SLOW), start)
         sample = self.sample
         if sample is not None and sample[0] == start:
             stack, location = sample[1], sample[2]

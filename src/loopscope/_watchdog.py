@@ -225,6 +225,9 @@ class Watchdog:
                 continue  # the step ended while we looked
             stack = format_stack(frame)
             location = application_location(stack)
+            sample = probe.sample
+            if sample is None or sample[0] != start:
+                probe.note_span(start, callback)
             self._note_sample(probe, start, stack, location)
             self._maybe_report(probe, start, elapsed, callback, stack, location)
 
