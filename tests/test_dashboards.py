@@ -325,6 +325,24 @@ class TestQueries:
                 assert "by (le)" in target["expr"]
                 assert target["legendFormat"] == "{{le}}"
 
+    def test_callback_duration_shows_exemplars(self, dashboard: dict[str, Any]) -> None:
+        """The callback-duration heatmap asks for exemplars, on the exported buckets (a
+        recording rule's series carries none)."""
+        panels = [
+            p
+            for p in query_panels(dashboard)
+            if any("callback_duration_seconds_bucket" in t["expr"] for t in p["targets"])
+            and p["type"] == "heatmap"
+        ]
+        assert panels
+        for panel in panels:
+            targets = [t for t in panel["targets"] if t.get("exemplar") is True]
+            assert targets, panel["title"]
+            for target in targets:
+                assert metric_names(target["expr"]) == {
+                    "asyncio_loop_callback_duration_seconds_bucket"
+                }, target["expr"]
+
     def test_expressions_parse(
         self, dashboard: dict[str, Any], promtool: str, tmp_path: Path
     ) -> None:

@@ -49,8 +49,8 @@ class TestExemplars:
 
     def test_traced_steps_link_to_their_traces(self, registry: CollectorRegistry, run: Run) -> None:
         """The slow traced step is the slow counter's exemplar and its bucket's, although
-        its span ended before the step did; a shorter traced step is its own bucket's; an even slower step without a span is none's; the
-        text format shows no exemplar."""
+        its span ended before the step did; a shorter traced step is its own bucket's; an
+        even slower step without a span is none's; the text format shows no exemplar."""
         tracer = TracerProvider().get_tracer("test")
         loopscope.install(registry=registry, slow_threshold=THRESHOLD)
         traces: dict[str, str] = {}
