@@ -30,7 +30,17 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-WORKLOADS = ("storm", "callbacks", "http", "peers", "accuracy", "scrape", "memory")
+WORKLOADS = (
+    "storm",
+    "callbacks",
+    "http",
+    "peers",
+    "accuracy",
+    "scrape",
+    "memory",
+    "exemplars",
+    "http-traced",
+)
 PEERS = ("debug", "aiodebug", "aiocop", "pyleak", "monitored-ioloop")
 #: Peers that only instrument asyncio's own loop.
 ASYNCIO_ONLY = {"debug", "aiodebug"}
@@ -395,11 +405,61 @@ def _wrk(port: int, seconds: int, connections: int) -> dict[str, Any]:
     raise RuntimeError(f"wrk failed: {proc.stdout[-300:]} {proc.stderr[-300:]}")
 
 
-def wl_http(args: argparse.Namespace, report: Report) -> None:
+def wl_exemplars(args: argparse.Namespace, report: Report) -> None:
+    """What exemplars cost: the task-step storm (steps far under the exemplar floor) and a
+    storm of 1.2 ms steps (every one over it), each with and without a span per task, in
+    fresh processes side by side; loopscope's ratio to the uninstrumented loop with tracing
+    off and on, and with tracing on but no OpenTelemetry for loopscope to find."""
+    tasks = 20 if args.quick else 50
+    for storm, steps in (
+        ("tasks", 300 if args.quick else 2000),
+        ("ms-steps", 10 if args.quick else 40),
+    ):
+        for loop in ("uvloop", "asyncio"):
+            spec = {
+                "kind": "storm",
+                "storm": storm,
+                "loop": loop,
+                "width": tasks,
+                "length": steps,
+                "reps": 2 if args.quick else 5,
+                "budget": 1.0 if args.quick else 3.0,
+            }
+            variants = [
+                "base",
+                "loopscope",
+                "base+trace",
+                "loopscope+trace",
+                "loopscope-no-otel+trace",
+            ]
+            key = f"exemplars-{storm}-{loop}"
+            per = side_by_side(args.python, spec, variants, args.rounds, report, key)
+            label = f"5 exemplars: {storm} storm {tasks}x{steps}"
+            for variant, base in (
+                ("loopscope", "base"),
+                ("loopscope+trace", "base+trace"),
+                ("loopscope-no-otel+trace", "base+trace"),
+            ):
+                if not per.get(variant) or not per.get(base):
+                    report.add(label, loop, variant, "failed (see notes)")
+                    continue
+                ns, base_ns = statistics.median(per[variant]), statistics.median(per[base])
+                report.add(
+                    label,
+                    loop,
+                    f"{variant} / {base}",
+                    f"{ns:.0f} ns/step",
+                    f"{ns / base_ns:.3f}x",
+                    f"{ns - base_ns:+.0f} ns",
+                )
+
+
+def wl_http(args: argparse.Namespace, report: Report, traced: bool = False) -> None:
     """One server process per round, switching between uninstrumented and instrumented
     (benchmarks/http_server.py, alternate mode) between wrk runs: the ratio is taken pair
     by pair within a process, because request rates of fresh server processes differed by
-    up to 40% from one another on this machine, which swamps a 2% budget."""
+    up to 40% from one another on this machine, which swamps a 2% budget.  ``traced``:
+    every request in an OpenTelemetry span (both variants)."""
     if shutil.which("wrk") is None:
         report.add("3 HTTP (aiohttp, uvloop)", "uvloop", "-", "wrk not found", result="n/a")
         return
@@ -410,6 +470,8 @@ def wl_http(args: argparse.Namespace, report: Report) -> None:
     ratios: list[float] = []
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.pop("LOOPSCOPE_PURE_PYTHON", None)
+    if traced:
+        env["BENCH_TRACE"] = "1"
     for r in range(args.rounds):
         port = _free_port()
         server = subprocess.Popen(
@@ -447,11 +509,13 @@ def wl_http(args: argparse.Namespace, report: Report) -> None:
             except subprocess.TimeoutExpired:
                 server.kill()
                 server.wait()
-    report.raw["http"] = {**results, "ratios": ratios}
+    report.raw["http-traced" if traced else "http"] = {**results, "ratios": ratios}
     if not results["none"] or not results["loopscope"]:
         report.add("3 HTTP (aiohttp, uvloop)", "uvloop", "-", "failed (see notes)")
         return
     label = f"3 HTTP aiohttp, wrk {seconds} s, {args.rounds}x{pairs} pairs, {connections} conn"
+    if traced:
+        label += ", a span per request"
 
     def med(variant: str, key: str) -> float:
         return statistics.median(x[key] for x in results[variant])
@@ -653,6 +717,10 @@ def main(argv: list[str] | None = None) -> int:
         wl_callbacks(args, report)
     if "http" in chosen:
         wl_http(args, report)
+    if "http-traced" in chosen:
+        wl_http(args, report, traced=True)
+    if "exemplars" in chosen:
+        wl_exemplars(args, report)
     if "accuracy" in chosen:
         wl_accuracy(args, report)
     if "scrape" in chosen:

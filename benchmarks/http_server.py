@@ -1,6 +1,7 @@
 """The HTTP service of workload 3: aiohttp on uvloop, with loopscope installed or not.
 
 ``python -m benchmarks.http_server PORT {none,loopscope}``; prints READY when listening.
+With ``BENCH_TRACE=1`` in its environment, every request runs in an OpenTelemetry span.
 
 ``python -m benchmarks.http_server PORT alternate`` serves uninstrumented first and then
 reads ``none`` or ``loopscope`` lines on its standard input: each closes the listening site,
@@ -13,7 +14,9 @@ measured in one process, whose memory layout no longer tells them apart.
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
+from typing import Any
 
 import uvloop
 from aiohttp import web
@@ -22,6 +25,19 @@ from aiohttp import web
 async def hello(request: web.Request) -> web.Response:
     await asyncio.sleep(0)  # one extra task step per request, like a handler that awaits
     return web.Response(text="hello, world\n")
+
+
+def traced(handler: Any) -> Any:
+    """``handler`` in a span of the OpenTelemetry SDK per request."""
+    from opentelemetry.sdk.trace import TracerProvider
+
+    tracer = TracerProvider().get_tracer("benchmarks")
+
+    async def in_span(request: web.Request) -> web.Response:
+        with tracer.start_as_current_span("GET /"):
+            return await handler(request)  # type: ignore[no-any-return]
+
+    return in_span
 
 
 def install() -> None:
@@ -41,7 +57,8 @@ async def open_site(runner: web.AppRunner, port: int) -> web.TCPSite:
 
 async def serve(port: int, alternate: bool) -> None:
     app = web.Application()
-    app.router.add_get("/", hello)
+    # BENCH_TRACE=1: every request in a span (the OpenTelemetry SDK's).
+    app.router.add_get("/", traced(hello) if os.environ.get("BENCH_TRACE") == "1" else hello)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = await open_site(runner, port)

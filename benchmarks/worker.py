@@ -47,10 +47,23 @@ class Setup:
     """Prepares one variant: the loop it runs on and what wraps the measured coroutine."""
 
     def __init__(self, variant: str, kind: str) -> None:
+        global TRACER
         self.variant = variant
         self.kind = kind
         self.info: dict[str, Any] = {}
         self.wrap: Callable[[Awaitable[Any]], Awaitable[Any]] | None = None
+        # "<variant>+trace": every task of the storm runs in a span of the OpenTelemetry SDK.
+        if variant.endswith("+trace"):
+            from opentelemetry.sdk.trace import TracerProvider
+
+            TRACER = TracerProvider().get_tracer("benchmarks")
+            variant = variant.removesuffix("+trace")
+        if variant == "loopscope-no-otel":
+            # As where opentelemetry-api is not installed: no exemplars are looked for.
+            from loopscope import _probe
+
+            _probe.tracing_api = lambda: None  # type: ignore[assignment]
+            variant = "loopscope"
         if variant in ("loopscope", "loopscope-pure"):
             from prometheus_client import CollectorRegistry
 
@@ -101,12 +114,40 @@ class Setup:
 # --- workloads 1 and 2 -------------------------------------------------------------------
 
 
+#: The tracer of the ``+trace`` variants (the OpenTelemetry SDK's), else None.
+TRACER: Any = None
+#: Seconds each step of the ms-step storm runs: just over loopscope's exemplar floor, so
+#: that with tracing every step is offered for an exemplar.
+MS_STEP = 0.0012
+
+
 async def task_storm(tasks: int, steps: int) -> None:
     async def worker() -> None:
         for _ in range(steps):
             await asyncio.sleep(0)
 
-    await asyncio.gather(*(worker() for _ in range(tasks)))
+    await asyncio.gather(*(_traced(worker()) for _ in range(tasks)))
+
+
+async def _traced(coro: Awaitable[None]) -> None:
+    if TRACER is None:
+        await coro
+        return
+    with TRACER.start_as_current_span("task"):
+        await coro
+
+
+async def ms_step_storm(tasks: int, steps: int) -> None:
+    """Tasks whose every step runs MS_STEP seconds (a busy wait)."""
+
+    async def worker() -> None:
+        for _ in range(steps):
+            until = time.perf_counter() + MS_STEP
+            while time.perf_counter() < until:
+                pass
+            await asyncio.sleep(0)
+
+    await asyncio.gather(*(_traced(worker()) for _ in range(tasks)))
 
 
 async def callback_storm(chains: int, length: int) -> None:
@@ -147,6 +188,7 @@ async def timer_storm(chains: int, length: int) -> None:
 
 STORMS: dict[str, Callable[[int, int], Awaitable[None]]] = {
     "tasks": task_storm,
+    "ms-steps": ms_step_storm,
     "callbacks": callback_storm,
     "timers": timer_storm,
 }
