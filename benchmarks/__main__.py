@@ -434,7 +434,7 @@ def wl_exemplars(args: argparse.Namespace, report: Report) -> None:
             ]
             key = f"exemplars-{storm}-{loop}"
             per = side_by_side(args.python, spec, variants, args.rounds, report, key)
-            label = f"5 exemplars: {storm} storm {tasks}x{steps}"
+            label = f"7 exemplars: {storm} storm {tasks}x{steps}"
             for variant, base in (
                 ("loopscope", "base"),
                 ("loopscope+trace", "base+trace"),
