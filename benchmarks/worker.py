@@ -62,7 +62,7 @@ class Setup:
             # As where opentelemetry-api is not installed: no exemplars are looked for.
             from loopscope import _probe
 
-            _probe.tracing_api = lambda: None  # type: ignore[assignment]
+            _probe.tracing_installed = lambda: False  # type: ignore[assignment]
             variant = "loopscope"
         if variant in ("loopscope", "loopscope-pure"):
             from prometheus_client import CollectorRegistry

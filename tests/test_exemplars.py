@@ -134,9 +134,19 @@ class TestExemplars:
         recorder.flush(stats)
 
 
-def test_import_loads_no_opentelemetry() -> None:
-    """Importing loopscope imports no OpenTelemetry package."""
-    code = "import sys, loopscope; print(sorted(m for m in sys.modules if 'opentelemetry' in m))"
+def test_loopscope_imports_no_opentelemetry() -> None:
+    """Neither importing loopscope nor instrumenting and running a loop with steps long
+    enough to be offered imports an OpenTelemetry package: only an application that traces
+    does."""
+    code = (
+        "import asyncio, sys, time, loopscope\n"
+        "loopscope.install()\n"
+        "async def main():\n"
+        "    time.sleep(0.002)\n"
+        "    await asyncio.sleep(0)\n"
+        "asyncio.run(main())\n"
+        "print(sorted(m for m in sys.modules if 'opentelemetry' in m))\n"
+    )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )

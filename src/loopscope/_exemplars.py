@@ -1,6 +1,6 @@
 """Exemplars: the trace of a task step that landed in a callback-duration bucket, or was slow.
 
-When ``opentelemetry-api`` is importable, the hot path offers the probe the task steps that
+When ``opentelemetry-api`` is installed, the hot path offers the probe the task steps that
 ran for ``EXEMPLAR_FLOOR`` or longer (one comparison per step, made anyway for the slow
 threshold); shorter steps are never looked at.  For an offered step, the probe asks
 :func:`take` for the span that was current in the task: OpenTelemetry keeps it in a
@@ -38,6 +38,7 @@ __all__ = [
     "Sampler",
     "span_ids",
     "tracing_api",
+    "tracing_installed",
 ]
 
 #: Task steps shorter than this (seconds) never carry an exemplar: following a sub-millisecond
@@ -50,17 +51,19 @@ SLOW = -1
 
 
 @functools.cache
-def tracing_api() -> ModuleType | None:
-    """``opentelemetry.trace``, when ``opentelemetry-api`` is installed (imported on first
-    use, never by importing loopscope)."""
+def tracing_installed() -> bool:
+    """Whether ``opentelemetry-api`` is installed (looked up once, never imported here)."""
     try:
-        if importlib.util.find_spec("opentelemetry") is None:
-            return None
-        import opentelemetry.trace as trace_api
+        return importlib.util.find_spec("opentelemetry") is not None
+    except (ImportError, ValueError):
+        return False
 
-        return trace_api
-    except Exception:
-        return None
+
+def tracing_api() -> ModuleType | None:
+    """``opentelemetry.trace`` once the application has imported it: a service that traces
+    has, and loopscope never imports it (about 0.2 s on the loop's thread, for nothing in a
+    service that does not trace)."""
+    return sys.modules.get("opentelemetry.trace")
 
 
 def _task_context(task: Any) -> contextvars.Context | None:
@@ -104,10 +107,9 @@ def span_ids(trace_api: ModuleType, task: Any) -> tuple[str, str] | None:
 class Sampler:
     """The exemplars of one loop, written by its thread only."""
 
-    __slots__ = ("budget", "trace_api")
+    __slots__ = ("budget",)
 
-    def __init__(self, trace_api: ModuleType) -> None:
-        self.trace_api = trace_api
+    def __init__(self) -> None:
         #: Per key: (start of its lookup window, monotonic seconds; lookups in it).
         self.budget: dict[int, tuple[float, int]] = {}
 
@@ -130,7 +132,8 @@ class Sampler:
             or now - held.timestamp >= WINDOW
             or duration > held.duration
         ]
-        if not wanted:
+        trace_api = tracing_api()
+        if not wanted or trace_api is None:
             return
         if SLOW not in keys:  # slow steps are rare and costly already: never rationed
             monotonic = time.monotonic()
@@ -141,7 +144,7 @@ class Sampler:
             if used >= LOOKUPS_PER_WINDOW:
                 return
             self.budget[key] = (start, used + 1)
-        ids = span_ids(self.trace_api, task) or seen
+        ids = span_ids(trace_api, task) or seen
         if ids is None:
             return
         exemplar = StepExemplar(ids[0], ids[1], duration, now)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from . import _gilreader, _hotpath
 from ._describe import TASK_TYPES
-from ._exemplars import EXEMPLAR_FLOOR, SLOW, Sampler, span_ids, tracing_api
+from ._exemplars import EXEMPLAR_FLOOR, SLOW, Sampler, span_ids, tracing_api, tracing_installed
 from ._log import logger
 from ._stacks import application_location
 from ._stats import BUCKETS, UNKNOWN_LOCATION, LoopStats, SeriesBook
@@ -151,9 +151,8 @@ class LoopProbe:
         #: Written by the watchdog: (step start, span ids) of the span current in a slow
         #: step's task while it ran.
         self.step_span: tuple[float, tuple[str, str]] | None = None
-        trace_api = tracing_api()
-        if trace_api is not None:
-            self.exemplar_sampler = Sampler(trace_api)
+        if tracing_installed():
+            self.exemplar_sampler = Sampler()
             self.recorder.exemplar_floor = EXEMPLAR_FLOOR
         self._attach(self.fixed_name or threading.current_thread().name)
 
@@ -247,14 +246,14 @@ class LoopProbe:
     def note_span(self, start: float, callback: object) -> None:
         """From the watchdog, while a long step that started at ``start`` runs: note the
         span current in its task (the step may end it before it returns)."""
-        sampler = self.exemplar_sampler
-        if sampler is None:
+        trace_api = tracing_api()
+        if self.exemplar_sampler is None or trace_api is None:
             return
         task = getattr(callback, "__self__", None)
         if not isinstance(task, TASK_TYPES):
             return
         try:
-            ids = span_ids(sampler.trace_api, task)
+            ids = span_ids(trace_api, task)
         except Exception:
             return  # the task changed under us: no exemplar from this look
         if ids is not None:
