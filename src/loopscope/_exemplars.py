@@ -3,7 +3,7 @@
 When ``opentelemetry-api`` is installed, the hot path offers the probe the task steps that
 ran for ``EXEMPLAR_FLOOR`` or longer (one comparison per step, made anyway for the slow
 threshold); shorter steps are never looked at.  For an offered step, the probe asks
-:func:`take` for the span that was current in the task: OpenTelemetry keeps it in a
+:func:`span_ids` for the span that was current in the task: OpenTelemetry keeps it in a
 context variable, and at the end of a step the loop is back in its own context, so the
 task's context is read (``Task.get_context()`` on 3.12+, ``_context`` on a Python task, the
 context the C task holds on 3.10 and 3.11) and the span looked up inside it.  A request
@@ -12,8 +12,10 @@ steps, the watchdog notes the span while the step runs, when it takes the stack.
 
 Per bucket (and for the slow-step counter) the slowest step of the last ``WINDOW`` seconds
 is kept.  A step that is not slower than the one kept costs a comparison; the others cost a
-span lookup, at most ``LOOKUPS_PER_WINDOW`` per bucket per window, so a storm of 2 ms steps
-without tracing costs a few lookups every few seconds, not one per step.
+span lookup, at most ``LOOKUPS_PER_WINDOW`` per bucket per window (slow steps aside), so a
+storm of 2 ms steps outside any span costs a few lookups every few seconds, not one per
+step.  OpenTelemetry is never imported here: until the application has imported
+``opentelemetry.trace`` there is no span to find, and an offered step costs a dict lookup.
 """
 
 from __future__ import annotations
