@@ -17,6 +17,8 @@ import pytest
 import loopscope
 
 PACKAGE = "loopscope"
+#: The public layer's modules, which may import the installation.
+PUBLIC = ("_apps", "_factories", "_run", "otel", "testing")
 SOURCE = Path(loopscope.__file__).resolve().parent
 
 
@@ -151,14 +153,14 @@ class TestImportGraph:
         importers = {
             name for name, targets in graph.items() if "loopscope._installation" in targets
         }
-        public = {f"{PACKAGE}.{name}" for name in ("_apps", "_factories", "_run", "testing")}
+        public = {f"{PACKAGE}.{name}" for name in PUBLIC}
         assert importers <= {PACKAGE, *public}
 
     def test_not_even_for_type_checking(self) -> None:
         """Below the public layer the installation is not named even in type hints: the
         probe and the watchdog declare the narrow context they need (``ProbeContext``,
         ``WatchContext``), which the installation satisfies."""
-        public = {f"{PACKAGE}.{name}" for name in ("_apps", "_factories", "_run", "testing")}
+        public = {f"{PACKAGE}.{name}" for name in PUBLIC}
         naming = []
         for name, path in _modules().items():
             if name in public or name in (PACKAGE, f"{PACKAGE}._installation"):

@@ -104,6 +104,7 @@ def _choices(words: set[str]) -> tuple[st.SearchStrategy[Any], st.SearchStrategy
 
 
 _SWITCH = {"1", "0", "true", "false", "yes", "no", "on", "off"}
+_OTEL_WORDS = {"1", "true", "yes", "on", "0", "false", "no", "off"}
 
 INVALID: dict[str, tuple[st.SearchStrategy[Any], st.SearchStrategy[str] | None]] = {
     "slow_threshold": _seconds(3600.0),
@@ -161,6 +162,15 @@ INVALID: dict[str, tuple[st.SearchStrategy[Any], st.SearchStrategy[str] | None]]
             st.lists(st.one_of(_objects, st.integers()), min_size=1, max_size=3),
         ),
         None,
+    ),
+    "otel": (
+        st.one_of(
+            st.text(max_size=8).filter(lambda t: t.strip().lower() not in _OTEL_WORDS),
+            st.integers(),
+            st.floats(),
+            st.just(object()),
+        ),
+        st.text(max_size=8).filter(lambda t: t.strip().lower() not in _OTEL_WORDS),
     ),
     "tls_certfile": (st.one_of(_missing_path, st.integers(), st.just("a\x00b")), _missing_path),
     "tls_keyfile": (st.one_of(_missing_path, st.integers(), st.just("a\x00b")), _missing_path),

@@ -312,6 +312,7 @@ BAD_VALUES = {
     "--tls-certfile": "/nonexistent-loopscope/cert.pem",
     "--tls-keyfile": "/nonexistent-loopscope/key.pem",
     "--tls-client-cafile": "/nonexistent-loopscope/ca.pem",
+    "--otel": "maybe",
     "--basic-auth-username": "a:b",
     "--basic-auth-password-file": "/nonexistent-loopscope/password",
 }

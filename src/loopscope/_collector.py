@@ -52,13 +52,14 @@ class LoopCollector(Collector):
 
     def collect(self) -> Iterable[Metric]:
         try:
-            figures = self._read()
+            figures = self.read()
         except Exception as exc:
             self.report_fault("collecting loop metrics", exc)
             return []
         return list(families(figures))
 
-    def _read(self) -> Figures:
+    def read(self) -> Figures:
+        """The figures of this process now (the OpenTelemetry export reads them too)."""
         book = self.book
         with book.lock:
             loops = {label: s.snapshot(book.max_locations) for label, s in book.series.items()}

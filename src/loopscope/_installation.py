@@ -24,7 +24,7 @@ import time
 import weakref
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client.registry import Collector, CollectorRegistry
 
@@ -47,6 +47,9 @@ from ._prometheus_files import PrometheusFiles, directory_from_environment
 from ._server import MetricsServer
 from ._stats import LoopStats, SeriesBook
 from ._watchdog import Watchdog
+
+if TYPE_CHECKING:
+    from ._otel import OtelExport
 
 __all__ = ["Installation", "current", "install", "instrument", "uninstall"]
 
@@ -131,6 +134,8 @@ class Installation:
         self._share_lock = threading.Lock()
         #: The figures written for prometheus_client's multiprocess mode, when it is on.
         self.prometheus_files: PrometheusFiles | None = None
+        #: loopscope's OpenTelemetry instruments, once export to OpenTelemetry is on.
+        self.otel: OtelExport | None = None
 
     # --- starting and stopping -----------------------------------------------------------
 
@@ -158,6 +163,28 @@ class Installation:
         self.prometheus_files = PrometheusFiles.start_from_environment(
             self.collector.collect, self.report_fault
         )
+        if self.options.otel is not False:
+            try:
+                self.export_to_otel(None if self.options.otel is True else self.options.otel)
+            except Exception as exc:
+                self.report_fault("starting the OpenTelemetry export", exc)
+
+    def export_to_otel(self, meter_provider: Any = None) -> None:
+        """Also export this process's figures as OpenTelemetry instruments on
+        ``meter_provider`` (default: the global one).  Once: a later call does nothing.
+        Needs ``opentelemetry-api`` (and ``opentelemetry-sdk`` for the histograms)."""
+        if self.otel is not None:
+            return
+        from ._otel import OtelExport
+
+        self.otel = OtelExport(self.collector.read, self.report_fault, meter_provider)
+
+    def stop_otel_export(self) -> None:
+        """Stop reporting figures to OpenTelemetry (the instruments stay on their meter, as
+        the OpenTelemetry API has no way to remove them, but report nothing)."""
+        if self.otel is not None:
+            self.otel.stop()
+            self.otel = None
 
     def share_figures(self, directory: str | None = None) -> ProcessFiles | None:
         """Merge this process's figures with those of the other processes writing to
@@ -292,6 +319,7 @@ class Installation:
         if self.prometheus_files is not None:
             self.prometheus_files.stop()
             self.prometheus_files = None
+        self.stop_otel_export()
         if self.release_claim is not None:
             self.release_claim()
             self.release_claim = None
@@ -542,6 +570,9 @@ def install(**options: Any) -> Installation:
                 )
             for instrument in resolved.instruments:
                 installation.add_instrument(instrument)
+            if resolved.otel is not False and installation.otel is None:
+                # Like instruments, OpenTelemetry export can be added to a running installation.
+                installation.export_to_otel(None if resolved.otel is True else resolved.otel)
         installation.patch_constructors()
         loop = _running_loop()
         if loop is not None:

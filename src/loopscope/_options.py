@@ -11,6 +11,7 @@ behind.
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 import os
 import re
@@ -47,6 +48,7 @@ _MEASUREMENT = "measurement"
 _ENDPOINT = "/metrics endpoint"
 _PROCESSES = "worker processes"
 _EVENTS = "events and logs"
+_EXPORT = "OpenTelemetry"
 
 
 def _about(
@@ -202,6 +204,16 @@ class Options:
         compare=False,
         metadata=_about(
             "prometheus_client registry the collector is registered on", variable=False
+        ),
+    )
+    otel: object = field(
+        default=False,
+        metadata=_about(
+            "also export the figures as OpenTelemetry metrics: true (the global "
+            "MeterProvider) or false; in Python, also a MeterProvider to use (needs the "
+            "otel extra: pip install 'loopscope[otel]')",
+            metavar="BOOL",
+            group=_EXPORT,
         ),
     )
     tls_certfile: str | None = field(
@@ -406,6 +418,40 @@ def _parse_registry(name: str, raw: object) -> CollectorRegistry:
     return raw
 
 
+def _importable(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def _parse_otel(name: str, raw: object) -> object:
+    if isinstance(raw, str):
+        word = raw.strip().lower()
+        if word not in _TRUE + _FALSE:
+            raise ConfigError(
+                f"{name} must be true or false ({', '.join(_TRUE + _FALSE)}); got {raw!r}"
+            )
+        raw = word in _TRUE
+    if raw is None:
+        raw = False
+    if not isinstance(raw, bool) and not callable(getattr(raw, "get_meter", None)):
+        raise ConfigError(
+            f"{name} must be true, false or an OpenTelemetry MeterProvider; got {raw!r}"
+        )
+    if raw is not False and not _importable("opentelemetry.metrics"):
+        raise ConfigError(
+            f"{name} needs the OpenTelemetry packages, which are not installed: "
+            "pip install 'loopscope[otel]'"
+        )
+    return raw
+
+
 def _parse_file(name: str, raw: object) -> str | None:
     if raw is None:
         return None
@@ -454,6 +500,7 @@ _PARSERS: dict[str, Callable[[str, object], Any]] = {
     "max_executor_labels": _parse_label_cap,
     "multiprocess_dir": _parse_directory,
     "registry": _parse_registry,
+    "otel": _parse_otel,
     "tls_certfile": _parse_file,
     "tls_keyfile": _parse_file,
     "tls_client_cafile": _parse_file,
