@@ -121,8 +121,9 @@ class TestSameFiguresAsPrometheus:
             for name, family in COUNTERS.items():
                 point = _main_loop(seen[name])
                 assert point.value == pytest.approx(sample(registry, family, loop="MainThread"))
+        # Each _work() blocks once; a loaded machine can make another step slow too.
         slow = _main_loop(_points(cumulative)["loopscope.eventloop.slow_steps"])
-        assert slow.value == 2
+        assert slow.value >= 2
 
     def test_executor_figures(
         self, run: Run, registry: CollectorRegistry, readers: list[InMemoryMetricReader]
