@@ -1,10 +1,11 @@
 """A small instrumented service for the OpenTelemetry export tests.
 
-``python tests/otel_service.py asyncio|uvloop code ENDPOINT``: sets up the OpenTelemetry
-SDK with its OTLP/HTTP metric exporter (an export every 100 ms) pointed at ENDPOINT,
-installs loopscope with ``otel=True``, runs the work below and shuts the SDK down, which
-exports once more.  ``... zero-code``: only the work; ``opentelemetry-instrument`` is
-expected to have set up everything (configured by ``OTEL_*`` variables).
+``python tests/otel_service.py asyncio|uvloop code ENDPOINT``: installs loopscope with
+``otel=True``, then sets up the OpenTelemetry SDK as the global provider with its OTLP/HTTP
+metric exporter (an export every 100 ms) pointed at ENDPOINT, runs the work below and
+shuts the SDK down, which exports once more.  ``... zero-code``: only the work;
+``opentelemetry-instrument`` is expected to have set up everything (configured by
+``OTEL_*`` variables).
 
 The work lasts about a second: many short task steps, one step that blocks the loop for
 60 ms (over the 50 ms slow threshold), and calls in a thread pool.
@@ -34,6 +35,12 @@ def main() -> None:
     kind, mode = sys.argv[1], sys.argv[2]
     provider = None
     if mode == "code":
+        # loopscope first, the SDK second: its instruments are made on the API's proxy
+        # provider and must report once the SDK's provider is set.
+        import loopscope
+
+        loopscope.install(otel=True, slow_threshold=0.05)
+
         from opentelemetry import metrics
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
         from opentelemetry.sdk.metrics import MeterProvider
@@ -47,10 +54,6 @@ def main() -> None:
             metric_readers=[reader], resource=Resource({"service.name": f"code-{kind}"})
         )
         metrics.set_meter_provider(provider)
-
-        import loopscope
-
-        loopscope.install(otel=True, slow_threshold=0.05)
     if kind == "uvloop":
         import uvloop
 

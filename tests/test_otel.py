@@ -215,6 +215,78 @@ class TestLifeCycle:
         ]
 
 
+class TestOtherProviders:
+    """A provider whose histograms are not the SDK's still gets counters and gauges."""
+
+    def test_histograms_not_from_the_sdk(
+        self, run: Run, registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """Histograms it cannot hand buckets to are reported once and left out; the
+        counters go on."""
+        reader = InMemoryMetricReader()
+        sdk = MeterProvider(metric_readers=[reader])
+
+        class Plain:
+            def record(self, *args: Any, **kwargs: Any) -> None:
+                raise AssertionError("no value should be recorded one by one")
+
+        class Meter:
+            def __init__(self, meter: Any) -> None:
+                self.meter = meter
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(self.meter, name)
+
+            def create_histogram(self, *args: Any, **kwargs: Any) -> Plain:
+                return Plain()
+
+        class Provider:
+            def get_meter(self, *args: Any, **kwargs: Any) -> Meter:
+                return Meter(sdk.get_meter(*args, **kwargs))
+
+        loopscope.install(registry=registry, otel=Provider())
+        with caplog.at_level(logging.ERROR, logger="loopscope"):
+            for _ in range(2):
+                run(_work)
+                steps = _main_loop(_points(reader)["loopscope.eventloop.task.steps"])
+                wanted = sample(registry, "asyncio_loop_task_steps_total", loop="MainThread")
+                assert steps.value == wanted
+        assert [r.getMessage() for r in caplog.records if r.name == "loopscope"] == [
+            "loopscope: error while handing histograms to OpenTelemetry; that measurement "
+            "is switched off and the application goes on"
+        ]
+        sdk.shutdown()
+
+
+class TestDocs:
+    """docs/opentelemetry.md's table is the table of instruments."""
+
+    def test_table(self) -> None:
+        """Every row: name, instrument, unit, attributes and Prometheus name as made."""
+        kinds = {
+            "histogram": "Histogram",
+            "counter": "ObservableCounter",
+            "updowncounter": "ObservableUpDownCounter",
+            "gauge": "ObservableGauge",
+        }
+        rows = [
+            [cell.strip() for cell in line.strip().strip("|").split("|")]
+            for line in (ROOT / "docs" / "opentelemetry.md").read_text().splitlines()
+            if line.startswith("| `")
+        ]
+        made = [
+            [
+                f"`{spec.name}`",
+                kinds[spec.kind],
+                f"`{spec.unit}`",
+                ", ".join(f"`{key}`" for key in spec.attributes),
+                f"`{spec.prometheus}`",
+            ]
+            for spec in INSTRUMENTS
+        ]
+        assert rows == made
+
+
 class TestOption:
     """The option and its variable."""
 

@@ -215,8 +215,9 @@ class TestOtlpExport:
 
     @pytest.mark.parametrize("kind", ["asyncio", "uvloop"])
     def test_set_up_in_code(self, receiver: Receiver, kind: str) -> None:
-        """install(otel=True) with the global SDK provider: every instrument arrives with
-        its unit, attributes and Prometheus bucket bounds, and counters only grow."""
+        """install(otel=True), then the SDK set up as the global provider: every instrument
+        arrives with its unit, attributes and Prometheus bucket bounds, and counters only
+        grow."""
         _run([sys.executable, str(SERVICE), kind, "code", receiver.endpoint], _environment())
         check_exports(receiver.exports(f"code-{kind}"), kind)
 

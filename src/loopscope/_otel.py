@@ -27,7 +27,7 @@ from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Observation
 
 from ._exposition import Figures
-from ._otel_feed import BucketFeed, FeedUnavailable
+from ._otel_feed import BucketFeed
 from ._stats import BUCKETS, Histogram
 
 __all__ = ["INSTRUMENTS", "LOOP", "OtelExport", "OtelInstrument"]
@@ -214,7 +214,7 @@ class OtelExport:
         self._lock = threading.Lock()
         #: Per (instrument name, attributes): the cumulative histogram already handed over.
         self._handed: dict[tuple[str, tuple[tuple[str, str], ...]], Histogram] = {}
-        self._feed_fault_reported = False
+        self._histograms_on = True
         provider = meter_provider if meter_provider is not None else metrics.get_meter_provider()
         meter = provider.get_meter("loopscope", _version())
         self._feeds: dict[str, BucketFeed] = {}
@@ -276,13 +276,16 @@ class OtelExport:
         with self._lock:
             figures = self.read_figures()
             self.figures = figures
+            if not self._histograms_on:
+                return
             try:
                 for name, label, hist in _histograms(figures):
                     self._hand_over(name, label, hist)
-            except FeedUnavailable as exc:
-                if not self._feed_fault_reported:
-                    self._feed_fault_reported = True
-                    self.report_fault("exporting OpenTelemetry histograms", exc)
+            except Exception as exc:
+                # Counters and gauges go on; the histograms stop (FeedUnavailable: not an
+                # SDK this module knows).
+                self._histograms_on = False
+                self.report_fault("handing histograms to OpenTelemetry", exc)
 
     def _hand_over(self, name: str, attributes: dict[str, str], hist: Histogram) -> None:
         feed = self._feeds[name]
