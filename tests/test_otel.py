@@ -19,6 +19,7 @@ import pytest
 from opentelemetry.sdk.metrics import Histogram, MeterProvider, ObservableCounter
 from opentelemetry.sdk.metrics._internal.instrument import _Histogram
 from opentelemetry.sdk.metrics.export import AggregationTemporality, InMemoryMetricReader
+from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 from prometheus_client import CollectorRegistry
 
 import loopscope
@@ -176,6 +177,26 @@ class TestLifeCycle:
         assert "loopscope.eventloop.task.steps" not in after
         assert _main_loop(after["loopscope.eventloop.callback.duration"]).count == before.count
 
+    def test_installed_again_on_the_same_provider(self, run: Run) -> None:
+        """A later installation on the same provider reports through the instruments the
+        first one made: its own figures, from its own start."""
+        reader = InMemoryMetricReader()
+        provider = MeterProvider(metric_readers=[reader])
+        handed = 0  # callback steps handed to the cumulative histogram so far
+        for _ in range(2):
+            registry = CollectorRegistry()
+            loopscope.install(registry=registry, otel=provider)
+            run(_work)
+            seen = _points(reader)
+            steps = _main_loop(seen["loopscope.eventloop.task.steps"]).value
+            assert steps == sample(registry, "asyncio_loop_task_steps_total", loop="MainThread")
+            name = "loopscope.eventloop.callback.duration"
+            count = sample(registry, f"{LOOP_HISTOGRAMS[name]}_count", loop="MainThread")
+            assert _main_loop(seen[name]).count == handed + count
+            handed += count
+            loopscope.uninstall()
+        provider.shutdown()
+
     def test_instrumentor(self, run: Run, registry: CollectorRegistry) -> None:
         """LoopscopeInstrumentor installs loopscope with the export and uninstrument()
         uninstalls it; on a running installation it adds, then removes, the export only."""
@@ -256,6 +277,32 @@ class TestOtherProviders:
             "is switched off and the application goes on"
         ]
         sdk.shutdown()
+
+    def test_a_view_with_other_buckets(
+        self, run: Run, registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A View that gives a histogram other boundaries turns the histograms off, logged
+        once; the counters go on."""
+        reader = InMemoryMetricReader()
+        view = View(
+            instrument_name="loopscope.eventloop.delay",
+            aggregation=ExplicitBucketHistogramAggregation((0.5, 1.0)),
+        )
+        provider = MeterProvider(metric_readers=[reader], views=[view])
+        loopscope.install(registry=registry, otel=provider)
+        with caplog.at_level(logging.ERROR, logger="loopscope"):
+            for _ in range(2):
+                run(_work)
+                steps = _main_loop(_points(reader)["loopscope.eventloop.task.steps"])
+                wanted = sample(registry, "asyncio_loop_task_steps_total", loop="MainThread")
+                assert steps.value == wanted
+        messages = [r.getMessage() for r in caplog.records if r.name == "loopscope"]
+        assert messages == [
+            "loopscope: error while handing histograms to OpenTelemetry; that measurement "
+            "is switched off and the application goes on"
+        ]
+        assert "another aggregation or other bucket boundaries" in str(caplog.records[0].exc_info)
+        provider.shutdown()
 
 
 class TestDocs:

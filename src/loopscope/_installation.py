@@ -175,9 +175,9 @@ class Installation:
         Needs ``opentelemetry-api`` (and ``opentelemetry-sdk`` for the histograms)."""
         if self.otel is not None:
             return
-        from ._otel import OtelExport
+        from ._otel import export_to
 
-        self.otel = OtelExport(self.collector.read, self.report_fault, meter_provider)
+        self.otel = export_to(meter_provider, self.collector.read, self.report_fault)
 
     def stop_otel_export(self) -> None:
         """Stop reporting figures to OpenTelemetry (the instruments stay on their meter, as

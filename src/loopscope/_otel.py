@@ -16,9 +16,11 @@ Node.js's runtime conventions (``nodejs.eventloop.delay``, ``nodejs.eventloop.ti
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import platform
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +32,7 @@ from ._exposition import Figures
 from ._otel_feed import BucketFeed
 from ._stats import BUCKETS, Histogram
 
-__all__ = ["INSTRUMENTS", "LOOP", "OtelExport", "OtelInstrument"]
+__all__ = ["INSTRUMENTS", "LOOP", "OtelExport", "OtelInstrument", "export_to"]
 
 #: Attribute keys.
 LOOP = "loopscope.loop.name"
@@ -198,24 +200,55 @@ def _version() -> str:
         return "0"
 
 
-class OtelExport:
-    """loopscope's instruments on one ``MeterProvider``, fed from ``read_figures``."""
+#: The export made on each provider.  The SDK hands back the instruments already made
+#: when asked for the same names again (with the callbacks they were made with), so a
+#: later installation attaches to the export of its provider rather than making its own.
+_exports: weakref.WeakKeyDictionary[Any, OtelExport] = weakref.WeakKeyDictionary()
+_exports_lock = threading.Lock()
 
-    def __init__(
-        self,
-        read_figures: Callable[[], Figures],
-        report_fault: Callable[[str, BaseException], None],
-        meter_provider: Any = None,
-    ) -> None:
-        self.read_figures = read_figures
-        self.report_fault = report_fault
-        self.stopped = False
+
+def export_to(
+    meter_provider: Any,
+    read_figures: Callable[[], Figures],
+    report_fault: Callable[[str, BaseException], None],
+) -> OtelExport:
+    """loopscope's instruments on ``meter_provider`` (None: the global provider), reporting
+    the figures ``read_figures`` returns from now on."""
+    provider = meter_provider if meter_provider is not None else metrics.get_meter_provider()
+    with _exports_lock:
+        try:
+            export = _exports.get(provider)
+        except TypeError:  # a provider that takes no weak reference: made anew each time
+            export = None
+        if export is None:
+            export = OtelExport(provider)
+            with contextlib.suppress(TypeError):
+                _exports[provider] = export
+        export.attach(read_figures, report_fault)
+    return export
+
+
+def _no_figures() -> Figures:
+    return Figures()
+
+
+def _no_report(where: str, exc: BaseException) -> None:
+    pass
+
+
+class OtelExport:
+    """loopscope's instruments on one ``MeterProvider``, fed from the figures of the
+    installation attached to them, if any."""
+
+    def __init__(self, provider: Any) -> None:
+        self.read_figures: Callable[[], Figures] = _no_figures
+        self.report_fault: Callable[[str, BaseException], None] = _no_report
+        self.stopped = True
         self.figures = Figures()
         self._lock = threading.Lock()
         #: Per (instrument name, attributes): the cumulative histogram already handed over.
         self._handed: dict[tuple[str, tuple[tuple[str, str], ...]], Histogram] = {}
         self._histograms_on = True
-        provider = meter_provider if meter_provider is not None else metrics.get_meter_provider()
         meter = provider.get_meter("loopscope", _version())
         self._feeds: dict[str, BucketFeed] = {}
         points: dict[str, Callable[[Figures], _Points]] = {
@@ -248,10 +281,25 @@ class OtelExport:
             }[spec.kind]
             make(spec.name, [callback], unit=spec.unit, description=spec.description)
 
+    def attach(
+        self,
+        read_figures: Callable[[], Figures],
+        report_fault: Callable[[str, BaseException], None],
+    ) -> None:
+        """Report the figures ``read_figures`` returns, all of them new to the instruments."""
+        with self._lock:
+            self.read_figures = read_figures
+            self.report_fault = report_fault
+            self._handed.clear()
+            self._histograms_on = True
+            self.stopped = False
+
     def stop(self) -> None:
         """Report nothing from now on (the API cannot take instruments back)."""
-        self.stopped = True
-        self.figures = Figures()
+        with self._lock:
+            self.stopped = True
+            self.read_figures = _no_figures
+            self.figures = Figures()
 
     def _callback(
         self, points: Callable[[Figures], _Points], *, refresh: bool
@@ -274,6 +322,8 @@ class OtelExport:
     def refresh(self) -> None:
         """Read the figures and hand the histograms what they gained since the last time."""
         with self._lock:
+            if self.stopped:
+                return
             figures = self.read_figures()
             self.figures = figures
             if not self._histograms_on:

@@ -57,8 +57,6 @@ class BucketFeed:
         self.instrument = instrument
         self.bounds = tuple(bounds)
         self.values = representative_values(bounds)
-        #: Names of readers' aggregations found with other bounds (a View changed them).
-        self.mismatched: set[str] = set()
 
     def check(self) -> None:
         """Raise :class:`FeedUnavailable` unless whole buckets can be handed over now."""
@@ -76,7 +74,11 @@ class BucketFeed:
             if count > 0:
                 real.record(value, attributes)
                 recorded += value
+        changed = []
         for aggregation in self._aggregations(real, storages, attributes):
+            if tuple(getattr(aggregation, "_boundaries", ())) != self.bounds:
+                changed.append(type(aggregation).__name__)
+                continue
             with aggregation._lock:
                 buckets = aggregation._value
                 if buckets is None:  # collected meanwhile: cannot happen inside a callback
@@ -85,11 +87,18 @@ class BucketFeed:
                     if count > 1:
                         buckets[index] += count - 1
                 aggregation._sum += total - recorded
+        if changed:
+            raise FeedUnavailable(
+                f"a View gave {getattr(real, 'name', '?')} another aggregation or other "
+                f"bucket boundaries ({', '.join(sorted(set(changed)))}), whose counts "
+                "loopscope cannot make exact"
+            )
 
     def _aggregations(
         self, real: Any, storages: list[Any], attributes: Mapping[str, str]
     ) -> Iterator[Any]:
-        """The SDK aggregations (one per reader and view) the ``record()`` calls reached."""
+        """The SDK aggregations (one per reader and view) the ``record()`` calls reached,
+        except those of a View that drops the instrument."""
         for storage in storages:
             for match in list(storage._instrument_view_instrument_matches.get(real, ())):
                 keys = match._view._attribute_keys
@@ -97,9 +106,7 @@ class BucketFeed:
                 if keys is not None:
                     wanted = {k: v for k, v in wanted.items() if k in keys}
                 for aggregation in list(match._attributes_aggregation.values()):
-                    if dict(aggregation._attributes or {}) != wanted:
+                    if type(aggregation).__name__ == "_DropAggregation":
                         continue
-                    if tuple(getattr(aggregation, "_boundaries", ())) != self.bounds:
-                        self.mismatched.add(str(match._name))
-                        continue
-                    yield aggregation
+                    if dict(aggregation._attributes or {}) == wanted:
+                        yield aggregation
