@@ -28,6 +28,7 @@ from loopscope._otel import INSTRUMENTS, LOOP
 from loopscope._stats import BUCKETS
 from loopscope.otel import LoopscopeInstrumentor
 
+from .conftest import HOT_PATH_VARIABLE as HOT_PATH
 from .conftest import sample
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,6 +72,26 @@ def _prometheus_buckets(registry: CollectorRegistry, family: str) -> list[int]:
     ]
     cumulative.append(sample(registry, f"{family}_count", loop="MainThread"))
     return [int(b - a) for a, b in zip([0.0, *cumulative], cumulative, strict=False)]
+
+
+def _python(program: str) -> str:
+    """What ``program`` prints, run by this interpreter in a process of its own."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("OTEL_") and not (k.startswith("LOOPSCOPE_") and k != HOT_PATH)
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", program],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
 
 
 async def _work() -> None:
@@ -196,6 +217,39 @@ class TestLifeCycle:
             handed += count
             loopscope.uninstall()
         provider.shutdown()
+
+    def test_installed_again_once_the_global_provider_is_set(self) -> None:
+        """Instruments made on the API's proxy before the SDK was set as the global provider
+        are the SDK provider's: an installation after that reports through them."""
+        program = textwrap.dedent(
+            """
+            import asyncio
+
+            from opentelemetry import metrics
+            from opentelemetry.sdk.metrics import MeterProvider
+            from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+            import loopscope
+
+            loopscope.install(otel=True)
+            loopscope.uninstall()
+            reader = InMemoryMetricReader()
+            metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
+            loopscope.install(otel=True)
+
+            async def main():
+                for _ in range(100):
+                    await asyncio.sleep(0)
+
+            asyncio.run(main())
+            data = reader.get_metrics_data()
+            for scope_metrics in data.resource_metrics[0].scope_metrics:
+                for metric in scope_metrics.metrics:
+                    if metric.name == "loopscope.eventloop.task.steps":
+                        print(metric.data.data_points[0].value)
+            """
+        )
+        assert int(_python(program)) >= 100
 
     def test_instrumentor(self, run: Run, registry: CollectorRegistry) -> None:
         """LoopscopeInstrumentor installs loopscope with the export and uninstrument()
@@ -369,15 +423,4 @@ class TestOption:
             assert not [m for m in sys.modules if m.startswith("opentelemetry")]
             """
         )
-        env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
-        done = subprocess.run(
-            [sys.executable, "-c", program],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-        assert done.returncode == 0, done.stderr
-        assert "pip install 'loopscope[otel]'" in done.stdout
+        assert "pip install 'loopscope[otel]'" in _python(program)

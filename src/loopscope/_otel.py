@@ -216,16 +216,22 @@ def export_to(
     the figures ``read_figures`` returns from now on."""
     provider = meter_provider if meter_provider is not None else metrics.get_meter_provider()
     with _exports_lock:
-        try:
-            export = _exports.get(provider)
-        except TypeError:  # a provider that takes no weak reference: made anew each time
-            export = None
+        export = _made_on(provider)
         if export is None:
             export = OtelExport(provider)
             with contextlib.suppress(TypeError):
                 _exports[provider] = export
         export.attach(read_figures, report_fault)
     return export
+
+
+def _made_on(provider: Any) -> OtelExport | None:
+    """The export made on ``provider``, or on the API's proxy for the global provider
+    before ``provider`` was set as the global one (its instruments are ``provider``'s)."""
+    for made_on, export in list(_exports.items()):
+        if made_on is provider or getattr(made_on, "_real_meter_provider", None) is provider:
+            return export
+    return None
 
 
 def _no_figures() -> Figures:
