@@ -104,7 +104,7 @@ class TestRegistryAndCollectorFaults:
         def broken() -> None:
             raise Broken("loopscope collector")
 
-        monkeypatch.setattr(installation.collector, "_read", broken)
+        monkeypatch.setattr(installation.collector, "read", broken)
         assert installation.port is not None
         with caplog.at_level(logging.ERROR, logger="loopscope"):
             assert run(_work) == sum(range(50))
