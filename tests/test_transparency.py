@@ -224,7 +224,7 @@ class TestFaultsStayInside:
         def broken() -> None:
             raise RuntimeError("collector bug")
 
-        monkeypatch.setattr(installation.collector, "_read", broken)
+        monkeypatch.setattr(installation.collector, "read", broken)
         with caplog.at_level(logging.ERROR, logger="loopscope"):
             assert list(installation.collector.collect()) == []
             assert list(installation.collector.collect()) == []
