@@ -7,11 +7,13 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -73,6 +75,11 @@ class Tmux:
     def resize(self, columns: int, lines: int) -> None:
         self._tmux("resize-window", "-t", "top", "-x", str(columns), "-y", str(lines))
 
+    def terminal_state(self) -> str:
+        """Whether the pane is on the alternate screen, and whether its cursor shows."""
+        return self._tmux("display-message", "-p", "-t", "top",
+                          "alternate=#{alternate_on} cursor=#{cursor_flag}").strip()  # fmt: skip
+
     def keys(self, *keys: str) -> None:
         self._tmux("send-keys", "-t", "top", *keys)
 
@@ -94,8 +101,11 @@ class Tmux:
 
 
 @pytest.fixture(name="watching")
-def fixture_watching() -> Iterator[tuple[Tmux, dict[str, subprocess.Popen[str]], dict[str, dict]]]:
-    """The demo service on each loop, and one loopscope top attached to both in tmux."""
+def fixture_watching(
+    tmp_path: Path,
+) -> Iterator[tuple[Tmux, dict[str, subprocess.Popen[str]], dict[str, dict]]]:
+    """The demo service on each loop, and one loopscope top attached to both in tmux; once
+    it quits, a second one, whose process id is in ``tmp_path / "top.pid"``."""
     services: dict[str, subprocess.Popen[str]] = {}
     ready: dict[str, dict] = {}
     tmux: Tmux | None = None
@@ -106,7 +116,8 @@ def fixture_watching() -> Iterator[tuple[Tmux, dict[str, subprocess.Popen[str]],
             ready[kind] = _ready(process)
         urls = " ".join(f"127.0.0.1:{ready[kind]['metrics_port']}" for kind in ready)
         top = f"{sys.executable} -m loopscope top {urls} --interval 0.2"
-        tmux = Tmux(f"{top}; echo top-exited-$?; sleep 60")
+        second = f"sh -c 'echo $$ > {tmp_path / 'top.pid'}; exec {top}'"
+        tmux = Tmux(f"{top}; echo top-exited-$?; {second}; echo top-stopped-$?; sleep 60")
         yield tmux, services, ready
     finally:
         if tmux is not None:
@@ -121,11 +132,12 @@ def _block(ready: dict) -> None:
 
 
 def test_top_in_a_terminal(
-    watching: tuple[Tmux, dict[str, subprocess.Popen[str]], dict[str, dict]],
+    watching: tuple[Tmux, dict[str, subprocess.Popen[str]], dict[str, dict]], tmp_path: Path
 ) -> None:
     """One top on both loops: each loop's row, and after a block on each, its location and
     the stack of its slow step; the keys work; the view follows a resize; a service that
-    goes is shown down, and back when it returns; q quits."""
+    goes is shown down, and back when it returns; q quits; SIGTERM stops a top as cleanly,
+    giving the terminal back as it was."""
     tmux, services, ready = watching
     rows = {kind: f"MainThread ({kind})" for kind in ready}
     tmux.wait_for("both loops' rows", lambda s: all(row in s for row in rows.values()))
@@ -154,3 +166,11 @@ def test_top_in_a_terminal(
     tmux.wait_for("the service back", lambda s: "DOWN" not in s and rows["uvloop"] in s)
     tmux.keys("q")
     tmux.wait_for("top quitting", lambda s: "top-exited-0" in s)
+    assert tmux.terminal_state() == "alternate=0 cursor=1"
+    pid_file = tmp_path / "top.pid"
+    tmux.wait_for("the second top", lambda s: pid_file.exists() and "top-exited-0" not in s)
+    tmux.wait_for("its loops", lambda s: all(row in s for row in rows.values()))
+    os.kill(int(pid_file.read_text()), signal.SIGTERM)
+    tmux.wait_for("top stopped", lambda s: "top-stopped-" in s)
+    assert "top-stopped-0" in tmux.screen()
+    assert tmux.terminal_state() == "alternate=0 cursor=1"

@@ -67,6 +67,7 @@ def run_live(session: TopSession, interval: float, duration: float) -> None:
     started = time.monotonic()
     next_poll = started + interval
     with (
+        stopped_by_signals(),
         cbreak(fd),
         on_resize(resized),
         Live(
@@ -269,6 +270,24 @@ def read_keys(fd: int, timeout: float) -> str:
     if not ready:
         return ""
     return os.read(fd, 64).decode("utf-8", "replace")
+
+
+@contextlib.contextmanager
+def stopped_by_signals() -> Iterator[None]:
+    """In the block, SIGTERM and SIGHUP (a ``kill``, the terminal closing) stop the view as
+    Ctrl-C does, so that the terminal is given back as it was (main screen, cursor shown,
+    keys echoed) rather than left as the view had set it."""
+
+    def stop(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    wanted = [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
+    previous = {sig: signal.signal(sig, stop) for sig in wanted}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 @contextlib.contextmanager
