@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import http.server
 import io
 import socket
@@ -276,6 +277,40 @@ class TestFigures:
         """Scaled to the largest value (or the top given); a gap stays a gap."""
         assert sparkline([0.0, 0.5, 1.0, None], 10) == "▁▅█ "
         assert sparkline([0.5] * 20, 4, top=1.0) == "▅▅▅▅"
+
+
+class TestTerminalWidth:
+    """The loops' table of the terminal view on terminals of different widths."""
+
+    @staticmethod
+    def _table(width: int) -> list[str]:
+        from rich.console import Console
+
+        from loopscope._top_figures import LoopRates
+        from loopscope._top_view import View, render
+
+        session = TopSession([Endpoint("127.0.0.1:19182")])
+        watched = session.watched[0]
+        for loop in ("MainThread", "worker-loop-1"):
+            watched.rows.append(LoopRates("127.0.0.1:19182", loop, "uvloop", 1.0, 6e-6, 0.375,
+                                          0.54, 1384, 12, 7, 2, 0.486, 3, 32, 0.0995))  # fmt: skip
+            watched.history[loop] = collections.deque([(0.3, 0.5)] * 600)
+        console = Console(width=width, record=True, color_system=None, file=io.StringIO())
+        console.print(render(session, View(), width, 40))
+        lines = console.export_text().splitlines()
+        return lines[1:4]  # the header and the two loops
+
+    @pytest.mark.parametrize("width", [80, 110, 130, 160])
+    def test_figures_are_never_cut(self, width: int) -> None:
+        """Columns that do not fit go whole (history first); what is shown is never cut."""
+        header, *rows = self._table(width)
+        assert "…" not in "".join([header, *rows])
+        assert all(len(line) <= width for line in [header, *rows])
+        for row in rows:
+            assert "MainThread (uvloop)" in row or "worker-loop-1 (uvloop)" in row
+            assert "375ms" in row and "54%" in row
+        assert ("queue p99" in header) == (width >= 130)
+        assert ("lag p99 history" in header) == (width >= 160)
 
 
 def test_basic_token_is_standard() -> None:

@@ -25,8 +25,9 @@ from ._top_session import TopSession, Watched
 
 __all__ = ["View", "render", "run_live"]
 
-#: Columns of history shown at least (the sparklines take what the width leaves).
-_MIN_SPARK = 8
+#: Columns of history shown at least (the sparklines take what the width leaves): as many
+#: as their headings take.
+_MIN_SPARK = len("lag p99 history")
 
 
 @dataclass
@@ -133,57 +134,88 @@ def render(session: TopSession, view: View, width: int, height: int) -> Renderab
     return Group(*parts)
 
 
+#: The figure columns of the loops' table, and the order in which they give way on a
+#: narrow terminal (after the history): the loop's name, its lag p99, utilization and slow
+#: steps always stay.
+_COLUMNS = ("endpoint", "loop", "lag p50", "lag p99", "util", "steps/s", "tasks", "new/s",
+            "slow", "blocked", "executors", "queue p99")  # fmt: skip
+_GIVE_WAY = ("queue p99", "executors", "new/s", "tasks", "lag p50", "steps/s", "blocked")
+#: Blank columns between two columns of a table (rich's padding, without a box).
+_GAP = 2
+_WAITING = "(waiting for a second read)"
+
+
 def _loops_table(session: TopSession, view: View, width: int) -> Table:
-    table = Table(expand=False, box=None, header_style="bold", pad_edge=False)
-    columns = ("endpoint", "loop", "lag p50", "lag p99", "util", "steps/s", "tasks",
-               "new/s", "slow", "blocked", "executors", "queue p99")  # fmt: skip
     rows: list[tuple[Watched, LoopRates]] = [
         (w, r) for w in session.watched for r in w.rows if view.shows(r.endpoint, r.loop)
     ]
-    names = {
-        "endpoint": max((len(r.endpoint) for _w, r in rows), default=8),
-        "loop": max((len(r.loop) + len(r.implementation) + 3 for _w, r in rows), default=4),
-    }
-    for name in columns:
-        if name in names:  # kept whole on a narrow terminal: the figures squeeze instead
-            table.add_column(name, no_wrap=True, min_width=min(names[name], 40))
-        else:
-            table.add_column(name, justify="right")
-    # The history columns take what the figures leave, and go on a narrow terminal.
-    spark = (width - 118) // 2
-    if spark >= _MIN_SPARK:
-        table.add_column("lag p99 history", no_wrap=True)
-        table.add_column("util history", no_wrap=True)
     key = SORTS[view.sort][1]
     rows.sort(key=lambda pair: key(pair[1]))
-    for watched, row in rows:
-        history = list(watched.history.get(row.loop, ()))
-        lag_line = sparkline([lag for lag, _u in history], spark)
-        util_line = sparkline([util for _l, util in history], spark, top=1.0)
-        executors = (
-            f"{row.executors_busy:.0f}/{row.executors_max:.0f}" if row.executors_max else "-"
-        )
-        cells: list[RenderableType] = [
-            row.endpoint,
-            f"{row.loop} ({row.implementation})",
-            seconds_text(row.lag_p50),
-            Text(seconds_text(row.lag_p99), style="red" if (row.lag_p99 or 0) >= 0.1 else ""),
-            f"{row.utilization:.0%}",
-            f"{row.steps_per_second:.0f}",
-            f"{row.tasks_alive:.0f}",
-            f"{row.tasks_created_per_second:.0f}",
-            Text(f"{row.slow_steps:.0f}", style="red" if row.slow_steps else ""),
-            f"{row.blocked_seconds:.3f}s",
-            executors,
-            seconds_text(row.queue_p99),
+    cells = [_figures(row) for _w, row in rows]
+    waiting = [w.endpoint.name for w in session.watched if w.down is None and not w.rows]
+    # Each column as wide as its widest cell: the columns that do not fit go, figures are
+    # never cut short.
+    widths = {name: max([len(name)] + [Text(c[name]).cell_len for c in cells]) for name in _COLUMNS}
+    if waiting:
+        widths["endpoint"] = max([widths["endpoint"]] + [len(name) for name in waiting])
+        widths["loop"] = max(widths["loop"], len(_WAITING))
+    shown = list(_COLUMNS)
+    for name in _GIVE_WAY:
+        if sum(widths[n] for n in shown) + _GAP * (len(shown) - 1) <= width:
+            break
+        shown.remove(name)
+    used = sum(widths[n] for n in shown) + _GAP * (len(shown) - 1)
+    # The history columns take what the figures leave.
+    spark = (width - used - 2 * _GAP) // 2
+    with_history = spark >= _MIN_SPARK
+    table = Table(expand=False, box=None, header_style="bold", pad_edge=False)
+    for name in shown:
+        if name in ("endpoint", "loop"):
+            table.add_column(name, no_wrap=True)
+        else:
+            table.add_column(name, justify="right", no_wrap=True)
+    if with_history:
+        table.add_column("lag p99 history", no_wrap=True)
+        table.add_column("util history", no_wrap=True)
+    for (watched, row), figures in zip(rows, cells, strict=True):
+        line: list[RenderableType] = [
+            Text(figures[name], style=_STYLES.get(name, lambda _r: "")(row)) for name in shown
         ]
-        if spark >= _MIN_SPARK:
-            cells += [Text(lag_line, style="magenta"), Text(util_line, style="green")]
-        table.add_row(*cells)
-    for watched in session.watched:
-        if watched.down is None and not watched.rows:
-            table.add_row(watched.endpoint.name, "(waiting for a second read)")
+        if with_history:
+            history = list(watched.history.get(row.loop, ()))
+            lag_line = sparkline([lag for lag, _u in history], spark)
+            util_line = sparkline([util for _l, util in history], spark, top=1.0)
+            line += [Text(lag_line, style="magenta"), Text(util_line, style="green")]
+        table.add_row(*line)
+    for name in waiting:
+        table.add_row(Text(name), _WAITING)
     return table
+
+
+#: The colour of a figure that calls for attention.
+_STYLES = {
+    "lag p99": lambda row: "red" if (row.lag_p99 or 0) >= 0.1 else "",
+    "slow": lambda row: "red" if row.slow_steps else "",
+}
+
+
+def _figures(row: LoopRates) -> dict[str, str]:
+    """The cells of one loop's row, by column."""
+    executors = f"{row.executors_busy:.0f}/{row.executors_max:.0f}" if row.executors_max else "-"
+    return {
+        "endpoint": row.endpoint,
+        "loop": f"{row.loop} ({row.implementation})",
+        "lag p50": seconds_text(row.lag_p50),
+        "lag p99": seconds_text(row.lag_p99),
+        "util": f"{row.utilization:.0%}",
+        "steps/s": f"{row.steps_per_second:.0f}",
+        "tasks": f"{row.tasks_alive:.0f}",
+        "new/s": f"{row.tasks_created_per_second:.0f}",
+        "slow": f"{row.slow_steps:.0f}",
+        "blocked": f"{row.blocked_seconds:.3f}s",
+        "executors": executors,
+        "queue p99": seconds_text(row.queue_p99),
+    }
 
 
 def _locations_table(session: TopSession, view: View, lines: int) -> Table:
