@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import itertools
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -150,3 +152,34 @@ class TestReportInChromium:
         assert "CONSOLE" not in log and "Uncaught" not in log
         assert "http://" not in dom.replace('xmlns="http://www.w3.org/2000/svg"', "")
         assert "<script" not in dom and "https://" not in dom
+
+
+def test_slow_step_bars_side_by_side_within_the_plot() -> None:
+    """Two loops with slow steps in the same intervals: each loop's bar is drawn beside the
+    other's, none hides another, and every bar stays inside the plot."""
+    start = 1_800_000_000.0
+    entries: list[dict[str, object]] = [{"kind": "start", "format": 1, "time": start}]
+    for second in range(1, 11):
+        loops = [{"endpoint": "h:1", "loop": loop, "utilization": 0.5, "slow_steps": 2}
+                 for loop in ("MainThread", "worker")]  # fmt: skip
+        entries.append({"kind": "interval", "time": start + second, "loops": loops})
+    page = build_report(entries)
+    chart = page[
+        page.index('data-chart="slow"') : page.index("</svg>", page.index('data-chart="slow"'))
+    ]
+    bars = [
+        (float(x), float(width), fill)
+        for x, width, fill in re.findall(
+            r'<rect class="bar" x="([\d.]+)" y="[\d.]+" width="([\d.]+)" height="[\d.]+" '
+            r'fill="(#\w+)"/>',
+            chart,
+        )
+    ]
+    assert len(bars) == 20 and {fill for _x, _w, fill in bars} == {"#1f77b4", "#d62728"}
+    frame = re.search(r'<rect x="(\d+)" y="\d+" width="(\d+)"', chart)
+    assert frame is not None
+    left, right = float(frame.group(1)), float(frame.group(1)) + float(frame.group(2))
+    spans = sorted((x, x + width) for x, width, _fill in bars)
+    assert spans[0][0] >= left and spans[-1][1] <= right
+    # (to the 0.1 px the coordinates are written with)
+    assert all(a_end <= b_start + 0.15 for (_a, a_end), (b_start, _b) in itertools.pairwise(spans))

@@ -22,7 +22,7 @@ __all__ = ["add_command", "build_report"]
 
 _COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b")
 _WIDTH, _HEIGHT = 860, 220
-_LEFT, _RIGHT, _TOP, _BOTTOM = 70, 20, 30, 30
+_LEFT, _RIGHT, _TOP, _BOTTOM = 70, 40, 30, 30
 
 Series = dict[str, list[tuple[float, float]]]
 
@@ -154,9 +154,12 @@ def _line_chart(
     t_end = max(max(t for t, _v in points) - start, 1.0)
     top = y_max if y_max is not None else _nice(max(v for _t, v in points))
     plot_w, plot_h = _WIDTH - _LEFT - _RIGHT, _HEIGHT - _TOP - _BOTTOM
+    # Bars: one slot per interval, shared side by side by the series, all within the plot.
+    slot = plot_w / max(max(len(values) for values in series.values()), 1) if bars else 0.0
+    bar_width = max(1.5, slot * 0.8 / len(series))
 
     def x(t: float) -> float:
-        return _LEFT + (t - start) / t_end * plot_w
+        return _LEFT + slot / 2 + (t - start) / t_end * (plot_w - slot)
 
     def y(v: float) -> float:
         return _TOP + plot_h - min(v, top) / top * plot_h
@@ -179,11 +182,11 @@ def _line_chart(
     for index, (series_name, values) in enumerate(sorted(series.items())):
         colour = _COLOURS[index % len(_COLOURS)]
         if bars:
-            width = max(1.5, plot_w / max(len(values), 1) * 0.6)
+            offset = -slot * 0.4 + index * bar_width
             for t, v in values:
                 if v > 0:
-                    parts.append(f'<rect class="bar" x="{x(t) - width / 2:.1f}" y="{y(v):.1f}" '
-                                 f'width="{width:.1f}" height="{_TOP + plot_h - y(v):.1f}" '
+                    parts.append(f'<rect class="bar" x="{x(t) + offset:.1f}" y="{y(v):.1f}" '
+                                 f'width="{bar_width:.1f}" height="{_TOP + plot_h - y(v):.1f}" '
                                  f'fill="{colour}"/>')  # fmt: skip
         else:
             path = " ".join(f"{x(t):.1f},{y(v):.1f}" for t, v in values)
