@@ -106,7 +106,8 @@ class TestErrors:
     def test_credentials(
         self, capsys: pytest.CaptureFixture[str], registry: CollectorRegistry, tmp_path: Path
     ) -> None:
-        """No or wrong credentials: 401 named; the right ones: the loop's line."""
+        """No or wrong credentials: 401 named; the right ones: the loop's line; half of
+        them: a bad argument."""
         installation = loopscope.install(
             registry=registry, port=0, basic_auth_username="u", basic_auth_password="pw"
         )
@@ -125,6 +126,8 @@ class TestErrors:
         assert status == 0 and err == "" and "loop=MainThread" in out
         status, _out, err = _top(capsys, url, "--password-file", str(right))
         assert status == 2 and "--password-file needs --user" in err
+        status, _out, err = _top(capsys, url, "--user", "u")
+        assert status == 2 and "--user needs --password-file" in err and err.count("\n") == 1
 
     def test_tls(
         self, capsys: pytest.CaptureFixture[str], registry: CollectorRegistry, shared_pki: Pki

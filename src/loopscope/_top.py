@@ -68,6 +68,8 @@ def main(args: argparse.Namespace) -> int:
     if args.duration < 0:
         return _fail("--duration must be 0 (no end) or more seconds")
     password: str | None = None
+    if args.user is not None and args.password_file is None:
+        return _fail("--user needs --password-file, the file that holds the password")
     if args.password_file is not None:
         if args.user is None:
             return _fail("--password-file needs --user")
