@@ -226,6 +226,7 @@ class TestWatching:
             session.poll()
             [watched] = session.watched
             assert watched.down is None and [r.loop for r in watched.rows] == ["MainThread"]
+            assert watched.serves_events and "serves no recent" not in _screen(session, 160)
             loopscope.uninstall()
             session.poll()
             assert watched.down is not None and "connection refused" in watched.down
@@ -234,6 +235,22 @@ class TestWatching:
             session.poll()
             session.poll()
             assert watched.down is None and [r.loop for r in watched.rows] == ["MainThread"]
+        finally:
+            session.close()
+
+    def test_endpoint_without_events(self, registry: CollectorRegistry) -> None:
+        """An endpoint that serves no recent events (events_endpoint off) is named under
+        the recent slow steps, rather than left showing none forever."""
+        installation = loopscope.install(registry=registry, port=0, events_endpoint=False)
+        asyncio.run(_some_work())
+        name = f"127.0.0.1:{installation.port}"
+        session = TopSession([Endpoint(name)])
+        try:
+            session.poll()
+            session.poll()
+            [watched] = session.watched
+            assert watched.down is None and not watched.serves_events
+            assert f"{name}: serves no recent slow steps" in _screen(session, 160)
         finally:
             session.close()
 
@@ -282,15 +299,23 @@ class TestFigures:
         assert sparkline([0.5] * 20, 4, top=1.0) == "▅▅▅▅"
 
 
+def _screen(session: TopSession, width: int) -> str:
+    """What the terminal view shows of ``session`` on a terminal ``width`` columns wide."""
+    from rich.console import Console
+
+    from loopscope._top_view import View, render
+
+    console = Console(width=width, record=True, color_system=None, file=io.StringIO())
+    console.print(render(session, View(), width, 40))
+    return console.export_text()
+
+
 class TestTerminalWidth:
     """The loops' table of the terminal view on terminals of different widths."""
 
     @staticmethod
     def _table(width: int) -> list[str]:
-        from rich.console import Console
-
         from loopscope._top_figures import LoopRates
-        from loopscope._top_view import View, render
 
         session = TopSession([Endpoint("127.0.0.1:19182")])
         watched = session.watched[0]
@@ -298,10 +323,7 @@ class TestTerminalWidth:
             watched.rows.append(LoopRates("127.0.0.1:19182", loop, "uvloop", 1.0, 6e-6, 0.375,
                                           0.54, 1384, 12, 7, 2, 0.486, 3, 32, 0.0995))  # fmt: skip
             watched.history[loop] = collections.deque([(0.3, 0.5)] * 600)
-        console = Console(width=width, record=True, color_system=None, file=io.StringIO())
-        console.print(render(session, View(), width, 40))
-        lines = console.export_text().splitlines()
-        return lines[1:4]  # the header and the two loops
+        return _screen(session, width).splitlines()[1:4]  # the header and the two loops
 
     @pytest.mark.parametrize("width", [80, 110, 130, 160])
     def test_figures_are_never_cut(self, width: int) -> None:

@@ -148,14 +148,15 @@ class Endpoint:
             raise _not_loopscope(self.url, "the answer is not text") from None
         return parse_exposition(text, self.url)
 
-    def events(self) -> list[dict[str, Any]]:
-        """The recent events the endpoint serves, oldest first; [] where it serves none
-        (``events_endpoint=false``, or a version of loopscope without them)."""
+    def events(self) -> list[dict[str, Any]] | None:
+        """The recent events the endpoint serves, oldest first; None where it serves none
+        (``events_endpoint=false``, an application's own ``/metrics`` route, or a version
+        of loopscope without them)."""
         try:
             body, _type = self._get(self.events_url)
         except EndpointError as exc:
             if exc.status == 404:
-                return []
+                return None
             raise
         try:
             document = json.loads(body)

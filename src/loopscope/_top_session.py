@@ -43,6 +43,8 @@ class Watched:
         default_factory=lambda: collections.deque(maxlen=EVENTS_KEPT)
     )
     seen: set[tuple[Any, Any]] = field(default_factory=set)
+    #: Whether the endpoint serves its recent events (``/loopscope/events``).
+    serves_events: bool = True
 
     def locations(self) -> dict[tuple[str, str], float]:
         """Slow steps by (loop, location) since the endpoint came up."""
@@ -79,7 +81,8 @@ class TopSession:
                              "endpoint": watched.endpoint.url, "error": str(error)})  # fmt: skip
                 continue
             self._take(watched, scrape)
-            for event in events:
+            watched.serves_events = events is not None
+            for event in events or ():
                 key = (event.get("pid"), event.get("seq"))
                 if key in watched.seen:
                     continue
@@ -131,7 +134,9 @@ def _restarted(before: Scrape, after: Scrape) -> bool:
     return False
 
 
-def _read(endpoint: Endpoint) -> tuple[Scrape | None, list[dict[str, Any]], Exception | None]:
+def _read(
+    endpoint: Endpoint,
+) -> tuple[Scrape | None, list[dict[str, Any]] | None, Exception | None]:
     try:
         scrape = endpoint.scrape()
         events = endpoint.events()

@@ -258,14 +258,22 @@ def _events_part(session: TopSession, view: View, lines: int, width: int) -> Ren
             event_what(event),
             str(event.get("location") or "(unknown)"),
         )
+    parts: list[RenderableType] = [table]
+    silent = [w.endpoint.name for w in session.watched if not w.serves_events]
+    if silent:
+        parts.append(Text(
+            f"{', '.join(silent)}: serves no recent slow steps (loopscope's events_endpoint "
+            "option is off there, or it is an application's own /metrics route)",
+            style="dim",
+        ))  # fmt: skip
     if not events:
         table.add_row("", "", "", "", Text("(none yet)", style="dim"), "")
-        return table
+        return Group(*parts)
     latest = events[-1]
     stack = Text(f"stack of the latest ({event_duration(latest)} on {latest.get('endpoint')} "
                  f"at {latest.get('location') or 'an unknown line'}):\n", style="bold")  # fmt: skip
     stack.append("\n".join(_stack_lines(latest, stack_lines, width)))
-    return Group(table, stack)
+    return Group(*parts, stack)
 
 
 def _stack_lines(event: dict[str, Any], lines: int, width: int) -> list[str]:
