@@ -41,6 +41,13 @@ class Load:
         for thread in self.threads:
             thread.start()
 
+    def finish(self, within: float) -> None:
+        """Stop, and let the requests in flight end (for at most ``within`` seconds)."""
+        self.stop.set()
+        deadline = time.monotonic() + within
+        for thread in self.threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
     def _request(self, conn: http.client.HTTPConnection, path: str) -> None:
         try:
             conn.request("GET", path)
@@ -138,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
             stderr=subprocess.STDOUT,
             text=True,
             bufsize=1,
+            # Its own session: a Ctrl-C on the terminal reaches the driver only, which stops
+            # the load before the service, so that no request is cut short.
+            start_new_session=True,
         )  # fmt: skip
         load: Load | None = None
         try:
@@ -169,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, signal.SIG_IGN)
             if load is not None:
-                load.stop.set()
+                load.finish(within=5.0)
             _stop_service(service)
             if load is not None:
                 print(f"done: {load.requests} requests, {load.errors} errors", flush=True)
