@@ -57,6 +57,33 @@ class TestValuesAndErrors:
 
         assert run(main) is error
 
+    def test_runaway_recursion_in_steps(self, run: Run) -> None:
+        """A task step and a callback that recurse without end meet RecursionError, and the
+        loop goes on."""
+        caught: list[str] = []
+
+        def dive(depth: int) -> int:
+            return dive(depth + 1) + 1
+
+        def callback(where: str) -> None:
+            try:
+                dive(0)
+            except RecursionError:
+                caught.append(where)
+
+        async def step() -> None:
+            await asyncio.sleep(0)
+            callback("task step")
+
+        async def main() -> str:
+            loop = asyncio.get_running_loop()
+            loop.call_soon(callback, "callback")
+            await asyncio.create_task(step())
+            return "after"
+
+        assert run(main) == "after"
+        assert sorted(caught) == ["callback", "task step"]
+
     def test_callback_exception_reaches_handler(self, run: Run, loop_kind: str) -> None:
         """A raising callback reaches the exception handler, which names the callback."""
         error = Boom("bad")

@@ -230,6 +230,22 @@ static PyObject *replay(TimedRun *self, PyObject *handle, PyObject *context, PyO
     return result;
 }
 
+/* context.run(callback, *args), the context first in args: Context.run, a method of a type
+ * that cannot be subclassed, is looked up once and called as its function, rather than
+ * looked up by name on every step (PyObject_VectorcallMethod). */
+static PyObject *context_run_method; /* contextvars.Context.run, kept for the process */
+
+static PyObject *context_run(PyObject *const *args, size_t nargsf) {
+    if (!PyContext_CheckExact(args[0]))
+        return PyObject_VectorcallMethod(ls_str.run, args, nargsf, NULL);
+    if (context_run_method == NULL) {
+        context_run_method = PyObject_GetAttr((PyObject *)&PyContext_Type, ls_str.run);
+        if (context_run_method == NULL)
+            return NULL;
+    }
+    return ls_vectorcall(context_run_method, args, nargsf, NULL);
+}
+
 /* events.Handle._run: self._context.run(self._callback, *self._args).  An exception other
  * than SystemExit/KeyboardInterrupt is replayed through asyncio's own Handle._run, so the
  * loop's exception handler gets what it always gets.  A handle made in debug mode (it has
@@ -257,8 +273,7 @@ static PyObject *run_handle(TimedRun *self, PyObject *handle) {
     stack[2] = callback;
     for (Py_ssize_t i = 0; i < n; i++)
         stack[3 + i] = PyTuple_GET_ITEM(cargs, i);
-    PyObject *result = PyObject_VectorcallMethod(
-        ls_str.run, stack + 1, (size_t)(2 + n) | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    PyObject *result = context_run(stack + 1, (size_t)(2 + n) | PY_VECTORCALL_ARGUMENTS_OFFSET);
     Py_DECREF(callback);
     Py_DECREF(cargs);
     if (result != NULL) {

@@ -26,6 +26,24 @@
 #define LS_ALWAYS_INLINE static inline
 #endif
 
+/* PyObject_Vectorcall(callable, args, nargsf, kwnames) for the per-step calls: a callable
+ * with a vectorcall function is called through it directly.  PyObject_Vectorcall would do
+ * the same, but from 3.12 on it first finds the thread state, which a shared libpython
+ * reads from thread-local storage through __tls_get_addr, and then checks the result with
+ * that thread state; here the result is checked only when it is NULL (the check's one
+ * effect: a NULL without an exception becomes a SystemError). */
+static inline PyObject *ls_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf,
+                                      PyObject *kwnames) {
+    vectorcallfunc call = PyVectorcall_Function(callable);
+    if (call == NULL)
+        return PyObject_Vectorcall(callable, args, nargsf, kwnames);
+    PyObject *result = call(callable, args, nargsf, kwnames);
+    if (result == NULL && !PyErr_Occurred())
+        PyErr_Format(PyExc_SystemError, "%R returned NULL without setting an exception",
+                     callable);
+    return result;
+}
+
 /* ---------------------------------------------------------------------------------------
  * exception save / restore across 3.10 .. 3.14
  */

@@ -54,21 +54,22 @@ LS_GC_FUNCTIONS(TimedCallback, WRAPPER_FIELDS)
 
 /* callback(*args): a callable without vectorcall (asyncio's C task step wrapper) called
  * with no arguments goes straight to its tp_call with the empty tuple, as uvloop's own
- * handles call it, rather than through the generic path that would build the tuple. */
+ * handles call it, rather than through the generic path that would build the tuple.  No
+ * recursion check around it: this call sits at a fixed depth, right under the loop's run
+ * (uvloop's Handle._run), and Python code it reaches is checked where the interpreter
+ * enters it; from 3.12 on, Py_EnterRecursiveCall and Py_LeaveRecursiveCall are calls into
+ * libpython that each read the thread state from thread-local storage. */
 static inline PyObject *call_callback(PyObject *callback, PyObject *const *args, size_t nargsf,
                                       PyObject *kwnames) {
     ternaryfunc call = Py_TYPE(callback)->tp_call;
     if (PyVectorcall_NARGS(nargsf) == 0 && kwnames == NULL && call != NULL &&
         PyVectorcall_Function(callback) == NULL) {
-        if (Py_EnterRecursiveCall(" while calling a Python object"))
-            return NULL;
         PyObject *result = call(callback, ls_empty_tuple, NULL);
-        Py_LeaveRecursiveCall();
         if (result == NULL && !PyErr_Occurred())
             PyErr_SetString(PyExc_SystemError, "a callback returned NULL without an exception");
         return result;
     }
-    return PyObject_Vectorcall(callback, args, nargsf, kwnames);
+    return ls_vectorcall(callback, args, nargsf, kwnames);
 }
 
 /* The hooks of timed_call() (timed.h) that TimedCallback and TimedIO share: the callback is
@@ -275,7 +276,7 @@ static PyObject *call_with_instance(PyObject *callback, PyObject *instance,
         PyObject **call = (PyObject **)args - 1;
         PyObject *saved = call[0];
         call[0] = instance;
-        PyObject *result = PyObject_Vectorcall(callback, call, (size_t)(nargs + 1), kwnames);
+        PyObject *result = ls_vectorcall(callback, call, (size_t)(nargs + 1), kwnames);
         call[0] = saved;
         return result;
     }
@@ -291,7 +292,7 @@ static PyObject *call_with_instance(PyObject *callback, PyObject *instance,
     stack[1] = instance;
     if (total > 0)
         memcpy(stack + 2, args, (size_t)total * sizeof(PyObject *));
-    PyObject *result = PyObject_Vectorcall(
+    PyObject *result = ls_vectorcall(
         callback, stack + 1, (size_t)(nargs + 1) | PY_VECTORCALL_ARGUMENTS_OFFSET, kwnames);
     if (stack != small)
         PyMem_Free(stack);
@@ -303,7 +304,7 @@ LS_ALWAYS_INLINE PyObject *call_timed_io(TimedStep *step) {
     if (instance != NULL)
         return call_with_instance(step->callback, instance, step->args, step->nargsf,
                                   step->kwnames);
-    return PyObject_Vectorcall(step->callback, step->args, step->nargsf, step->kwnames);
+    return ls_vectorcall(step->callback, step->args, step->nargsf, step->kwnames);
 }
 
 LS_ALWAYS_INLINE int record_timed_io(TimedStep *step, double start, double end) {
@@ -487,7 +488,7 @@ static PyObject *call_original(Intercept *self, PyObject *const *args, Py_ssize_
     for (Py_ssize_t i = 0; i < nargs + nkw; i++)
         call[first + i] = args[i];
     call[first + cb_index] = wrapped;
-    PyObject *result = PyObject_Vectorcall(
+    PyObject *result = ls_vectorcall(
         self->function, call, (size_t)(first + nargs) | PY_VECTORCALL_ARGUMENTS_OFFSET, kwnames);
     Py_DECREF(wrapped);
     return result;
