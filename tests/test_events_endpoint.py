@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import http.client
 import json
-import ssl
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -19,31 +17,15 @@ import loopscope
 from loopscope._event_ring import EventRing
 
 from .test_endpoint_security import Pki
+from .test_endpoint_security import _get as request
 
 Run = Callable[[Callable[[], Awaitable[Any]]], Any]
-TIMEOUT = 10.0
 EVENTS = "/loopscope/events"
 
 
-def _get(
-    port: int,
-    path: str = EVENTS,
-    *,
-    method: str = "GET",
-    headers: dict[str, str] | None = None,
-    context: ssl.SSLContext | None = None,
-) -> tuple[int, dict[str, str], bytes]:
-    conn: http.client.HTTPConnection
-    if context is None:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
-    else:
-        conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=TIMEOUT, context=context)
-    try:
-        conn.request(method, path, headers=headers or {})
-        response = conn.getresponse()
-        return response.status, dict(response.getheaders()), response.read()
-    finally:
-        conn.close()
+def _get(port: int, path: str = EVENTS, **options: Any) -> tuple[int, dict[str, str], bytes]:
+    """A request to the endpoint's events path (or ``path``): status, headers, body."""
+    return request(port, path, **options)
 
 
 def _blocking_call() -> None:

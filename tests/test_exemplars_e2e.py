@@ -17,10 +17,9 @@ from typing import Any
 import pytest
 
 from .test_prometheus_e2e import (
-    STARTUP_TIMEOUT_S,
     binary,
-    free_port,
     http_get,
+    start_prometheus,
     stop_process,
     tail,
     wait_until,
@@ -81,37 +80,10 @@ def fixture_scraped_service(
         }
         config_path = workdir / "prometheus.yml"
         config_path.write_text(json.dumps(config), encoding="utf-8")  # JSON is YAML
-        web_port = free_port()
-        log = workdir / "prometheus.log"
-        with log.open("wb") as out:
-            server = subprocess.Popen(
-                [
-                    prometheus,
-                    f"--config.file={config_path}",
-                    f"--storage.tsdb.path={workdir / 'data'}",
-                    f"--web.listen-address=127.0.0.1:{web_port}",
-                    "--enable-feature=exemplar-storage",
-                    "--log.level=warn",
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=workdir,
-            )
+        server, url = start_prometheus(
+            prometheus, config_path, workdir, "--enable-feature=exemplar-storage"
+        )
         processes.append(server)
-        url = f"http://127.0.0.1:{web_port}"
-
-        def ready() -> bool:
-            if server.poll() is not None:
-                return True
-            try:
-                return http_get(f"{url}/-/ready", timeout=2) != b""
-            except OSError:
-                return False
-
-        wait_until(ready, bool, time.monotonic() + STARTUP_TIMEOUT_S, 0.2)
-        if server.poll() is not None:
-            pytest.fail(f"prometheus did not start:\n{tail(log, 40)}")
         yield url, dict(zip(LOOP_LABELS, (asyncio_port, uvloop_port), strict=True)), service
     finally:
         for process in processes:

@@ -98,6 +98,44 @@ def wait_until(
         time.sleep(interval)
 
 
+def start_prometheus(
+    prometheus: str, config_path: Path, workdir: Path, *flags: str
+) -> tuple[subprocess.Popen[bytes], str]:
+    """Start Prometheus on a free port with ``config_path`` (and ``flags``), its data and
+    log in ``workdir``; wait until it is ready. Its process and its URL."""
+    web_port = free_port()
+    log = workdir / "prometheus.log"
+    with log.open("wb") as out:
+        server = subprocess.Popen(
+            [
+                prometheus,
+                f"--config.file={config_path}",
+                f"--storage.tsdb.path={workdir / 'data'}",
+                f"--web.listen-address=127.0.0.1:{web_port}",
+                "--log.level=warn",
+                *flags,
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=workdir,
+        )
+    url = f"http://127.0.0.1:{web_port}"
+
+    def ready() -> bool:
+        if server.poll() is not None:
+            return True
+        try:
+            return http_get(f"{url}/-/ready", timeout=2) != b""
+        except OSError:
+            return False
+
+    wait_until(ready, bool, time.monotonic() + STARTUP_TIMEOUT_S, 0.2)
+    if server.poll() is not None:
+        pytest.fail(f"prometheus did not start:\n{tail(log, 40)}")
+    return server, url
+
+
 def binary(name: str) -> str:
     """Path of a Prometheus binary; missing fails the test under CI and skips it elsewhere."""
     path = shutil.which(name)
@@ -433,36 +471,9 @@ def fixture_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         )
         assert check.returncode == 0, check.stdout + check.stderr
 
-        web_port = free_port()
-        prometheus_log = workdir / "prometheus.log"
-        with prometheus_log.open("wb") as out:
-            server = subprocess.Popen(
-                [
-                    prometheus,
-                    f"--config.file={config_path}",
-                    f"--storage.tsdb.path={workdir / 'data'}",
-                    f"--web.listen-address=127.0.0.1:{web_port}",
-                    "--log.level=warn",
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=workdir,
-            )
+        server, prometheus_url = start_prometheus(prometheus, config_path, workdir)
         processes.append(server)
-        prometheus_url = f"http://127.0.0.1:{web_port}"
-
-        def ready() -> bool:
-            if server.poll() is not None:
-                return True
-            try:
-                return http_get(f"{prometheus_url}/-/ready", timeout=2) != b""
-            except OSError:
-                return False
-
-        wait_until(ready, bool, time.monotonic() + STARTUP_TIMEOUT_S, 0.2)
-        if server.poll() is not None:
-            pytest.fail(f"prometheus did not start:\n{tail(prometheus_log, 40)}")
+        prometheus_log = workdir / "prometheus.log"
 
         for loop in LOOPS:
             loaded = demos[(loop, "loaded")]
