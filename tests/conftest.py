@@ -29,6 +29,26 @@ def make_loop(kind: str) -> asyncio.AbstractEventLoop:
     return asyncio.new_event_loop()
 
 
+def loop_class(kind: str) -> type[asyncio.AbstractEventLoop]:
+    """The class a loop of ``kind`` is made with."""
+    if kind == "uvloop":
+        import uvloop
+
+        return uvloop.Loop
+    return asyncio.SelectorEventLoop
+
+
+def patched_names(loop: asyncio.AbstractEventLoop, kind: str) -> set[str]:
+    """The names of the loop's methods that loopscope has replaced: on the loop itself, or
+    on the class of the loop's own that it gives the loop (see ``_own_class``)."""
+    names = set(vars(loop))
+    cls = type(loop)
+    if cls is not loop_class(kind):
+        assert cls.__bases__ == (loop_class(kind),) and vars(cls)["__slots__"] == ()
+        names |= set(vars(cls)) - {"__slots__", "__module__", "__qualname__", "__doc__"}
+    return names
+
+
 def pytest_asyncio_loop_factories(
     config: pytest.Config, item: pytest.Item
 ) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:

@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 import loopscope
 from loopscope import _installation
 
-from .conftest import make_loop, sample
+from .conftest import loop_class, make_loop, patched_names, sample
 
 STEPS = "asyncio_loop_task_steps_total"
 
@@ -126,11 +126,12 @@ class TestInstallTwiceAndUninstall:
         uvloop_had_init = "__init__" in uvloop.Loop.__dict__
         loopscope.install(registry=registry)
         loop = make_loop(loop_kind)
-        assert "call_soon" in loop.__dict__ or "_call_soon" in loop.__dict__
+        assert {"call_soon", "_call_soon"} & patched_names(loop, loop_kind)
         loopscope.uninstall()
         try:
             assert asyncio.BaseEventLoop.__dict__["__init__"] is asyncio_init
             assert ("__init__" in uvloop.Loop.__dict__) == uvloop_had_init
+            assert type(loop) is loop_class(loop_kind)
             assert not {"call_soon", "_call_soon", "call_at", "call_later", "run_forever"} & set(
                 loop.__dict__
             )

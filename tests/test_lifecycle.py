@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 import loopscope
 from loopscope import _installation
 
-from .conftest import make_loop, sample
+from .conftest import loop_class, make_loop, patched_names, sample
 
 TIMEOUT = 30.0
 
@@ -165,7 +165,7 @@ class TestUninstallWhileRunning:
         """The running loop finishes its work correctly and loses every loopscope patch."""
         loopscope.install(registry=registry)
         loop = make_loop(loop_kind)
-        patched = set(loop.__dict__)
+        patched = patched_names(loop, loop_kind)
         assert {"run_forever", "close", "create_task"} <= patched
         started = threading.Event()
         release = threading.Event()
@@ -202,7 +202,8 @@ class TestUninstallWhileRunning:
             "call_soon",
             "call_later",
             "call_soon_threadsafe",
-        } & set(loop.__dict__)
+        } & patched_names(loop, loop_kind)
+        assert type(loop) is loop_class(loop_kind)
         if loop_kind == "asyncio":
             selector: Any = getattr(loop, "_selector", None)
             assert type(selector).__module__ == "selectors"

@@ -121,10 +121,10 @@ def test_hooks_are_the_c_ones(path: str, loop_kind: str, registry: CollectorRegi
     loop = make_loop(loop_kind)
     try:
         name = "call_soon" if loop_kind == "uvloop" else "_call_soon"
-        hook = loop.__dict__[name]
+        hook = getattr(loop, name)
         kinds = (speedups.Intercept, speedups.CallSoon)
         assert isinstance(hook, kinds) == (path == "c")
-        assert isinstance(loop.__dict__["create_task"], speedups.CreateTask) == (path == "c")
+        assert isinstance(loop.create_task, speedups.CreateTask) == (path == "c")
     finally:
         loop.close()
 

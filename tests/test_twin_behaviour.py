@@ -37,7 +37,7 @@ from loopscope import _hotpath
 from loopscope._probe import LoopProbe
 from loopscope._stats import BUCKETS, LoopStats
 
-from .conftest import make_loop
+from .conftest import loop_class, make_loop, patched_names
 
 T = TypeVar("T")
 
@@ -868,13 +868,14 @@ def test_uninstall_restores_the_loop(loop_kind: str, monkeypatch: pytest.MonkeyP
         loop, probe = session.loop, session.probe
         try:
             assert loop.run_until_complete(work()) == ["io", "later", "soon", "thread"]
-            hooked = set(vars(loop)) - own
+            hooked = patched_names(loop, loop_kind) - own
             name = "call_soon" if loop_kind == "uvloop" else "_call_soon"
             assert name in hooked and "create_task" in hooked
             measured = snapshot(probe)
             assert measured.task_steps == 4 + 11  # work()'s four steps, _steps(10)'s 11
             loopscope.uninstall()
             assert set(vars(loop)) == own, "loopscope left attributes on the loop"
+            assert type(loop) is loop_class(loop_kind), "loopscope left its class on the loop"
             assert "call_soon" not in vars(loop) and "_call_soon" not in vars(loop)
             assert "create_task" not in vars(loop) and "call_at" not in vars(loop)
             if loop_kind == "asyncio":

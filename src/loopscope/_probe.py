@@ -23,6 +23,7 @@ from . import _gilreader, _hotpath
 from ._describe import TASK_TYPES
 from ._exemplars import EXEMPLAR_FLOOR, SLOW, Sampler, span_ids, tracing_api, tracing_installed
 from ._log import logger
+from ._own_class import OwnClass
 from ._stacks import application_location
 from ._stats import BUCKETS, UNKNOWN_LOCATION, LoopStats, SeriesBook
 
@@ -73,16 +74,6 @@ class ProbeContext(Protocol):
 
 
 _MISSING = object()
-
-
-#: How loop attributes are set, chosen by what was measured (benchmarks/http_icount.py,
-#: instructions per aiohttp request on uvloop, and two Python-level method calls on a loop):
-#: on 3.11, reading a loop's ``__dict__`` moves its attributes out of CPython's inline
-#: values, after which every method call on the loop from Python code takes the slow lookup
-#: (250 ns against 155 ns for two calls; +1.4-2.8% against +0.9% per request), so setattr()
-#: is used there; on 3.12 and 3.13 the two measured alike (within the spread of the count
-#: from process to process), and ``__dict__`` stays; 3.10 has no inline values.
-_SET_THROUGH_SETATTR = sys.version_info < (3, 12)
 
 
 def _own_attribute(obj: object, name: str) -> object:
@@ -140,7 +131,12 @@ class LoopProbe:
         self.gil_handle = -1
         self.gil_seen = 0
         self.max_locations = options.max_locations
-        self._saved_attrs: dict[str, object] = {}
+        #: What :meth:`patch` put on the loop itself: name -> (what was there, what was put).
+        self._saved_attrs: dict[str, tuple[object, object]] = {}
+        #: The loop's own class, where :meth:`patch` puts what it replaces (see
+        #: ``_own_class``); None until the first patch, or when the loop can't take one.
+        self._class: OwnClass | None = None
+        self._class_refused = False
         #: Where the hooks record every step, and the watchdog's markers: the step running
         #: now (``current_start``, 0.0 when none) and its callback, read by its thread.
         self.recorder = _hotpath.twin.Recorder(
@@ -153,8 +149,19 @@ class LoopProbe:
         self.step_span: tuple[float, tuple[str, str]] | None = None
         if tracing_installed():
             self.exemplar_sampler = Sampler()
-            self.recorder.exemplar_floor = EXEMPLAR_FLOOR
+            self._arm_exemplars()
         self._attach(self.fixed_name or threading.current_thread().name)
+
+    def _arm_exemplars(self) -> None:
+        """Offer the steps over the exemplar floor once the application has imported
+        ``opentelemetry.trace`` (checked here and at every heartbeat): until then no step
+        has a span to find, and a service that does not trace pays nothing per step."""
+        if self.exemplar_sampler is not None and tracing_api() is not None:
+            self.recorder.exemplar_floor = EXEMPLAR_FLOOR
+            self.exemplars_armed = True
+
+    #: Whether the recorder offers steps over the exemplar floor (see _arm_exemplars).
+    exemplars_armed = False
 
     # --- labels --------------------------------------------------------------------------
 
@@ -180,14 +187,35 @@ class LoopProbe:
 
     # --- patching helpers ----------------------------------------------------------------
 
+    #: Whether :meth:`patch` puts the methods on a class of the loop's own: for a loop
+    #: whose replaced methods are called from C (uvloop's, by asyncio's C task), not for
+    #: one whose own Python code calls them (asyncio's), where a method found on the class
+    #: of an object whose attributes live in a dict is not specialized by the interpreter
+    #: (+1,100 instructions per task step on asyncio's loop, 3.12).
+    methods_on_own_class = False
+
     def patch(self, loop: AbstractEventLoop, name: str, replacement: object) -> None:
-        """Shadow ``loop.name`` with an instance attribute, remembering what was there."""
-        if _SET_THROUGH_SETATTR:
-            self._saved_attrs[name] = _own_attribute(loop, name)
-            setattr(loop, name, replacement)
+        """Put ``replacement`` where ``loop.name`` finds it, remembering what was there: on
+        the loop's own class (``methods_on_own_class``, see ``_own_class``) unless the loop
+        has an attribute of that name itself, which would hide it, or its class can't take
+        a subclass; else on the loop, with setattr() (which on 3.11 keeps the loop's
+        attributes in CPython's inline values, where a write to ``__dict__`` would move
+        them to a dict and make every method call on the loop from Python code slower)."""
+        previous = _own_attribute(loop, name)
+        own = self._own_class(loop) if previous is _MISSING else None
+        if own is not None:
+            own.put(name, replacement)
         else:
-            self._saved_attrs[name] = loop.__dict__.get(name, _MISSING)
-            loop.__dict__[name] = replacement
+            self._saved_attrs[name] = (previous, replacement)
+            setattr(loop, name, replacement)
+
+    def _own_class(self, loop: AbstractEventLoop) -> OwnClass | None:
+        if self._class is None and self.methods_on_own_class and not self._class_refused:
+            try:
+                self._class = OwnClass(loop)
+            except TypeError:
+                self._class_refused = True
+        return self._class
 
     def patch_lifecycle(self, loop: AbstractEventLoop) -> None:
         """Hook task creation, the start and end of run_forever, and close()."""
@@ -229,7 +257,12 @@ class LoopProbe:
 
     def unpatch_all(self, loop: AbstractEventLoop) -> None:
         """Undo every :meth:`patch`."""
-        for name, previous in self._saved_attrs.items():
+        if self._class is not None:
+            self._class.remove(loop)
+            self._class = None
+        for name, (previous, replacement) in self._saved_attrs.items():
+            if _own_attribute(loop, name) is not replacement:
+                continue  # set again since (another tool's wrapper): left as it is
             if previous is _MISSING:
                 with contextlib.suppress(AttributeError):
                     delattr(loop, name)
@@ -371,6 +404,8 @@ class LoopProbe:
     def start_heartbeat(self, loop: AbstractEventLoop) -> None:
         """Arm the lag probe."""
         self.stop_heartbeat()
+        if not self.exemplars_armed:
+            self._arm_exemplars()
         if isinstance(loop, BaseEventLoop) and type(loop).time is not BaseEventLoop.time:
             return  # a simulated clock (asyncio's test loops): no lag, and no foreign timer
         self.heartbeat_due = loop.time() + self.lag_interval
@@ -396,6 +431,8 @@ class LoopProbe:
             hist.total += lag
             self.heartbeat_due = now + self.lag_interval
             self.heartbeat = self.schedule_raw(loop, self.lag_interval, self._beat)
+            if not self.exemplars_armed:
+                self._arm_exemplars()
             self.on_beat()
         except Exception as exc:
             self.fault(exc)

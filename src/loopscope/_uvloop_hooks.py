@@ -127,6 +127,7 @@ class UvloopProbe(LoopProbe):
     """
 
     implementation = "uvloop"
+    methods_on_own_class = True
     busy_from_callbacks = True
     idle_nanoseconds: Callable[[], int] | None = None
     idle_mark = 0

@@ -71,7 +71,9 @@ static inline double native_now(void) {
         uint64_t tsc = __rdtsc();
         uint64_t ticks = tsc - ls_fast_clock.anchor_tsc;
         if (ticks < ls_fast_clock.horizon) {
-            double now = ls_fast_clock.anchor_sec + (double)ticks * ls_fast_clock.scale;
+            /* ticks < horizon, about a second's worth: converted as a signed number,
+             * one instruction where the unsigned conversion takes several */
+            double now = ls_fast_clock.anchor_sec + (double)(int64_t)ticks * ls_fast_clock.scale;
             if (now < ls_fast_clock.last)
                 return ls_fast_clock.last;
             ls_fast_clock.last = now;

@@ -10,7 +10,8 @@
 #include <string.h>
 
 /* The histograms' bounds: loopscope._stats.BUCKETS, read at module init (set_bounds). */
-static double BUCKETS[NBUCKETS - 1];
+double ls_buckets[NBUCKETS - 1];
+#define BUCKETS ls_buckets
 
 /* Where getattr(callback, "__self__") is a getset of an immutable type (asyncio's C task
  * step wrapper), that getter is called directly: same result, a tenth of the work. */
@@ -22,24 +23,9 @@ static PyObject *time_monotonic; /* time.monotonic, to recognise the default clo
 /* ---------------------------------------------------------------------------------------
  * The bucket search
  */
-/* bisect_left(BUCKETS, value): the first bound >= value.  The value's binary exponent (the
- * exponent field of the double) picks the first bound at or above its power of two
- * (bucket_start, filled at module init); no two bounds share a power of two (each is at
- * least twice the one before), so at most one more comparison finishes the search. */
-static unsigned char bucket_start[2048];
-
-static inline Py_ssize_t bucket_of(double value) {
-    if (!(value > BUCKETS[0])) /* also 0, negatives and NaN, as bisect_left puts them */
-        return 0;
-    if (!(value <= BUCKETS[NBUCKETS - 2]))
-        return NBUCKETS - 1;
-    uint64_t bits;
-    memcpy(&bits, &value, sizeof(bits));
-    Py_ssize_t i = bucket_start[(bits >> 52) & 0x7ff]; /* 2**e <= value < 2**(e+1) */
-    if (BUCKETS[i] < value)
-        i++;
-    return i;
-}
+/* bucket_of's table (speedups.h), filled at module init */
+unsigned char ls_bucket_start[2048];
+#define bucket_start ls_bucket_start
 
 static int bad_bounds(const char *what) {
     PyErr_Format(PyExc_ImportError,
@@ -153,51 +139,70 @@ int ls_record_io(Recorder *r, PyObject *callback, double start, double end) {
     return 0;
 }
 
-/* LoopProbe.after_step */
-int ls_record(Recorder *r, PyObject *callback, double ready, double start, double end) {
-    double duration = end > start ? end - start : 0.0;
-    r->duration_counts[bucket_of(duration)]++;
-    r->duration_total += duration;
-    double delay = start - ready;
-    if (delay < 0.0)
-        delay = 0.0;
-    r->delay_counts[bucket_of(delay)]++;
-    r->delay_total += delay;
-    if (r->busy_from_callbacks)
-        r->busy_seconds += duration;
+/* LoopProbe.after_step: what ls_record (speedups.h) leaves to a call */
+/* Whether the type's name is that of asyncio's C task step wrapper (a static type named
+ * TaskStepMethWrapper up to 3.11, _asyncio.TaskStepMethWrapper from 3.12). */
+static int is_step_wrapper_name(PyTypeObject *tp) {
+    return strcmp(tp->tp_name, "TaskStepMethWrapper") == 0 ||
+           strcmp(tp->tp_name, "_asyncio.TaskStepMethWrapper") == 0;
+}
 
-    PyObject *owner = NULL; /* new reference or NULL */
-    if (owner_of(callback, &owner) < 0)
+/* Whether callback is a step of a task of r->task_types: 1 with *owner the task (a new
+ * reference), 0 with *owner NULL, -1 on error. */
+static int task_of(Recorder *r, PyObject *callback, PyObject **owner) {
+    if (owner_of(callback, owner) < 0)
         return -1;
-    if (owner == Py_None)
-        Py_CLEAR(owner);
-    if (owner != NULL) {
-        int is_task = 0;
-        PyObject *types = r->task_types;
-        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(types); i++) {
-            if ((PyObject *)Py_TYPE(owner) == PyTuple_GET_ITEM(types, i)) {
-                is_task = 1;
-                break;
-            }
+    if (*owner == Py_None)
+        Py_CLEAR(*owner);
+    if (*owner == NULL)
+        return 0;
+    PyObject *types = r->task_types;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(types); i++) {
+        if ((PyObject *)Py_TYPE(*owner) == PyTuple_GET_ITEM(types, i)) {
+            /* asyncio's C task schedules every step with a wrapper of one type whose
+             * __self__ is the task (a C task, or a subclass of it): once a C task of
+             * task_types is seen through it, its steps are told apart by their type. */
+            PyTypeObject *tp = Py_TYPE(callback);
+            if (r->step_type == NULL && tp == self_type && is_step_wrapper_name(tp) &&
+                strcmp(Py_TYPE(*owner)->tp_name, "_asyncio.Task") == 0)
+                r->step_type = (PyTypeObject *)Py_NewRef(tp);
+            return 1;
         }
-        if (!is_task)
-            is_task = PyObject_IsInstance(owner, types);
-        if (is_task < 0) {
-            Py_DECREF(owner);
+    }
+    int is_task = PyObject_IsInstance(*owner, types);
+    if (is_task <= 0)
+        Py_CLEAR(*owner);
+    return is_task;
+}
+
+int ls_record_owner(Recorder *r, PyObject *callback, double start, double duration) {
+    PyObject *owner = NULL; /* the task (a new reference), or NULL */
+    int is_task;
+    if (Py_TYPE(callback) == r->step_type) {
+        is_task = 1; /* counted by ls_record */
+    }
+    else {
+        is_task = task_of(r, callback, &owner);
+        if (is_task < 0)
             return -1;
-        }
         if (is_task)
             r->task_steps++;
-        else
+    }
+    if (duration < r->floor) {
+        Py_XDECREF(owner);
+        return 0;
+    }
+    if (is_task && owner == NULL) {
+        if (owner_of(callback, &owner) < 0)
+            return -1;
+        if (owner == Py_None)
             Py_CLEAR(owner);
     }
     int rc = 0;
-    if (duration >= r->floor) {
-        if (duration >= r->threshold)
-            rc = call_probe(r, ls_str.record_slow, callback, owner, start, duration);
-        else if (owner != NULL)
-            rc = call_probe(r, ls_str.offer_exemplar, callback, owner, start, duration);
-    }
+    if (duration >= r->threshold)
+        rc = call_probe(r, ls_str.record_slow, callback, owner, start, duration);
+    else if (owner != NULL)
+        rc = call_probe(r, ls_str.offer_exemplar, callback, owner, start, duration);
     Py_XDECREF(owner);
     return rc;
 }
@@ -238,6 +243,7 @@ static int Recorder_init(Recorder *self, PyObject *args, PyObject *kwds) {
     Py_XSETREF(self->probe, Py_NewRef(probe));
     Py_XSETREF(self->clock, Py_NewRef(clock));
     Py_XSETREF(self->task_types, Py_NewRef(task_types));
+    Py_CLEAR(self->step_type);
     self->native_clock = (clock == time_monotonic);
 #ifdef _WIN32
     self->native_clock = 0;
@@ -255,7 +261,7 @@ static int Recorder_init(Recorder *self, PyObject *args, PyObject *kwds) {
     return 0;
 }
 
-#define RECORDER_FIELDS(X) X(probe) X(clock) X(task_types) X(current_callback)
+#define RECORDER_FIELDS(X) X(probe) X(clock) X(task_types) X(current_callback) X(step_type)
 LS_GC_FUNCTIONS(Recorder, RECORDER_FIELDS)
 
 static PyObject *Recorder_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {

@@ -44,6 +44,7 @@
 #include "clock.h"
 
 #include <stdint.h>
+#include <string.h>
 
 #define NBUCKETS 20 /* 19 bounds + the +Inf slot */
 /* What the Python side expects of this module (_probe.SPEEDUPS_INTERFACE): raised whenever
@@ -76,6 +77,9 @@ typedef struct {
     PyObject *probe;
     PyObject *clock;       /* the probe's clock callable */
     PyObject *task_types;  /* tuple of task classes */
+    /* asyncio's C task step wrapper, once a step of a task of task_types has been seen
+     * through it (see ls_record), or NULL */
+    PyTypeObject *step_type;
     /* The watchdog's step markers (see mark_start): read by the watchdog thread through
      * the current_start / current_callback attributes with the GIL held.  The start lives
      * at *start: a start slot (watch.c) that watch_steps() reads without the GIL, or
@@ -103,10 +107,57 @@ LS_HIDDEN extern PyTypeObject ls_Recorder_Type;
 
 /* -1 with RuntimeError set if the recorder was never initialised. */
 LS_HIDDEN int ls_ready_recorder(Recorder *r);
-/* LoopProbe.after_step / after_io.  Must be called with no exception set; -1 with one set
- * on error. */
-LS_HIDDEN int ls_record(Recorder *r, PyObject *callback, double ready, double start,
-                        double end);
+/* The histograms' bounds (loopscope._stats.BUCKETS) and bucket_of's table, filled at module
+ * init (recorder.c). */
+LS_HIDDEN extern double ls_buckets[NBUCKETS - 1];
+LS_HIDDEN extern unsigned char ls_bucket_start[2048];
+
+/* bisect_left(BUCKETS, value): the first bound >= value.  The value's binary exponent (the
+ * exponent field of the double) picks the first bound at or above its power of two
+ * (ls_bucket_start); no two bounds share a power of two (each is at least twice the one
+ * before), so at most one more comparison finishes the search. */
+static inline Py_ssize_t bucket_of(double value) {
+    if (!(value > ls_buckets[0])) /* also 0, negatives and NaN, as bisect_left puts them */
+        return 0;
+    if (!(value <= ls_buckets[NBUCKETS - 2]))
+        return NBUCKETS - 1;
+    uint64_t bits;
+    memcpy(&bits, &value, sizeof(bits));
+    Py_ssize_t i = ls_bucket_start[(bits >> 52) & 0x7ff]; /* 2**e <= value < 2**(e+1) */
+    if (ls_buckets[i] < value)
+        i++;
+    return i;
+}
+
+/* What ls_record does past the figures every step updates: tell a task step apart (and
+ * count it, unless it is of r->step_type, which ls_record counted), and hand a step at or
+ * over the floor to the probe.  -1 with an exception set on error. */
+LS_HIDDEN int ls_record_owner(Recorder *r, PyObject *callback, double start, double duration);
+
+/* LoopProbe.after_step, inlined in each wrapper: a step of asyncio's C task under the
+ * floor (the most common step) takes no call.  Must be called with no exception set; -1
+ * with one set on error. */
+static inline int ls_record(Recorder *r, PyObject *callback, double ready, double start,
+                            double end) {
+    double duration = end > start ? end - start : 0.0;
+    r->duration_counts[bucket_of(duration)]++;
+    r->duration_total += duration;
+    double delay = start - ready;
+    if (delay < 0.0)
+        delay = 0.0;
+    r->delay_counts[bucket_of(delay)]++;
+    r->delay_total += delay;
+    if (r->busy_from_callbacks)
+        r->busy_seconds += duration;
+    if (Py_TYPE(callback) == r->step_type) {
+        r->task_steps++;
+        if (duration < r->floor)
+            return 0;
+    }
+    return ls_record_owner(r, callback, start, duration);
+}
+
+/* LoopProbe.after_io.  As ls_record. */
 LS_HIDDEN int ls_record_io(Recorder *r, PyObject *callback, double start, double end);
 /* probe.fault(exc) for the exception currently set; never leaves one set. */
 LS_HIDDEN void ls_report_fault(Recorder *r);

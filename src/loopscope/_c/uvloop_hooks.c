@@ -109,7 +109,15 @@ static PyObject *TimedCallback_vectorcall(PyObject *op, PyObject *const *args, s
 
 /* One TimedCallback is made and dropped per scheduled callback: keep a few dropped ones
  * for reuse, as CPython does for its own small objects (the GIL guards the list; builds
- * without a GIL or with reference tracing do without it). */
+ * without a GIL or with reference tracing do without it).
+ *
+ * A kept one stays tracked by the garbage collector, with one reference, the list's, and
+ * its fields cleared: to the collector it is an object that something outside it holds,
+ * which it is.  Taking one back then needs neither PyObject_Init nor PyObject_GC_Track, and
+ * dropping one not PyObject_GC_UnTrack (from 3.12 on the tracking reads the thread state
+ * from thread-local storage): 57 instructions less per uvloop task step (callgrind, 3.12).  Where a reference tracer watches objects being made and
+ * destroyed (3.13's PyRefTracer) or references are counted for debugging, a dropped one is
+ * freed as usual instead. */
 #if !defined(Py_GIL_DISABLED) && !defined(Py_TRACE_REFS)
 #define TC_FREELIST 256
 #else
@@ -118,22 +126,33 @@ static PyObject *TimedCallback_vectorcall(PyObject *op, PyObject *const *args, s
 #if TC_FREELIST > 0
 static TimedCallback *tc_free[TC_FREELIST];
 static int tc_free_count;
+
+/* Whether a dropped TimedCallback may be kept (tracked, with the list's reference). */
+static inline int tc_may_keep(void) {
+#if defined(Py_REF_DEBUG)
+    return 0;
+#elif PY_VERSION_HEX >= 0x030D0000
+    return tc_free_count < TC_FREELIST && PyRefTracer_GetTracer(NULL) == NULL;
+#else
+    return tc_free_count < TC_FREELIST;
+#endif
+}
 #endif
 
 static TimedCallback *TimedCallback_create(PyObject *callback, Recorder *recorder, double ready) {
     TimedCallback *self;
 #if TC_FREELIST > 0
     if (tc_free_count > 0) {
-        self = tc_free[--tc_free_count];
-        PyObject_Init((PyObject *)self, &ls_TimedCallback_Type);
+        self = tc_free[--tc_free_count]; /* tracked, and the list's reference is now ours */
+        self->callback = Py_NewRef(callback);
+        self->recorder = (Recorder *)Py_NewRef((PyObject *)recorder);
+        self->ready = ready;
+        return self;
     }
-    else
 #endif
-    {
-        self = PyObject_GC_New(TimedCallback, &ls_TimedCallback_Type);
-        if (self == NULL)
-            return NULL;
-    }
+    self = PyObject_GC_New(TimedCallback, &ls_TimedCallback_Type);
+    if (self == NULL)
+        return NULL;
     self->callback = Py_NewRef(callback);
     self->recorder = (Recorder *)Py_NewRef((PyObject *)recorder);
     self->ready = ready;
@@ -156,14 +175,22 @@ static PyObject *TimedCallback_new(PyTypeObject *Py_UNUSED(type), PyObject *args
 }
 
 static void TimedCallback_dealloc(TimedCallback *self) {
-    PyObject_GC_UnTrack(self);
-    TimedCallback_clear(self);
 #if TC_FREELIST > 0
-    if (tc_free_count < TC_FREELIST && Py_IS_TYPE(self, &ls_TimedCallback_Type)) {
-        tc_free[tc_free_count++] = self;
+    if (Py_IS_TYPE(self, &ls_TimedCallback_Type) && tc_may_keep()) {
+        /* The list's reference first: clearing the fields can run any code, the collector
+         * included, which must not find a tracked object without references. */
+        Py_SET_REFCNT(self, 1);
+        TimedCallback_clear(self);
+        if (tc_free_count < TC_FREELIST) { /* still: the clearing may have kept others */
+            tc_free[tc_free_count++] = self;
+            return;
+        }
+        Py_DECREF(self); /* freed below, by this function again (the list is full) */
         return;
     }
 #endif
+    PyObject_GC_UnTrack(self);
+    TimedCallback_clear(self);
     PyObject_GC_Del(self);
 }
 
@@ -494,10 +521,45 @@ static PyObject *call_original(Intercept *self, PyObject *const *args, Py_ssize_
     return result;
 }
 
+/* Whether name, a keyword given, is "context". */
+static inline int is_context(PyObject *name) {
+    if (name == ls_str.context || name == seen_context)
+        return 1;
+    if (!PyUnicode_CheckExact(name) || PyUnicode_Compare(name, ls_str.context) != 0)
+        return 0;
+    Py_INCREF(name);
+    Py_XSETREF(seen_context, name);
+    return 1;
+}
+
+/* call_soon(callback) and call_soon(callback, context=ctx) on a loop method: the calls of
+ * asyncio's C task and future, once per task step, so written out on their own. */
+static inline PyObject *intercept_soon(Intercept *self, PyObject *const *args,
+                                       PyObject *kwnames) {
+    PyObject *stack[4]; /* stack[0] is free for the callee (PY_VECTORCALL_ARGUMENTS_OFFSET) */
+    double ready;
+    if (read_clock(self->recorder, &ready) < 0)
+        return NULL;
+    PyObject *wrapped = (PyObject *)TimedCallback_create(args[0], self->recorder, ready);
+    if (wrapped == NULL)
+        return NULL;
+    stack[1] = self->bound;
+    stack[2] = wrapped;
+    stack[3] = kwnames != NULL ? args[1] : NULL;
+    PyObject *result =
+        ls_vectorcall(self->function, stack + 1, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, kwnames);
+    Py_DECREF(wrapped);
+    return result;
+}
+
 static PyObject *Intercept_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf,
                                       PyObject *kwnames) {
     Intercept *self = (Intercept *)op;
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (self->kind == KIND_SOON && nargs == 1 && self->bound != NULL &&
+        (kwnames == NULL ||
+         (PyTuple_GET_SIZE(kwnames) == 1 && is_context(PyTuple_GET_ITEM(kwnames, 0)))))
+        return intercept_soon(self, args, kwnames);
     Py_ssize_t nkw = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
     Py_ssize_t cb_index = self->kind == KIND_SOON ? 0 : 1;
     double ready = 0.0;
@@ -511,15 +573,8 @@ static PyObject *Intercept_vectorcall(PyObject *op, PyObject *const *args, size_
             return NULL;
         return call_original(self, args, nargs, kwnames, cb_index, wrapped);
     }
-    if (nkw == 1) {
-        PyObject *name = PyTuple_GET_ITEM(kwnames, 0);
-        if (name != ls_str.context && name != seen_context) {
-            if (!PyUnicode_CheckExact(name) || PyUnicode_Compare(name, ls_str.context) != 0)
-                goto fallback;
-            Py_INCREF(name);
-            Py_XSETREF(seen_context, name);
-        }
-    }
+    if (nkw == 1 && !is_context(PyTuple_GET_ITEM(kwnames, 0)))
+        goto fallback;
     if (self->kind == KIND_SOON) {
         if (read_clock(self->recorder, &ready) < 0)
             return NULL;
