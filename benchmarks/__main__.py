@@ -55,7 +55,7 @@ PEER_MODULES = {
     "pyleak": "pyleak",
     "monitored-ioloop": "monitored_ioloop",
 }
-TARGETS = {"uvloop": 1.25, "asyncio": 1.12}
+TARGETS = {"uvloop": 1.10, "asyncio": 1.00}
 
 
 @dataclass

@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 
 import loopscope
 
-from .conftest import make_loop, sample
+from .conftest import loop_class, make_loop, patched_names, sample
 
 Run = Callable[[Callable[[], Awaitable[Any]]], Any]
 DELAY = "asyncio_executor_queue_delay_seconds"
@@ -271,8 +271,9 @@ class TestLifecycle:
         """After uninstall() the loop's own run_in_executor is back."""
         loop = make_loop(loop_kind)
         try:
-            assert "run_in_executor" in vars(loop)
+            assert "run_in_executor" in patched_names(loop, loop_kind)
             loopscope.uninstall()
+            assert type(loop) is loop_class(loop_kind)
             assert "run_in_executor" not in vars(loop)
             assert "set_default_executor" not in vars(loop)
             assert loop.run_until_complete(loop.run_in_executor(None, twice, 2)) == 4

@@ -177,3 +177,46 @@ def test_another_tools_wrapper_put_on_later_survives_uninstall(
         assert type(loop) is loop_class(loop_kind)
     finally:
         loop.close()
+
+
+def test_a_new_loop_of_the_loops_class_is_its_own(
+    registry: CollectorRegistry, loop_kind: str
+) -> None:
+    """``type(loop)()`` (a pattern of programs that start a loop in a thread) makes a loop
+    that runs its own tasks and closes itself, measured under its own hooks."""
+    loopscope.install(registry=registry)
+    first = make_loop(loop_kind)
+    second = type(first)()
+    try:
+        assert isinstance(second, loop_class(loop_kind))
+        task = second.create_task(_steps(5))
+        assert task.get_loop() is second
+        second.run_until_complete(task)
+        assert first.create_task is not second.create_task
+        second.close()
+        assert second.is_closed() and not first.is_closed()
+        _run_steps(first)
+    finally:
+        second.close()
+        first.close()
+    assert sample(registry, "asyncio_tasks_created_total", loop="MainThread") >= 2
+
+
+def test_the_class_finds_the_loop_classs_own_methods(
+    registry: CollectorRegistry, loop_kind: str
+) -> None:
+    """``type(loop).name`` is the loop class's own method, so ``type(loop).name(loop, ...)``
+    works as without loopscope (unmeasured, as it was when the hooks were on the loop)."""
+    loopscope.install(registry=registry)
+    loop = make_loop(loop_kind)
+    base = loop_class(loop_kind)
+    try:
+        for name in ("call_soon", "call_later", "create_task", "run_forever", "close"):
+            assert getattr(type(loop), name) == getattr(base, name), name
+        done: list[int] = []
+        type(loop).call_soon(loop, done.append, 1)
+        loop.run_until_complete(type(loop).create_task(loop, _steps(2)))
+        assert done == [1]
+    finally:
+        type(loop).close(loop)
+    assert loop.is_closed()

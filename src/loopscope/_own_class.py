@@ -23,6 +23,38 @@ from __future__ import annotations
 from typing import Any
 
 
+class _ForItsLoop:
+    """A replaced method on the class made for one loop: that loop finds the replacement;
+    the class itself, or any other object of it, the method the replacement stands for, as
+    the loop's class has it.  (The C hot path's hooks do this themselves, in C: the lookup
+    of ``call_soon`` that asyncio's C task makes for every step calls no Python code.)"""
+
+    __slots__ = ("base", "loop", "name", "value")
+
+    def __init__(self, value: object, loop: object, base: type[Any], name: str) -> None:
+        self.value = value
+        self.loop = loop
+        self.base = base
+        self.name = name
+
+    def __get__(self, obj: object, cls: type[Any] | None = None) -> Any:
+        if obj is not None and obj is self.loop:
+            return self.value
+        for klass in self.base.__mro__:
+            if self.name in vars(klass):
+                attribute = vars(klass)[self.name]
+                get = getattr(type(attribute), "__get__", None)
+                return attribute if get is None else get(attribute, obj, cls)
+        raise AttributeError(self.name)
+
+
+def _binds_itself(value: object) -> bool:
+    """Whether ``value`` is a hook of the C hot path, whose ``__get__`` does what
+    ``_ForItsLoop`` does."""
+    kind = type(value)
+    return kind.__module__ == "loopscope._speedups" and hasattr(kind, "__get__")
+
+
 class OwnClass:
     """The subclass made for one loop, and what was put on it."""
 
@@ -31,11 +63,18 @@ class OwnClass:
         base = type(loop)
         if type(base) is not type or any("__init_subclass__" in vars(k) for k in base.__mro__[:-1]):
             raise TypeError(f"{base.__qualname__} can't take a subclass of its own")
+
+        def __new__(cls: type[Any], *args: Any, **kwargs: Any) -> Any:
+            # type(loop)() makes a new loop of the loop's own class, which gets a class of
+            # its own if loopscope instruments it, not one that would find this loop's hooks.
+            return base(*args, **kwargs)
+
         namespace = {
             "__slots__": (),
             "__module__": base.__module__,
             "__qualname__": base.__qualname__,
             "__doc__": base.__doc__,
+            "__new__": __new__,
         }
         own = type(base.__name__, (base,), namespace)
         loop.__class__ = own  # TypeError for a class that is not a heap type
@@ -43,14 +82,13 @@ class OwnClass:
         self.own: type[Any] | None = own
         self.names: list[str] = []
 
-    def put(self, name: str, value: object) -> None:
-        """Make ``value`` what ``loop.name`` finds, as the instance attribute would be: a
-        descriptor (a Python function) is wrapped so that it is not bound to the loop."""
-        own = self.own
-        assert own is not None
-        if hasattr(type(value), "__get__"):
-            value = staticmethod(value)  # type: ignore[arg-type]
-        setattr(own, name, value)
+    def put(self, loop: object, name: str, value: object) -> None:
+        """Make ``value`` what ``loop.name`` finds, as an attribute of the loop itself
+        would be (never bound to the loop); the class itself, and any other object of it,
+        find the loop class's own ``name``."""
+        own, base = self.own, self.base
+        assert own is not None and base is not None
+        setattr(own, name, value if _binds_itself(value) else _ForItsLoop(value, loop, base, name))
         self.names.append(name)
 
     def remove(self, loop: object) -> None:

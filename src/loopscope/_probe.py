@@ -204,7 +204,7 @@ class LoopProbe:
         previous = _own_attribute(loop, name)
         own = self._own_class(loop) if previous is _MISSING else None
         if own is not None:
-            own.put(name, replacement)
+            own.put(loop, name, replacement)
         else:
             self._saved_attrs[name] = (previous, replacement)
             setattr(loop, name, replacement)

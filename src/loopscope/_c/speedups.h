@@ -159,6 +159,12 @@ static inline int ls_record(Recorder *r, PyObject *callback, double ready, doubl
 
 /* LoopProbe.after_io.  As ls_record. */
 LS_HIDDEN int ls_record_io(Recorder *r, PyObject *callback, double start, double end);
+/* tp_descr_get of the loop hooks that _own_class.py puts on the class made for their loop
+ * (Intercept, CreateTask, RunForever): the loop they were made for finds the hook itself;
+ * the class, or any other object of it, finds the method the hook stands for, as the
+ * loop's class has it.  original: the loop's bound method (recorder.c). */
+LS_HIDDEN PyObject *ls_hook_descr_get(PyObject *hook, PyObject *original, PyObject *obj,
+                                      PyObject *type);
 /* probe.fault(exc) for the exception currently set; never leaves one set. */
 LS_HIDDEN void ls_report_fault(Recorder *r);
 /* At module init: the bucket bounds (loopscope._stats.BUCKETS: NBUCKETS - 1 finite

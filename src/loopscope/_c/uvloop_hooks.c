@@ -676,8 +676,13 @@ static PyMemberDef Intercept_members[] = {
     LS_VECTORCALL_MEMBER(Intercept),
     {NULL}};
 
+static PyObject *Intercept_descr_get(PyObject *op, PyObject *obj, PyObject *type) {
+    return ls_hook_descr_get(op, ((Intercept *)op)->original, obj, type);
+}
+
 PyTypeObject ls_Intercept_Type = {
     LS_CALLABLE_TYPE(Intercept, 0),
+    .tp_descr_get = Intercept_descr_get,
     .tp_doc = "Intercept(kind, recorder, original, fallback, loop_time=None)\n--\n\n"
               "uvloop's call_soon/call_soon_threadsafe/call_later (wrapping the callback in\n"
               "a TimedCallback) or add_reader/add_writer (kind 'add_reader': in a TimedIO).",
