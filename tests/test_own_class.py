@@ -220,3 +220,30 @@ def test_the_class_finds_the_loop_classs_own_methods(
     finally:
         type(loop).close(loop)
     assert loop.is_closed()
+
+
+def test_every_shape_of_call_soon_runs_as_asked(
+    registry: CollectorRegistry, loop_kind: str
+) -> None:
+    """call_soon with no argument, one, two, and with a context: each callback runs once,
+    in order, with its arguments and in its context, and is measured."""
+    import contextvars
+
+    loopscope.install(registry=registry)
+    loop = make_loop(loop_kind)
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("var", default="outside")
+    context = contextvars.copy_context()
+    context.run(var.set, "inside")
+    seen: list[object] = []
+    try:
+        loop.call_soon(seen.append, "one")
+        loop.call_soon(lambda: seen.append("none"))
+        loop.call_soon(lambda a, b: seen.append((a, b)), 1, 2)
+        loop.call_soon(lambda a: seen.append((a, var.get())), "ctx", context=context)
+        loop.call_soon(lambda: seen.append(var.get()), context=context)
+        loop.call_soon(loop.stop)
+        loop.run_forever()
+    finally:
+        loop.close()
+    assert seen == ["one", "none", (1, 2), ("ctx", "inside"), "inside"]
+    assert sample(registry, "asyncio_loop_callback_duration_seconds_count", loop="MainThread") >= 6

@@ -15,6 +15,20 @@ void ls_gc_dealloc(PyObject *self) {
     Py_TYPE(self)->tp_free(self);
 }
 
+PyObject *ls_hook_descr_get(PyObject *hook, PyObject *original, PyObject *obj,
+                            PyObject *type) {
+    if (obj == Py_None)
+        obj = NULL;
+    if (original == NULL || !PyMethod_Check(original) ||
+        (obj != NULL && obj == PyMethod_GET_SELF(original)))
+        return Py_NewRef(hook);
+    PyObject *function = PyMethod_GET_FUNCTION(original);
+    descrgetfunc get = Py_TYPE(function)->tp_descr_get;
+    if (get == NULL)
+        return Py_NewRef(function);
+    return get(function, obj, type);
+}
+
 static int intern_names(void) {
     static const struct {
         PyObject **slot;

@@ -139,9 +139,8 @@ int ls_record_io(Recorder *r, PyObject *callback, double start, double end) {
     return 0;
 }
 
-/* LoopProbe.after_step: what ls_record (speedups.h) leaves to a call */
-/* Whether the type's name is that of asyncio's C task step wrapper (a static type named
- * TaskStepMethWrapper up to 3.11, _asyncio.TaskStepMethWrapper from 3.12). */
+/* LoopProbe.after_step past ls_record (speedups.h).  Whether tp has the name of asyncio's
+ * C task step wrapper (TaskStepMethWrapper to 3.11, _asyncio.TaskStepMethWrapper after). */
 static int is_step_wrapper_name(PyTypeObject *tp) {
     return strcmp(tp->tp_name, "TaskStepMethWrapper") == 0 ||
            strcmp(tp->tp_name, "_asyncio.TaskStepMethWrapper") == 0;
@@ -205,20 +204,6 @@ int ls_record_owner(Recorder *r, PyObject *callback, double start, double durati
         rc = call_probe(r, ls_str.offer_exemplar, callback, owner, start, duration);
     Py_XDECREF(owner);
     return rc;
-}
-
-PyObject *ls_hook_descr_get(PyObject *hook, PyObject *original, PyObject *obj,
-                            PyObject *type) {
-    if (obj == Py_None)
-        obj = NULL;
-    if (original == NULL || !PyMethod_Check(original) ||
-        (obj != NULL && obj == PyMethod_GET_SELF(original)))
-        return Py_NewRef(hook);
-    PyObject *function = PyMethod_GET_FUNCTION(original);
-    descrgetfunc get = Py_TYPE(function)->tp_descr_get;
-    if (get == NULL)
-        return Py_NewRef(function);
-    return get(function, obj, type);
 }
 
 /* probe.fault(exc) */

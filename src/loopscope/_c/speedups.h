@@ -11,16 +11,17 @@
  *                  event) calls back into Python exactly as the pure path does.  (recorder.c)
  *   TimedCallback  uvloop: the wrapper around each scheduled callback (repr delegates).
  *   TimedIO        uvloop: the wrapper around reader/writer callbacks and protocol methods.
- *   Intercept      uvloop: the call_soon / call_soon_threadsafe / call_later instance
- *                  attributes; anything unusual is handed to the pure-Python function, so
- *                  argument errors are the same.  (uvloop_hooks.c)
+ *   Intercept      uvloop: the loop's call_soon / call_soon_threadsafe / call_later, on the
+ *                  class made for the loop (_own_class.py); anything unusual is handed to
+ *                  the pure-Python function, so argument errors are the same.
+ *                  (uvloop_hooks.c)
  *   CallSoon       asyncio: the loop's _call_soon instance attribute.
  *   TimedRun       asyncio: the _run method of the per-loop Handle/TimerHandle subclasses.
  *   TimedPoller    asyncio: stands in for the poller of the loop's selector (select.epoll,
  *                  ...) and counts the seconds waited in it, for busy time.
  *                  (asyncio_hooks.c)
- *   CreateTask     both loops: the loop's create_task instance attribute, counting tasks.
- *                  (recorder.c)
+ *   CreateTask     both loops: the loop's create_task, counting tasks; RunForever, its
+ *                  run_forever between the probe's start and stop.  (recorder.c)
  *   Engine         the /metrics endpoint's socket work, without the GIL (endpoint.c).
  *   watch_steps    the watchdog thread's wait between checks, without the GIL (watch.c).
  *   clock_*        the native clock (clock.c): time.monotonic() from the CPU's counter.
@@ -162,7 +163,7 @@ LS_HIDDEN int ls_record_io(Recorder *r, PyObject *callback, double start, double
 /* tp_descr_get of the loop hooks that _own_class.py puts on the class made for their loop
  * (Intercept, CreateTask, RunForever): the loop they were made for finds the hook itself;
  * the class, or any other object of it, finds the method the hook stands for, as the
- * loop's class has it.  original: the loop's bound method (recorder.c). */
+ * loop's class has it.  original: the loop's bound method (module.c). */
 LS_HIDDEN PyObject *ls_hook_descr_get(PyObject *hook, PyObject *original, PyObject *obj,
                                       PyObject *type);
 /* probe.fault(exc) for the exception currently set; never leaves one set. */

@@ -532,22 +532,26 @@ static inline int is_context(PyObject *name) {
     return 1;
 }
 
-/* call_soon(callback) and call_soon(callback, context=ctx) on a loop method: the calls of
- * asyncio's C task and future, once per task step, so written out on their own. */
+/* call_soon(callback[, arg][, context=ctx]) on a loop method: the calls of asyncio's C task
+ * (its next step) and future (a done callback with the future: a task's wakeup), one per
+ * task step, so written out on their own. */
 static inline PyObject *intercept_soon(Intercept *self, PyObject *const *args,
-                                       PyObject *kwnames) {
-    PyObject *stack[4]; /* stack[0] is free for the callee (PY_VECTORCALL_ARGUMENTS_OFFSET) */
+                                       Py_ssize_t nargs, PyObject *kwnames) {
+    PyObject *stack[5]; /* stack[0] is free for the callee (PY_VECTORCALL_ARGUMENTS_OFFSET) */
     double ready;
     if (read_clock(self->recorder, &ready) < 0)
         return NULL;
     PyObject *wrapped = (PyObject *)TimedCallback_create(args[0], self->recorder, ready);
     if (wrapped == NULL)
         return NULL;
+    Py_ssize_t given = nargs + (kwnames != NULL); /* callback, argument, context */
     stack[1] = self->bound;
     stack[2] = wrapped;
-    stack[3] = kwnames != NULL ? args[1] : NULL;
-    PyObject *result =
-        ls_vectorcall(self->function, stack + 1, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, kwnames);
+    stack[3] = given > 1 ? args[1] : NULL;
+    stack[4] = given > 2 ? args[2] : NULL;
+    PyObject *result = ls_vectorcall(self->function, stack + 1,
+                                     (size_t)(nargs + 1) | PY_VECTORCALL_ARGUMENTS_OFFSET,
+                                     kwnames);
     Py_DECREF(wrapped);
     return result;
 }
@@ -556,10 +560,10 @@ static PyObject *Intercept_vectorcall(PyObject *op, PyObject *const *args, size_
                                       PyObject *kwnames) {
     Intercept *self = (Intercept *)op;
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
-    if (self->kind == KIND_SOON && nargs == 1 && self->bound != NULL &&
+    if (self->kind == KIND_SOON && (nargs == 1 || nargs == 2) && self->bound != NULL &&
         (kwnames == NULL ||
          (PyTuple_GET_SIZE(kwnames) == 1 && is_context(PyTuple_GET_ITEM(kwnames, 0)))))
-        return intercept_soon(self, args, kwnames);
+        return intercept_soon(self, args, nargs, kwnames);
     Py_ssize_t nkw = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
     Py_ssize_t cb_index = self->kind == KIND_SOON ? 0 : 1;
     double ready = 0.0;
