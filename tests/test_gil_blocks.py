@@ -223,6 +223,53 @@ class TestGilHoldingCalls:
             assert slow.location == line, (name, slow)
 
 
+class TestHandOver:
+    """A block the reader saw in a step that ended before the watchdog could look is
+    reported by the watchdog all the same."""
+
+    def test_after_an_earlier_sample_of_the_step(self, loop_kind: str, events: Events) -> None:
+        """The watchdog sampled the step before its first report was due (a stretch that
+        held the GIL before the long call, or a thread descheduled on a busy machine), and
+        the reader's capture at the report's age came after that sample: the step's own
+        report hands that capture over, and the watchdog reports the block from it."""
+        from loopscope import _installation
+
+        loop = make_loop(loop_kind)
+        try:
+            loop.run_until_complete(asyncio.sleep(0))
+            installation = _installation.current()
+            assert installation is not None
+            probe = installation.probe_for(loop)
+            assert probe is not None
+            start = time.monotonic() - 1.0
+            early = ["tests/test_gil_blocks.py:1 in earlier"]
+            late = [f"tests/test_gil_blocks.py:{n} in parse_body" for n in (2, 3)]
+            captured = [
+                _gilreader.Capture(10**9, start, start + 0.5 * THRESHOLD, early),
+                _gilreader.Capture(10**9 + 1, start, start + 1.02 * THRESHOLD, late),
+            ]
+            # The watchdog's sample, taken from the first capture: no report was due yet.
+            probe.gil_seen = captured[0].seq
+            probe.sample = (start, early, early[0])
+            original = _gilreader.captures
+            _gilreader.captures = lambda handle, after: [c for c in captured if c.seq > after]
+            try:
+                probe.record_slow(None, None, start, 0.5)
+            finally:
+                _gilreader.captures = original
+            deadline = time.monotonic() + 10.0  # a bound for a busy machine, not a measure
+            while time.monotonic() < deadline and not events.of_step(start)[0]:
+                time.sleep(0.01)
+        finally:
+            loop.close()
+        blocked, slow = events.of_step(start)
+        assert slow.location == early[0]  # the step is named by what the watchdog sampled
+        assert [(b.location, round(b.blocked_for, 3)) for b in blocked] == [
+            (late[-1], round(1.02 * THRESHOLD, 3))
+        ]
+        assert blocked[0].thread == "loopscope-watchdog"
+
+
 class TestOff:
     """Where the reader cannot work, blocks are reported as before: once the call returns."""
 

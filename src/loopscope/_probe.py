@@ -314,11 +314,10 @@ class LoopProbe:
         stats.slow_callbacks += 1
         stats.blocked_seconds += duration
         self._exemplar(task, duration, (bisect_left(BUCKETS, duration), SLOW), start)
+        stack, location = self._captured_stack(callback, task, start, duration)
         sample = self.sample
         if sample is not None and sample[0] == start:
             stack, location = sample[1], sample[2]
-        else:
-            stack, location = self._captured_stack(callback, task, start, duration)
         self.sample = None
         stats.count_location(location or UNKNOWN_LOCATION, self.max_locations)
         self.events.slow_callback(
@@ -336,8 +335,10 @@ class LoopProbe:
         self, callback: object, task: object, start: float, duration: float
     ) -> tuple[list[str], str | None]:
         """The stack the GIL reader took during the step that ran from ``start`` for
-        ``duration`` (it held the GIL in one C call), if the watchdog did not get the GIL
-        before the step ended; the watchdog is handed those captures to report the block."""
+        ``duration`` (it held the GIL in one C call).  The watchdog is handed the captures
+        it has not seen, to report the block: also when it sampled the step earlier (a
+        stretch that held the GIL before the call, or the thread descheduled by a busy
+        machine, can give it a sample younger than its first report)."""
         taken = [
             capture
             for capture in _gilreader.captures(self.gil_handle, 0)
