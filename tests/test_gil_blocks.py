@@ -269,6 +269,54 @@ class TestHandOver:
         ]
         assert blocked[0].thread == "loopscope-watchdog"
 
+    def test_while_the_watchdog_starts(
+        self, loop_kind: str, events: Events, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The watchdog's thread runs Python code before its first wait, and so needs the
+        GIL: a call that takes the GIL meanwhile is read by the reader all the same, and
+        reported.  (The thread is kept in that code for a moment here, as a thread that
+        was just started can be on a busy machine.)"""
+        from loopscope import _installation
+        from loopscope._watchdog import Watchdog
+
+        starting = threading.Event()
+        sees_every_step = Watchdog._wait_sees_every_step
+
+        def slow_first_look(watchdog: Watchdog, installation: _installation.Installation) -> bool:
+            if starting.is_set():
+                starting.clear()
+                until = time.monotonic() + 2 * THRESHOLD
+                while time.monotonic() < until:  # bytecode: the GIL goes back and forth
+                    pass
+            return sees_every_step(watchdog, installation)
+
+        monkeypatch.setattr(Watchdog, "_wait_sees_every_step", slow_first_look)
+
+        async def main() -> None:
+            async def step() -> None:
+                installation = _installation.current()
+                assert installation is not None
+                installation.watchdog.stop()
+                starting.set()
+                installation.watchdog.start()
+                parse_body()
+
+            await asyncio.create_task(step())
+
+        loop = make_loop(loop_kind)
+        try:
+            loop.run_until_complete(main())
+        finally:
+            loop.close()
+        events.wait_for_blocks()
+        (slow,) = events.slow_steps()
+        blocked, slow = events.of_step(slow.started)
+        assert blocked, f"no loop_blocked event ({slow})"
+        line = _calling_line(parse_body, "json.loads(")
+        assert blocked[0].location == line, blocked[0]
+        assert blocked[0].blocked_for <= FIRST_REPORT_BOUND, blocked[0]
+        assert blocked[0].thread == "loopscope-watchdog"
+
 
 class TestOff:
     """Where the reader cannot work, blocks are reported as before: once the call returns."""

@@ -121,6 +121,9 @@ class Watchdog:
             _gilreader.configure(
                 self.first_report, installation.options.events != "off", library_rules()
             )
+        # The new thread wants the GIL until its first wait: a loop thread that starts a
+        # call holding the GIL meanwhile is read all the same.
+        _gilreader.arm(0.0)
         self.thread = threading.Thread(target=self._run, name="loopscope-watchdog", daemon=True)
         self.thread.start()
 
