@@ -364,6 +364,7 @@ class LoopProbe:
             if name != self.label:
                 self._attach(name)
         self.busy_mark = self.clock()
+        self.recorder.chain_end = 0.0  # no step starts where one of an earlier run ended
         self.start_heartbeat(loop)
         self._gil_register()
 
@@ -373,6 +374,7 @@ class LoopProbe:
         self.stop_heartbeat()
         self.settle_busy()
         self.busy_mark = None
+        self.recorder.chain_end = 0.0
 
     def _gil_register(self) -> None:
         """Let the GIL reader read this thread's stack while the loop runs (its captures'
@@ -419,6 +421,8 @@ class LoopProbe:
             self.heartbeat = None
 
     def _beat(self) -> None:
+        # Not measured: the step after it does not start where the one before it ended.
+        self.recorder.chain_end = 0.0
         loop = self.loop_ref()
         if loop is None or not self.active:
             return

@@ -29,6 +29,7 @@ class Recorder:
     current_start: float
     current_callback: object
     exemplar_floor: float
+    chain_end: float
     @property
     def threshold(self) -> float: ...
     @property

@@ -21,9 +21,8 @@ static void *self_closure;
 static PyObject *time_monotonic; /* time.monotonic, to recognise the default clock */
 
 /* ---------------------------------------------------------------------------------------
- * The bucket search
+ * The bucket search.  bucket_of's table (speedups.h), filled at module init:
  */
-/* bucket_of's table (speedups.h), filled at module init */
 unsigned char ls_bucket_start[2048];
 #define bucket_start ls_bucket_start
 
@@ -496,6 +495,7 @@ static PyMemberDef Recorder_members[] = {
     {"probe", T_OBJECT, offsetof(Recorder, probe), READONLY, NULL},
     {"threshold", T_DOUBLE, offsetof(Recorder, threshold), READONLY, NULL},
     {"busy_from_callbacks", T_INT, offsetof(Recorder, busy_from_callbacks), 0, NULL},
+    {"chain_end", T_DOUBLE, offsetof(Recorder, chain_end), 0, NULL},
     {NULL}};
 
 PyTypeObject ls_Recorder_Type = {

@@ -87,6 +87,10 @@ typedef struct {
      * own_start for a recorder on another clock or when every slot is taken. */
     double *start;
     double own_start;
+    /* The end of the last step that a next one may start at (timed.h's may_chain), 0.0
+     * once anything else measured has run, the loop has stopped or started, or a
+     * heartbeat has run. */
+    double chain_end;
     int slot;              /* index of the start slot, or -1 */
     PyObject *current_callback; /* strong reference while a step runs, else NULL */
     int native_clock;      /* clock is time.monotonic: read it here */

@@ -59,6 +59,11 @@ typedef struct {
     int (*after_call)(TimedStep *step);
     /* Record the step (record or record_io): 0, or -1 with an exception set. */
     int (*record)(TimedStep *step, double start, double end);
+    /* Whether the step starts where the step before it ended, r->chain_end (not 0.0: a
+     * step of this wrapper's kind ended there and nothing measured has run since), with
+     * no clock read; NULL: never.  The end of every step of a wrapper with this hook is
+     * kept for the next.  (TimedCallback: see timed_callback_chains.) */
+    int (*may_chain)(TimedStep *step, double chain_end);
     /* Whether a fault of the bookkeeping that is not an Exception (a KeyboardInterrupt in
      * a slow-step event) is raised in place of the call's result, as the pure path's
      * `except Exception` lets it through (TimedRun); otherwise every fault goes to the
@@ -70,7 +75,11 @@ LS_ALWAYS_INLINE PyObject *timed_call(TimedStep *step, const TimedCall *how) {
     Recorder *r = step->recorder;
     double start, end;
     int timed = how->is_timed == NULL || how->is_timed(r);
-    if (timed && read_clock(r, &start) < 0) {
+    double chain_end = r->chain_end;
+    r->chain_end = 0.0; /* something measured runs: the next step can't take its start */
+    if (timed && how->may_chain != NULL && chain_end != 0.0 && how->may_chain(step, chain_end))
+        start = chain_end;
+    else if (timed && read_clock(r, &start) < 0) {
         if (how->clock_fault == CLOCK_FAULT_RAISES)
             return NULL;
         ls_report_fault(r);
@@ -99,6 +108,10 @@ LS_ALWAYS_INLINE PyObject *timed_call(TimedStep *step, const TimedCall *how) {
     if (result != NULL || how->record_raised) {
         fault = (how->after_call != NULL && how->after_call(step) < 0) ||
                 read_clock(r, &end) < 0 || how->record(step, start, end) < 0;
+        /* Not past a step at or over the floor: its record ran Python code (a slow-step
+         * report, an exemplar) after the end was read. */
+        if (how->may_chain != NULL && !fault && end - start < r->floor)
+            r->chain_end = end;
     }
     Py_CLEAR(step->callback);
     if (fault) {

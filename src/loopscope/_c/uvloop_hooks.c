@@ -86,6 +86,14 @@ LS_ALWAYS_INLINE int record_timed_callback(TimedStep *step, double start, double
     return ls_record(step->recorder, step->callback, step->ready, start, end);
 }
 
+/* A C task's step (call_soon'd; uvloop's timers are due in whole milliseconds, later than
+ * asked) made ready before the step before it ended starts where that one ended: it sat in
+ * uvloop's ready queue, which keeps uvloop from waiting for I/O. */
+LS_ALWAYS_INLINE int timed_callback_chains(TimedStep *step, double chain_end) {
+    return step->ready <= chain_end &&
+           Py_TYPE(((Wrapper *)step->wrapper)->callback) == step->recorder->step_type;
+}
+
 /* Timed even when the clock fails (from when it was made ready), recorded even when the
  * callback raised. */
 static const TimedCall timed_callback = {
@@ -97,6 +105,7 @@ static const TimedCall timed_callback = {
     .after_call = NULL,
     .record = record_timed_callback,
     .raise_base_faults = 0,
+    .may_chain = timed_callback_chains,
 };
 
 static PyObject *TimedCallback_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf,
@@ -107,17 +116,12 @@ static PyObject *TimedCallback_vectorcall(PyObject *op, PyObject *const *args, s
     return timed_call(&step, &timed_callback);
 }
 
-/* One TimedCallback is made and dropped per scheduled callback: keep a few dropped ones
- * for reuse, as CPython does for its own small objects (the GIL guards the list; builds
- * without a GIL or with reference tracing do without it).
- *
- * A kept one stays tracked by the garbage collector, with one reference, the list's, and
- * its fields cleared: to the collector it is an object that something outside it holds,
- * which it is.  Taking one back then needs neither PyObject_Init nor PyObject_GC_Track, and
- * dropping one not PyObject_GC_UnTrack (from 3.12 on the tracking reads the thread state
- * from thread-local storage): 57 instructions less per uvloop task step (callgrind, 3.12).  Where a reference tracer watches objects being made and
- * destroyed (3.13's PyRefTracer) or references are counted for debugging, a dropped one is
- * freed as usual instead. */
+/* One TimedCallback is made and dropped per scheduled callback: a few dropped ones are
+ * kept for reuse (the GIL guards the list), tracked by the garbage collector with one
+ * reference, the list's, and their fields cleared, so taking one back needs neither
+ * PyObject_Init nor PyObject_GC_Track, and dropping one no PyObject_GC_UnTrack (from 3.12
+ * on these read the thread state from thread-local storage).  Not without a GIL, nor where
+ * a reference tracer (3.13's PyRefTracer) or debug reference counts watch objects. */
 #if !defined(Py_GIL_DISABLED) && !defined(Py_TRACE_REFS)
 #define TC_FREELIST 256
 #else

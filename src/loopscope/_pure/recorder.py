@@ -48,8 +48,10 @@ class Recorder:
         "_exemplar_floor",
         "_floor",
         "_native_clock",
+        "_step_type",
         "_task_types",
         "busy_from_callbacks",
+        "chain_end",
         "current_callback",
         "current_start",
         "probe",
@@ -80,6 +82,12 @@ class Recorder:
         self.current_start = 0.0
         #: The callback of the step running now, or None.
         self.current_callback: object = None
+        #: The end of the last step a next one may start at (TimedCallback), 0.0 once
+        #: anything else measured has run, the loop has stopped or started, or a heartbeat
+        #: has run.
+        self.chain_end = 0.0
+        #: The type of asyncio's C task step wrapper, once a step of a C task was seen.
+        self._step_type: type[Any] | None = None
         if self._native_clock:
             watched_recorders.add(self)
 
@@ -125,6 +133,8 @@ class Recorder:
         owner = getattr(callback, "__self__", None)
         if owner is not None and isinstance(owner, self._task_types):
             stats.task_steps += 1
+            if self._step_type is None and type(owner).__module__ == "_asyncio":
+                self._learn_step_type(callback, owner)
         else:
             owner = None
         if duration >= self._floor:
@@ -132,6 +142,17 @@ class Recorder:
                 self.probe.record_slow(callback, owner, start, duration)
             elif owner is not None:
                 self.probe.offer_exemplar(callback, owner, start, duration)
+
+    def _learn_step_type(self, callback: object, owner: object) -> None:
+        """Keep the type of ``callback``, a step of ``owner``, if it is asyncio's C task step
+        wrapper and ``owner`` a C task (not a subclass), as the C twin learns it."""
+        kind = type(callback)
+        if (
+            kind.__name__ == "TaskStepMethWrapper"
+            and kind.__module__ in ("builtins", "_asyncio")
+            and type(owner).__qualname__ == "Task"
+        ):
+            self._step_type = kind
 
     def record_io(self, callback: object, start: float, end: float, /) -> None:
         """One I/O callback (reader, writer, protocol method): no schedule delay, no task."""

@@ -39,7 +39,12 @@ class TimedCallback:
     def __call__(self, *args: Any) -> object:
         callback, recorder, ready = self._state
         clock = recorder._clock
-        start = clock()
+        chain_end = recorder.chain_end
+        recorder.chain_end = 0.0
+        if chain_end and ready <= chain_end and type(callback) is recorder._step_type:
+            start = chain_end  # a task step that waited in the ready queue (as in C)
+        else:
+            start = clock()
         recorder.current_callback = callback
         recorder.current_start = start
         try:
@@ -48,7 +53,10 @@ class TimedCallback:
             recorder.current_start = 0.0
             recorder.current_callback = None  # do not keep the step alive
             try:
-                recorder.record(callback, ready, start, clock())
+                end = clock()
+                recorder.record(callback, ready, start, end)
+                if end - start < recorder._floor:  # else its record ran a report after end
+                    recorder.chain_end = end
             except Exception as exc:
                 recorder.probe.fault(exc)
 
@@ -116,6 +124,7 @@ class TimedIO:
             if bound_to is None:
                 return None
             args = (bound_to,) + args  # noqa: RUF005 - cheaper than (bound_to, *args)
+        recorder.chain_end = 0.0
         if recorder.current_start or not recorder.probe.active:
             # Called from inside a step that is already measured (or after uninstall).
             return callback(*args)
