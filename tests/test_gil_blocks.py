@@ -292,22 +292,15 @@ class TestHandOver:
 
         monkeypatch.setattr(Watchdog, "_wait_sees_every_step", slow_first_look)
 
-        async def main() -> None:
-            async def step() -> None:
-                installation = _installation.current()
-                assert installation is not None
-                installation.watchdog.stop()
-                starting.set()
-                installation.watchdog.start()
-                parse_body()
+        def restart_then_parse() -> None:
+            installation = _installation.current()
+            assert installation is not None
+            installation.watchdog.stop()
+            starting.set()
+            installation.watchdog.start()
+            parse_body()
 
-            await asyncio.create_task(step())
-
-        loop = make_loop(loop_kind)
-        try:
-            loop.run_until_complete(main())
-        finally:
-            loop.close()
+        _run_steps(loop_kind, [restart_then_parse])
         events.wait_for_blocks()
         (slow,) = events.slow_steps()
         blocked, slow = events.of_step(slow.started)

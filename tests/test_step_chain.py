@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -22,6 +23,14 @@ from loopscope._instrument import Instrument, SlowStep
 from .conftest import make_loop
 
 THRESHOLD = 0.05
+
+
+def _run(loop_kind: str, main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    loop = make_loop(loop_kind)
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
 
 
 class SlowSteps(Instrument):
@@ -64,11 +73,7 @@ def test_a_waiting_step_starts_where_the_one_ahead_ended(loop_kind: str, slow: S
     async def main() -> None:
         await asyncio.gather(first(), second())
 
-    loop = make_loop(loop_kind)
-    try:
-        loop.run_until_complete(main())
-    finally:
-        loop.close()
+    _run(loop_kind, main)
     (one,) = slow.of("first")
     (two,) = slow.of("second")
     # An event's duration is rounded to the microsecond.
@@ -191,11 +196,7 @@ def test_never_across_a_heartbeat(
                 time.sleep(THRESHOLD / 2)
                 await asyncio.sleep(0)
 
-        loop = make_loop(loop_kind)
-        try:
-            loop.run_until_complete(stepper())
-        finally:
-            loop.close()
+        _run(loop_kind, stepper)
     finally:
         loopscope.uninstall()
     assert beats, "no heartbeat ran"
@@ -262,11 +263,7 @@ def test_never_past_a_slow_steps_report(loop_kind: str, registry: CollectorRegis
         async def main() -> None:
             await asyncio.gather(first(), second())
 
-        loop = make_loop(loop_kind)
-        try:
-            loop.run_until_complete(main())
-        finally:
-            loop.close()
+        _run(loop_kind, main)
     finally:
         loopscope.uninstall()
     assert len(slow.of("first")) == 1, slow.steps
