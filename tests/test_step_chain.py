@@ -183,17 +183,18 @@ def test_never_across_a_heartbeat(
         registry=registry,
         slow_threshold=THRESHOLD,
         loop_blocked_after=10.0,
-        lag_interval=THRESHOLD / 5,
+        lag_interval=THRESHOLD / 10,
         events="off",
         instruments=(slow,),
     )
     try:
 
         async def stepper() -> None:
-            # Each step blocks for longer than the heartbeat interval, so the heartbeat is
-            # due whenever a step ends; the next step is already in the ready queue.
-            for _ in range(5):
-                time.sleep(THRESHOLD / 2)
+            # Each step blocks for longer than the heartbeat interval (and for a fifth of
+            # the threshold), so the heartbeat is due whenever a step ends; the next step
+            # is already in the ready queue.
+            for _ in range(10):
+                time.sleep(THRESHOLD / 5)
                 await asyncio.sleep(0)
 
         _run(loop_kind, stepper)
