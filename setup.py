@@ -18,6 +18,8 @@ C_SOURCES = [
     "module.c",
     "recorder.c",
     "uvloop_hooks.c",
+    "timed_io.c",
+    "classhook.c",
     "asyncio_hooks.c",
     "watch.c",
     "gilreader.c",
@@ -26,7 +28,7 @@ C_SOURCES = [
     "clock.c",
     "endpoint.c",
 ]
-C_HEADERS = ["speedups.h", "compat.h", "timed.h", "clock.h", "gilreader.h"]
+C_HEADERS = ["speedups.h", "compat.h", "timed.h", "wrapper.h", "clock.h", "gilreader.h"]
 
 ext_modules = []
 if platform.python_implementation() == "CPython" and sys.platform != "win32":

@@ -247,3 +247,43 @@ def test_every_shape_of_call_soon_runs_as_asked(
         loop.close()
     assert seen == ["one", "none", (1, 2), ("ctx", "inside"), "inside"]
     assert sample(registry, "asyncio_loop_callback_duration_seconds_count", loop="MainThread") >= 6
+
+
+def test_a_class_hook_answers_its_loop_and_everything_else_apart() -> None:
+    """The object put on the class made for one loop: that loop finds the replacement,
+    however the method is reached (a method call, an attribute read, a call with the loop
+    first, as asyncio's C task makes it from 3.12 on); any other object of the class, and
+    the class itself, the method of the loop's class."""
+    from loopscope import _hotpath
+
+    class Base:
+        def method(self, x: int) -> tuple[str, object, int]:
+            return ("base", self, x)
+
+    class Own(Base):
+        pass
+
+    mine, other = Own(), Own()
+
+    def replacement(x: int) -> tuple[str, int]:
+        return ("hook", x)
+
+    hook = _hotpath.twin.ClassHook(replacement, mine, Base, "method")
+    Own.method = hook  # type: ignore[method-assign]
+    assert mine.method(1) == ("hook", 1)
+    bound = mine.method
+    assert bound is replacement
+    assert other.method(2) == ("base", other, 2)
+    assert Own.method is Base.method
+    assert Own.method(other, 3) == ("base", other, 3)
+    assert hook(mine, 4) == ("hook", 4)
+    assert hook(other, 5) == ("base", other, 5)
+    assert hook(other, x=6) == ("base", other, 6)
+    with pytest.raises(TypeError):
+        hook()
+    missing = _hotpath.twin.ClassHook(replacement, mine, Base, "missing")
+    assert missing.__get__(mine, Own) is replacement
+    with pytest.raises(AttributeError, match="missing"):
+        missing.__get__(other, Own)
+    with pytest.raises(TypeError, match="must be type"):
+        _hotpath.twin.ClassHook(replacement, mine, "Base", "method")

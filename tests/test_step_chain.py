@@ -1,9 +1,10 @@
 """On uvloop, a task step that waited in the ready queue behind another step starts where
 that step ended, without a clock read of its own; never across anything that breaks the
-chain (the loop stopping and starting again, another kind of callback, a heartbeat).
+chain (the loop stopping and starting again, another kind of callback, a heartbeat); and
+a step's schedule delay still counts from when it was made ready.
 
 On asyncio's loop every step reads the clock: the same tests check that no step starts
-before the one ahead of it ended.
+before the one ahead of it ended, and that each waits as long as it did.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from prometheus_client import CollectorRegistry
 import loopscope
 from loopscope._instrument import Instrument, SlowStep
 
-from .conftest import make_loop
+from .conftest import loop_label, make_loop, sample
 
 THRESHOLD = 0.05
 
@@ -269,3 +270,89 @@ def test_never_past_a_slow_steps_report(loop_kind: str, registry: CollectorRegis
         loopscope.uninstall()
     assert len(slow.of("first")) == 1, slow.steps
     assert slow.of("second") == [], slow.steps
+
+
+DELAY = "asyncio_loop_schedule_delay_seconds"
+
+
+def _delays(registry: CollectorRegistry) -> tuple[float, float]:
+    """How many callbacks of the main thread's loop waited 50 ms or more to start, and the
+    seconds all of them waited."""
+    labels = loop_label()
+    count = sample(registry, f"{DELAY}_count", **labels)
+    under = sample(registry, f"{DELAY}_bucket", **labels, le="0.05")
+    return count - under, sample(registry, f"{DELAY}_sum", **labels)
+
+
+def _waited_through_one_block(
+    loop_kind: str, registry: CollectorRegistry, main: Callable[[], Coroutine[Any, Any, None]]
+) -> float:
+    """Run main, whose one block of 2 x THRESHOLD holds up exactly one callback: check that
+    one callback waited 50 ms or more and that the waits add up to the block at least;
+    their sum, in seconds."""
+    _run(loop_kind, main)
+    waited, seconds = _delays(registry)
+    assert waited == 1, waited
+    assert seconds >= 2 * THRESHOLD, seconds
+    return seconds
+
+
+@pytest.fixture(name="measured")
+def fixture_measured(registry: CollectorRegistry) -> Iterator[CollectorRegistry]:
+    loopscope.install(registry=registry, lag_interval=60.0, slow_threshold=10.0)
+    yield registry
+    loopscope.uninstall()
+
+
+def test_a_next_step_waits_from_the_end_of_the_step_before_it(
+    loop_kind: str, measured: CollectorRegistry
+) -> None:
+    """A task's next step, made ready as its step ends, waits behind another task's step
+    that blocks: it starts where that step ended, having waited as long as the block."""
+
+    async def yields() -> None:
+        await asyncio.sleep(0)  # the next step is queued behind blocks()'s step
+
+    async def blocks() -> None:
+        time.sleep(2 * THRESHOLD)
+
+    async def main() -> None:
+        await asyncio.gather(yields(), blocks())
+
+    assert _waited_through_one_block(loop_kind, measured, main) < 3 * THRESHOLD
+
+
+def test_a_new_tasks_first_step_waits_from_its_creation(
+    loop_kind: str, measured: CollectorRegistry
+) -> None:
+    """A task created in the middle of another task's step that then blocks: its first step
+    was made ready when it was created, not when the step that created it ended."""
+
+    async def child() -> None:
+        pass
+
+    async def main() -> None:
+        await asyncio.sleep(0)  # a step of a task seen: loopscope knows a step's type
+        task = asyncio.get_running_loop().create_task(child())
+        time.sleep(2 * THRESHOLD)
+        await task
+
+    _waited_through_one_block(loop_kind, measured, main)
+
+
+def test_a_woken_task_waits_from_its_wakeup(loop_kind: str, measured: CollectorRegistry) -> None:
+    """A task woken in the middle of another task's step that then blocks (a future's
+    result set) waits from when it was woken."""
+
+    async def waiter(future: asyncio.Future[None]) -> None:
+        await future
+
+    async def main() -> None:
+        future = asyncio.get_running_loop().create_future()
+        task = asyncio.get_running_loop().create_task(waiter(future))
+        await asyncio.sleep(0)  # waiter() now waits for the future
+        future.set_result(None)
+        time.sleep(2 * THRESHOLD)
+        await task
+
+    _waited_through_one_block(loop_kind, measured, main)

@@ -135,6 +135,7 @@ def _made(twin: ModuleType) -> Iterator[dict[str, Any]]:
             "Recorder": recorder,
             "CreateTask": twin.CreateTask(print, recorder),
             "RunForever": twin.RunForever(bool, print, print),
+            "ClassHook": twin.ClassHook(print, recorder, asyncio.AbstractEventLoop, "close"),
             "TimedCallback": twin.TimedCallback(print, recorder, 0.0),
             "TimedIO": twin.TimedIO(print, recorder),
             "Intercept": twin.Intercept("call_soon", recorder, print, print),
@@ -178,7 +179,7 @@ def test_made_objects_have_the_stubs_members(twin_name: str) -> None:
 
 #: ``__call__`` of these forwards any arguments to the loop's own method, which decides
 #: what it accepts; the others take exactly the stub's parameters.
-FORWARDING = {"Intercept", "CreateTask", "RunForever"}
+FORWARDING = {"Intercept", "CreateTask", "RunForever", "ClassHook"}
 
 
 @pytest.mark.parametrize("twin_name", ["c", "pure"])

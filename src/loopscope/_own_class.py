@@ -16,43 +16,19 @@ have the same layout; only ``type(loop)`` is another class, until the hooks are 
 loop whose class cannot take a subclass this way (a class that is not a heap type, one with
 another metaclass or an ``__init_subclass__``, which would run code of the application's)
 keeps its methods on the instance.
+
+Each method is put there as the hot path's ``ClassHook``: the loop finds the replacement,
+anything else the method of the loop's class.  The C twin's is a method descriptor, as a
+function is, so that asyncio's C task (from Python 3.12 on) and the interpreter call it
+with the loop first rather than binding it on every lookup: about 45 instructions less
+per uvloop task step on 3.12 and 3.13 than a descriptor that binds itself.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-
-class _ForItsLoop:
-    """A replaced method on the class made for one loop: that loop finds the replacement;
-    the class itself, or any other object of it, the method the replacement stands for, as
-    the loop's class has it.  (The C hot path's hooks do this themselves, in C: the lookup
-    of ``call_soon`` that asyncio's C task makes for every step calls no Python code.)"""
-
-    __slots__ = ("base", "loop", "name", "value")
-
-    def __init__(self, value: object, loop: object, base: type[Any], name: str) -> None:
-        self.value = value
-        self.loop = loop
-        self.base = base
-        self.name = name
-
-    def __get__(self, obj: object, cls: type[Any] | None = None) -> Any:
-        if obj is not None and obj is self.loop:
-            return self.value
-        for klass in self.base.__mro__:
-            if self.name in vars(klass):
-                attribute = vars(klass)[self.name]
-                get = getattr(type(attribute), "__get__", None)
-                return attribute if get is None else get(attribute, obj, cls)
-        raise AttributeError(self.name)
-
-
-def _binds_itself(value: object) -> bool:
-    """Whether ``value`` is a hook of the C hot path, whose ``__get__`` does what
-    ``_ForItsLoop`` does."""
-    kind = type(value)
-    return kind.__module__ == "loopscope._speedups" and hasattr(kind, "__get__")
+from . import _hotpath
 
 
 class OwnClass:
@@ -88,7 +64,7 @@ class OwnClass:
         find the loop class's own ``name``."""
         own, base = self.own, self.base
         assert own is not None and base is not None
-        setattr(own, name, value if _binds_itself(value) else _ForItsLoop(value, loop, base, name))
+        setattr(own, name, _hotpath.twin.ClassHook(value, loop, base, name))
         self.names.append(name)
 
     def remove(self, loop: object) -> None:

@@ -64,6 +64,13 @@ class RunForever:
     def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
 
 @final
+class ClassHook:
+    # On the class made for one loop (_own_class): the C twin is a method descriptor.
+    def __init__(self, value: Any, loop: object, base: type[Any], name: str) -> None: ...
+    def __get__(self, obj: object, cls: type[Any] | None = None) -> Any: ...
+    def __call__(self, obj: object, /, *args: Any, **kwargs: Any) -> Any: ...
+
+@final
 class TimedCallback:
     # repr(), str(), __self__, __qualname__ and __name__ are the callback's (getattr raises
     # AttributeError where the callback's does), so that uvloop describes the callback.

@@ -26,6 +26,14 @@
 #define LS_ALWAYS_INLINE static inline
 #endif
 
+/* A hot function's rare path, kept out of it so that its common path needs no stack frame
+ * (a tail call). */
+#if defined(__GNUC__) || defined(__clang__)
+#define LS_NOINLINE static __attribute__((noinline))
+#else
+#define LS_NOINLINE static
+#endif
+
 /* PyObject_Vectorcall(callable, args, nargsf, kwnames) for the per-step calls: a callable
  * with a vectorcall function is called through it directly.  PyObject_Vectorcall would do
  * the same, but from 3.12 on it first finds the thread state, which a shared libpython

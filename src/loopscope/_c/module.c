@@ -15,20 +15,6 @@ void ls_gc_dealloc(PyObject *self) {
     Py_TYPE(self)->tp_free(self);
 }
 
-PyObject *ls_hook_descr_get(PyObject *hook, PyObject *original, PyObject *obj,
-                            PyObject *type) {
-    if (obj == Py_None)
-        obj = NULL;
-    if (original == NULL || !PyMethod_Check(original) ||
-        (obj != NULL && obj == PyMethod_GET_SELF(original)))
-        return Py_NewRef(hook);
-    PyObject *function = PyMethod_GET_FUNCTION(original);
-    descrgetfunc get = Py_TYPE(function)->tp_descr_get;
-    if (get == NULL)
-        return Py_NewRef(function);
-    return get(function, obj, type);
-}
-
 static int intern_names(void) {
     static const struct {
         PyObject **slot;
@@ -107,9 +93,10 @@ PyMODINIT_FUNC PyInit__speedups(void) {
     PyTypeObject *types[] = {&ls_Recorder_Type, &ls_TimedCallback_Type, &ls_TimedIO_Type,
                              &ls_Intercept_Type, &ls_CallSoon_Type, &ls_TimedRun_Type,
                              &ls_Engine_Type, &ls_CreateTask_Type, &ls_TimedPoller_Type,
-                             &ls_RunForever_Type};
-    const char *names[] = {"Recorder", "TimedCallback", "TimedIO", "Intercept", "CallSoon",
-                           "TimedRun", "Engine", "CreateTask", "TimedPoller", "RunForever"};
+                             &ls_RunForever_Type, &ls_ClassHook_Type};
+    const char *names[] = {"Recorder", "TimedCallback", "TimedIO",     "Intercept",
+                           "CallSoon", "TimedRun",      "Engine",      "CreateTask",
+                           "TimedPoller", "RunForever", "ClassHook"};
     ls_fast_clock_init();
     if (ls_watch_init() < 0)
         return NULL;

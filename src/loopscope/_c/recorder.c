@@ -569,13 +569,8 @@ static PyMemberDef CreateTask_members[] = {
     LS_VECTORCALL_MEMBER(CreateTask),
     {NULL}};
 
-static PyObject *CreateTask_descr_get(PyObject *op, PyObject *obj, PyObject *type) {
-    return ls_hook_descr_get(op, ((CreateTask *)op)->create, obj, type);
-}
-
 PyTypeObject ls_CreateTask_Type = {
     LS_CALLABLE_TYPE(CreateTask, 0),
-    .tp_descr_get = CreateTask_descr_get,
     .tp_doc = "CreateTask(create_task, recorder)\n--\n\n"
               "The loop's create_task, counting the tasks it creates; repr() is the loop's.",
     .tp_dealloc = ls_gc_dealloc,
@@ -670,13 +665,8 @@ static PyMemberDef RunForever_members[] = {
     LS_VECTORCALL_MEMBER(RunForever),
     {NULL}};
 
-static PyObject *RunForever_descr_get(PyObject *op, PyObject *obj, PyObject *type) {
-    return ls_hook_descr_get(op, ((RunForever *)op)->run_forever, obj, type);
-}
-
 PyTypeObject ls_RunForever_Type = {
     LS_CALLABLE_TYPE(RunForever, 0),
-    .tp_descr_get = RunForever_descr_get,
     .tp_doc = "RunForever(start, run_forever, stop)\n--\n\n"
               "The loop's run_forever between start() and stop(), which follows when start()\n"
               "returned true; repr() is the loop's.",

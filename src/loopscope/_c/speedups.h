@@ -10,11 +10,11 @@
  *                  and when a loop's figures are retired).  The slow path (the structlog
  *                  event) calls back into Python exactly as the pure path does.  (recorder.c)
  *   TimedCallback  uvloop: the wrapper around each scheduled callback (repr delegates).
- *   TimedIO        uvloop: the wrapper around reader/writer callbacks and protocol methods.
- *   Intercept      uvloop: the loop's call_soon / call_soon_threadsafe / call_later, on the
- *                  class made for the loop (_own_class.py); anything unusual is handed to
- *                  the pure-Python function, so argument errors are the same.
- *                  (uvloop_hooks.c)
+ *   Intercept      uvloop: the loop's call_soon / call_soon_threadsafe / call_later;
+ *                  anything unusual is handed to the pure-Python function, so argument
+ *                  errors are the same.  (uvloop_hooks.c)
+ *   TimedIO        uvloop: the wrapper around reader/writer callbacks and protocol methods
+ *                  (timed_io.c; what it shares with TimedCallback is wrapper.h).
  *   CallSoon       asyncio: the loop's _call_soon instance attribute.
  *   TimedRun       asyncio: the _run method of the per-loop Handle/TimerHandle subclasses.
  *   TimedPoller    asyncio: stands in for the poller of the loop's selector (select.epoll,
@@ -22,6 +22,8 @@
  *                  (asyncio_hooks.c)
  *   CreateTask     both loops: the loop's create_task, counting tasks; RunForever, its
  *                  run_forever between the probe's start and stop.  (recorder.c)
+ *   ClassHook      a replaced method on the class made for one uvloop loop
+ *                  (_own_class.py), a method descriptor (classhook.c).
  *   Engine         the /metrics endpoint's socket work, without the GIL (endpoint.c).
  *   watch_steps    the watchdog thread's wait between checks, without the GIL (watch.c).
  *   clock_*        the native clock (clock.c): time.monotonic() from the CPU's counter.
@@ -50,7 +52,7 @@
 #define NBUCKETS 20 /* 19 bounds + the +Inf slot */
 /* What the Python side expects of this module (_probe.SPEEDUPS_INTERFACE): raised whenever
  * the two change together, so that a module built from older sources is not used. */
-#define SPEEDUPS_INTERFACE 8
+#define SPEEDUPS_INTERFACE 9
 
 /* Interned attribute names, created at module init (module.c). */
 typedef struct {
@@ -164,12 +166,6 @@ static inline int ls_record(Recorder *r, PyObject *callback, double ready, doubl
 
 /* LoopProbe.after_io.  As ls_record. */
 LS_HIDDEN int ls_record_io(Recorder *r, PyObject *callback, double start, double end);
-/* tp_descr_get of the loop hooks that _own_class.py puts on the class made for their loop
- * (Intercept, CreateTask, RunForever): the loop they were made for finds the hook itself;
- * the class, or any other object of it, finds the method the hook stands for, as the
- * loop's class has it.  original: the loop's bound method (module.c). */
-LS_HIDDEN PyObject *ls_hook_descr_get(PyObject *hook, PyObject *original, PyObject *obj,
-                                      PyObject *type);
 /* probe.fault(exc) for the exception currently set; never leaves one set. */
 LS_HIDDEN void ls_report_fault(Recorder *r);
 /* At module init: the bucket bounds (loopscope._stats.BUCKETS: NBUCKETS - 1 finite
@@ -294,8 +290,9 @@ LS_HIDDEN void ls_gc_dealloc(PyObject *self);
 LS_HIDDEN extern PyTypeObject ls_CreateTask_Type;    /* recorder.c */
 LS_HIDDEN extern PyTypeObject ls_RunForever_Type;
 LS_HIDDEN extern PyTypeObject ls_TimedCallback_Type; /* uvloop_hooks.c */
-LS_HIDDEN extern PyTypeObject ls_TimedIO_Type;
 LS_HIDDEN extern PyTypeObject ls_Intercept_Type;
+LS_HIDDEN extern PyTypeObject ls_TimedIO_Type;       /* timed_io.c */
+LS_HIDDEN extern PyTypeObject ls_ClassHook_Type;     /* classhook.c */
 LS_HIDDEN extern PyTypeObject ls_CallSoon_Type;      /* asyncio_hooks.c */
 LS_HIDDEN extern PyTypeObject ls_TimedRun_Type;
 LS_HIDDEN extern PyTypeObject ls_TimedPoller_Type;

@@ -1,45 +1,25 @@
 /*
- * uvloop's hooks: TimedCallback (each scheduled callback), TimedIO (reader/writer callbacks
- * and protocol methods) and Intercept (the loop's call_soon, call_soon_threadsafe and
- * call_later instance attributes, which wrap the callback in a TimedCallback).
+ * uvloop's hooks: TimedCallback (each scheduled callback) and Intercept (the loop's
+ * call_soon, call_soon_threadsafe and call_later, which wrap the callback in a
+ * TimedCallback, and add_reader and add_writer, in a TimedIO: timed_io.c).
  */
 #include "speedups.h"
 #include "timed.h"
-
-#include <string.h>
+#include "wrapper.h"
 
 static PyObject *seen_context; /* a "context" keyword name object seen from callers */
 
-/* ---------------------------------------------------------------------------------------
- * Wrapper: what TimedCallback and TimedIO share (their first fields, and the functions
- * that only look at those).
- */
-#define WRAPPER_HEAD \
-    PyObject_HEAD    \
-    PyObject *callback; \
-    Recorder *recorder;
-
-typedef struct {
-    WRAPPER_HEAD
-} Wrapper;
-
-/* Their object fields, for LS_GC_FUNCTIONS */
-#define WRAPPER_FIELDS(X) X(callback) X(recorder)
-
-static PyObject *Wrapper_repr(Wrapper *self) {
+PyObject *ls_wrapper_repr(Wrapper *self) {
     if (self->callback == NULL)
         return PyUnicode_FromFormat("<%s (cleared)>", Py_TYPE(self)->tp_name);
     return PyObject_Repr(self->callback);
 }
 
-static PyObject *Wrapper_get_probe(Wrapper *self, void *Py_UNUSED(closure)) {
+PyObject *ls_wrapper_get_probe(Wrapper *self, void *Py_UNUSED(closure)) {
     if (self->recorder == NULL || self->recorder->probe == NULL)
         Py_RETURN_NONE;
     return Py_NewRef(self->recorder->probe);
 }
-
-static PyGetSetDef Wrapper_getset[] = {
-    {"probe", (getter)Wrapper_get_probe, NULL, NULL, NULL}, {NULL}};
 
 /* ---------------------------------------------------------------------------------------
  * TimedCallback (uvloop)
@@ -72,12 +52,7 @@ static inline PyObject *call_callback(PyObject *callback, PyObject *const *args,
     return ls_vectorcall(callback, args, nargsf, kwnames);
 }
 
-/* The hooks of timed_call() (timed.h) that TimedCallback and TimedIO share: the callback is
- * the wrapper's (held for the bookkeeping even if the call drops the wrapper). */
-LS_ALWAYS_INLINE PyObject *wrapped_callback(TimedStep *step) {
-    return Py_NewRef(((Wrapper *)step->wrapper)->callback);
-}
-
+/* The hooks of timed_call() (timed.h) of TimedCallback. */
 LS_ALWAYS_INLINE PyObject *call_timed_callback(TimedStep *step) {
     return call_callback(step->callback, step->args, step->nargsf, step->kwnames);
 }
@@ -212,12 +187,12 @@ static PyObject *TimedCallback_forward(Wrapper *self, void *name) {
 
 static PyObject *TimedCallback_str(Wrapper *self) {
     if (self->callback == NULL)
-        return Wrapper_repr(self);
+        return ls_wrapper_repr(self);
     return PyObject_Str(self->callback);
 }
 
 static PyGetSetDef TimedCallback_getset[] = {
-    {"probe", (getter)Wrapper_get_probe, NULL, NULL, NULL},
+    {"probe", (getter)ls_wrapper_get_probe, NULL, NULL, NULL},
     {"__self__", (getter)TimedCallback_forward, NULL, NULL, "__self__"},
     {"__qualname__", (getter)TimedCallback_forward, NULL, NULL, "__qualname__"},
     {"__name__", (getter)TimedCallback_forward, NULL, NULL, "__name__"},
@@ -235,251 +210,10 @@ PyTypeObject ls_TimedCallback_Type = {
               "A callback that measures itself (uvloop); repr(), str(), __self__,\n"
               "__qualname__ and __name__ are the callback's.",
     .tp_dealloc = (destructor)TimedCallback_dealloc,
-    .tp_repr = (reprfunc)Wrapper_repr,
+    .tp_repr = (reprfunc)ls_wrapper_repr,
     .tp_str = (reprfunc)TimedCallback_str,
     .tp_getset = TimedCallback_getset,
     .tp_members = TimedCallback_members,
-};
-
-/* ---------------------------------------------------------------------------------------
- * TimedIO (uvloop): _uvloop_hooks.TimedIO in C.  Made once per reader, writer or protocol
- * method, called by libuv's callbacks; it has no schedule delay and is not a task step.
- *
- * A protocol method is kept as its function and a weak reference to the protocol
- * (`instance`), not as a bound method: the wrapper lives in the protocol's __dict__, and a
- * bound method there would make a reference cycle that keeps the protocol, its transport
- * and buffers alive until the cyclic GC runs.  A call is then function(protocol, *args),
- * with the protocol put in front of the arguments in place when the caller allows it, as
- * CPython calls a bound method.
- */
-typedef struct {
-    WRAPPER_HEAD
-    vectorcallfunc vectorcall;
-    PyObject *instance; /* a weak reference to what callback is called on, or NULL */
-} TimedIO;
-
-#define TIMED_IO_FIELDS(X) WRAPPER_FIELDS(X) X(instance)
-LS_GC_FUNCTIONS(TimedIO, TIMED_IO_FIELDS)
-
-/* The object a weak reference points to, a new reference, or NULL when it is gone. */
-static inline PyObject *referent(PyObject *ref) {
-#if PY_VERSION_HEX >= 0x030D0000
-    PyObject *obj;
-    if (PyWeakref_GetRef(ref, &obj) < 0)
-        PyErr_Clear(); /* not reached: ref is a weakref.ref (checked in TimedIO_new) */
-    return obj;
-#else
-    PyObject *obj = PyWeakref_GET_OBJECT(ref);
-    return obj == Py_None ? NULL : Py_NewRef(obj);
-#endif
-}
-
-/* One call of a TimedIO: the timed step, and the object the callback is called on. */
-typedef struct {
-    TimedStep step;
-    PyObject *instance; /* borrowed (the vectorcall holds it), or NULL */
-} TimedIOStep;
-
-/* Whether this call is measured: not when it runs inside a step that already is (a
- * protocol method called from a timed callback), nor once the probe is no longer active
- * (after uninstall() the protocol keeps its attributes). */
-static int io_is_timed(Recorder *r) {
-    if (load_start(r) != 0.0)
-        return 0;
-    PyObject *active = PyObject_GetAttr(r->probe, ls_str.active);
-    int timed = active == NULL ? -1 : PyObject_IsTrue(active);
-    Py_XDECREF(active);
-    if (timed < 0) {
-        ls_report_fault(r);
-        return 0;
-    }
-    return timed;
-}
-
-#define IO_SMALL_STACK 8
-
-/* callback(instance, *args), as CPython's method_vectorcall calls a bound method. */
-static PyObject *call_with_instance(PyObject *callback, PyObject *instance,
-                                    PyObject *const *args, size_t nargsf, PyObject *kwnames) {
-    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
-    if (nargsf & PY_VECTORCALL_ARGUMENTS_OFFSET) {
-        /* args[-1] is ours to use during the call */
-        PyObject **call = (PyObject **)args - 1;
-        PyObject *saved = call[0];
-        call[0] = instance;
-        PyObject *result = ls_vectorcall(callback, call, (size_t)(nargs + 1), kwnames);
-        call[0] = saved;
-        return result;
-    }
-    Py_ssize_t total = nargs + (kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames));
-    PyObject *small[IO_SMALL_STACK + 1];
-    PyObject **stack = small;
-    if (total > IO_SMALL_STACK) {
-        stack = PyMem_Malloc((size_t)(total + 2) * sizeof(PyObject *));
-        if (stack == NULL)
-            return PyErr_NoMemory();
-    }
-    /* stack[0] stays free for the callee (PY_VECTORCALL_ARGUMENTS_OFFSET) */
-    stack[1] = instance;
-    if (total > 0)
-        memcpy(stack + 2, args, (size_t)total * sizeof(PyObject *));
-    PyObject *result = ls_vectorcall(
-        callback, stack + 1, (size_t)(nargs + 1) | PY_VECTORCALL_ARGUMENTS_OFFSET, kwnames);
-    if (stack != small)
-        PyMem_Free(stack);
-    return result;
-}
-
-LS_ALWAYS_INLINE PyObject *call_timed_io(TimedStep *step) {
-    PyObject *instance = ((TimedIOStep *)step)->instance;
-    if (instance != NULL)
-        return call_with_instance(step->callback, instance, step->args, step->nargsf,
-                                  step->kwnames);
-    return ls_vectorcall(step->callback, step->args, step->nargsf, step->kwnames);
-}
-
-LS_ALWAYS_INLINE int record_timed_io(TimedStep *step, double start, double end) {
-    return ls_record_io(step->recorder, step->callback, start, end);
-}
-
-/* Only when io_is_timed(), called untimed when the clock fails, recorded even when the
- * callback raised (with record_io: no schedule delay, not a task step). */
-static const TimedCall timed_io = {
-    .is_timed = io_is_timed,
-    .clock_fault = CLOCK_FAULT_UNTIMED,
-    .callback = wrapped_callback,
-    .call = call_timed_io,
-    .record_raised = 1,
-    .after_call = NULL,
-    .record = record_timed_io,
-    .raise_base_faults = 0,
-};
-
-static PyObject *TimedIO_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf,
-                                    PyObject *kwnames) {
-    TimedIO *self = (TimedIO *)op;
-    TimedIOStep call = {.step = {.wrapper = op, .recorder = self->recorder, .args = args,
-                                 .nargsf = nargsf, .kwnames = kwnames}};
-    if (self->instance == NULL)
-        return timed_call(&call.step, &timed_io);
-    /* The protocol is alive while uvloop calls its methods (the transport holds it).  Only
-     * a caller that kept the method after dropping the protocol can find it gone: there is
-     * nothing left to call the method on, so the call does nothing, untimed. */
-    call.instance = referent(self->instance);
-    if (call.instance == NULL)
-        Py_RETURN_NONE;
-    PyObject *result = timed_call(&call.step, &timed_io);
-    Py_DECREF(call.instance);
-    return result;
-}
-
-/* A new TimedIO of callback (called on instance, a weak reference, unless NULL); the
- * recorder is ready. */
-static PyObject *TimedIO_create(PyTypeObject *type, PyObject *callback, Recorder *recorder,
-                                PyObject *instance) {
-    TimedIO *self = (TimedIO *)type->tp_alloc(type, 0);
-    if (self == NULL)
-        return NULL;
-    self->callback = Py_NewRef(callback);
-    self->recorder = (Recorder *)Py_NewRef(recorder);
-    self->vectorcall = TimedIO_vectorcall;
-    self->instance = Py_XNewRef(instance);
-    return (PyObject *)self;
-}
-
-static PyObject *TimedIO_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
-    PyObject *callback, *recorder, *instance = Py_None;
-    static char *kwlist[] = {"callback", "recorder", "instance", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO!|O:TimedIO", kwlist, &callback,
-                                     &ls_Recorder_Type, &recorder, &instance))
-        return NULL;
-    if (instance != Py_None && !PyWeakref_CheckRef(instance)) {
-        PyErr_SetString(PyExc_TypeError, "TimedIO() argument 'instance' must be a weak reference");
-        return NULL;
-    }
-    if (ls_ready_recorder((Recorder *)recorder) < 0)
-        return NULL;
-    return TimedIO_create(type, callback, (Recorder *)recorder,
-                          instance == Py_None ? NULL : instance);
-}
-
-/* The method it times: callback itself, or callback bound to the instance (None once the
- * instance is gone). */
-static PyObject *TimedIO_get_callback(TimedIO *self, void *Py_UNUSED(closure)) {
-    if (self->callback == NULL)
-        Py_RETURN_NONE;
-    if (self->instance == NULL)
-        return Py_NewRef(self->callback);
-    PyObject *instance = referent(self->instance);
-    if (instance == NULL)
-        Py_RETURN_NONE;
-    PyObject *method = PyMethod_New(self->callback, instance);
-    Py_DECREF(instance);
-    return method;
-}
-
-/* The repr of the method it times, as uvloop's messages name it. */
-static PyObject *TimedIO_repr(TimedIO *self) {
-    if (self->callback == NULL || self->instance == NULL)
-        return Wrapper_repr((Wrapper *)self);
-    PyObject *method = TimedIO_get_callback(self, NULL);
-    if (method == NULL)
-        return NULL;
-    if (method == Py_None) {
-        Py_DECREF(method);
-        return PyUnicode_FromFormat("<%s of %R, its instance gone>", Py_TYPE(self)->tp_name,
-                                    self->callback);
-    }
-    PyObject *repr = PyObject_Repr(method);
-    Py_DECREF(method);
-    return repr;
-}
-
-/* What uvloop reads to describe a reader's or writer's handle is the method's, as for
- * TimedCallback: __self__, __qualname__, __name__ and str(); AttributeError exactly when
- * the method's raises it (and once its instance is gone). */
-static PyObject *TimedIO_forward(TimedIO *self, void *name) {
-    PyObject *method = TimedIO_get_callback(self, NULL);
-    if (method == NULL)
-        return NULL;
-    PyObject *value = method == Py_None ? NULL : PyObject_GetAttrString(method, (const char *)name);
-    if (method == Py_None)
-        PyErr_SetString(PyExc_AttributeError, (const char *)name);
-    Py_DECREF(method);
-    return value;
-}
-
-static PyObject *TimedIO_str(TimedIO *self) {
-    PyObject *method = TimedIO_get_callback(self, NULL);
-    if (method == NULL)
-        return NULL;
-    PyObject *text = method == Py_None ? TimedIO_repr(self) : PyObject_Str(method);
-    Py_DECREF(method);
-    return text;
-}
-
-static PyGetSetDef TimedIO_getset[] = {
-    {"probe", (getter)Wrapper_get_probe, NULL, NULL, NULL},
-    {"callback", (getter)TimedIO_get_callback, NULL, NULL, NULL},
-    {"__self__", (getter)TimedIO_forward, NULL, NULL, "__self__"},
-    {"__qualname__", (getter)TimedIO_forward, NULL, NULL, "__qualname__"},
-    {"__name__", (getter)TimedIO_forward, NULL, NULL, "__name__"},
-    {NULL}};
-
-static PyMemberDef TimedIO_members[] = {
-    LS_VECTORCALL_MEMBER(TimedIO),
-    {NULL}};
-
-PyTypeObject ls_TimedIO_Type = {
-    LS_CALLABLE_TYPE(TimedIO, 0),
-    .tp_doc = "TimedIO(callback, recorder, instance=None)\n--\n\n"
-              "An I/O callback that measures itself (uvloop); repr() is the callback's.\n"
-              "With instance, a weak reference, it calls callback(instance(), *args).",
-    .tp_dealloc = ls_gc_dealloc,
-    .tp_repr = (reprfunc)TimedIO_repr,
-    .tp_str = (reprfunc)TimedIO_str,
-    .tp_getset = TimedIO_getset,
-    .tp_members = TimedIO_members,
 };
 
 /* ---------------------------------------------------------------------------------------
@@ -576,7 +310,7 @@ static PyObject *Intercept_vectorcall(PyObject *op, PyObject *const *args, size_
     if (self->kind == KIND_IO) {
         if (nkw != 0)
             goto fallback;
-        PyObject *wrapped = TimedIO_create(&ls_TimedIO_Type, args[1], self->recorder, NULL);
+        PyObject *wrapped = ls_timed_io_create(&ls_TimedIO_Type, args[1], self->recorder, NULL);
         if (wrapped == NULL)
             return NULL;
         return call_original(self, args, nargs, kwnames, cb_index, wrapped);
@@ -684,13 +418,8 @@ static PyMemberDef Intercept_members[] = {
     LS_VECTORCALL_MEMBER(Intercept),
     {NULL}};
 
-static PyObject *Intercept_descr_get(PyObject *op, PyObject *obj, PyObject *type) {
-    return ls_hook_descr_get(op, ((Intercept *)op)->original, obj, type);
-}
-
 PyTypeObject ls_Intercept_Type = {
     LS_CALLABLE_TYPE(Intercept, 0),
-    .tp_descr_get = Intercept_descr_get,
     .tp_doc = "Intercept(kind, recorder, original, fallback, loop_time=None)\n--\n\n"
               "uvloop's call_soon/call_soon_threadsafe/call_later (wrapping the callback in\n"
               "a TimedCallback) or add_reader/add_writer (kind 'add_reader': in a TimedIO).",

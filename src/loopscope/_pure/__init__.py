@@ -8,6 +8,7 @@ of the two twins; nothing else in the package asks which one runs.
 
 from .._stats import BUCKETS
 from .asyncio_hooks import CallSoon, TimedPoller, TimedRun
+from .classhook import ClassHook
 from .clock import _clock_reset, _clock_skew, clock_info, clock_now
 from .endpoint import Engine
 from .recorder import CreateTask, Recorder, RunForever
@@ -18,6 +19,7 @@ __all__ = [
     "INTERFACE",
     "NBUCKETS",
     "CallSoon",
+    "ClassHook",
     "CreateTask",
     "Engine",
     "Intercept",
@@ -36,6 +38,6 @@ __all__ = [
 ]
 
 #: The interface both twins implement (the C twin's INTERFACE must equal it).
-INTERFACE = 8
+INTERFACE = 9
 #: Slots of a histogram: one per bucket bound, and +Inf.
 NBUCKETS = len(BUCKETS) + 1
