@@ -72,13 +72,19 @@ def test_uvicorn_loop_factory(uvicorn_server: tuple[int, int], loop_kind: str) -
     http_port, metrics_port = uvicorn_server
     deadline = time.monotonic() + 30
     assert _get(f"http://127.0.0.1:{http_port}/block", deadline) == b"ok"
-    text = _get(f"http://127.0.0.1:{metrics_port}/metrics", deadline).decode()
-    samples = {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-    slow = [v for (name, _), v in samples.items() if name == "asyncio_loop_slow_callbacks_total"]
+    # The step is recorded when it ends, which can be after the client has its answer, and
+    # the endpoint may answer from a collection made just before: read until it shows.
+    while True:
+        text = _get(f"http://127.0.0.1:{metrics_port}/metrics", deadline).decode()
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+        slow = [v for (n, _), v in samples.items() if n == "asyncio_loop_slow_callbacks_total"]
+        if sum(slow) >= 1 or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
     assert sum(slow) >= 1
     kinds = {
         dict(labels)["implementation"] for (name, labels) in samples if name == "asyncio_loop_info"
