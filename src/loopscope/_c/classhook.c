@@ -30,6 +30,10 @@ LS_GC_FUNCTIONS(ClassHook, CLASS_HOOK_FIELDS)
 /* The loop class's own `name` as obj finds it (the class's when obj is NULL): a new
  * reference, or NULL with AttributeError set. */
 static PyObject *base_attribute(ClassHook *self, PyObject *obj, PyObject *type) {
+    if (self->base == NULL || self->name == NULL) { /* cleared by the garbage collector */
+        PyErr_SetString(PyExc_AttributeError, "a cleared loopscope ClassHook");
+        return NULL;
+    }
     PyObject *attribute = _PyType_Lookup((PyTypeObject *)self->base, self->name);
     if (attribute == NULL) {
         PyErr_Format(PyExc_AttributeError, "type object '%s' has no attribute '%U'",
@@ -53,8 +57,7 @@ LS_NOINLINE PyObject *call_other(ClassHook *self, PyObject *const *args, size_t 
     if (nargs >= 1 && args[0] == self->loop) /* a value that is not loopscope's own hook */
         return PyObject_Vectorcall(self->value, args + 1, (size_t)(nargs - 1), kwnames);
     if (nargs < 1) {
-        PyErr_Format(PyExc_TypeError, "descriptor '%U' of '%s' object needs an argument",
-                     self->name, ((PyTypeObject *)self->base)->tp_name);
+        PyErr_SetString(PyExc_TypeError, "a loopscope ClassHook needs the object it is called on");
         return NULL;
     }
     PyObject *method = base_attribute(self, args[0], (PyObject *)Py_TYPE(args[0]));
