@@ -94,9 +94,9 @@ PyMODINIT_FUNC PyInit__speedups(void) {
                              &ls_Intercept_Type, &ls_CallSoon_Type, &ls_TimedRun_Type,
                              &ls_Engine_Type, &ls_CreateTask_Type, &ls_TimedPoller_Type,
                              &ls_RunForever_Type, &ls_ClassHook_Type};
-    const char *names[] = {"Recorder", "TimedCallback", "TimedIO",     "Intercept",
-                           "CallSoon", "TimedRun",      "Engine",      "CreateTask",
-                           "TimedPoller", "RunForever", "ClassHook"};
+    const char *names[] = {"Recorder", "TimedCallback", "TimedIO", "Intercept", "CallSoon",
+                           "TimedRun", "Engine", "CreateTask", "TimedPoller", "RunForever",
+                           "ClassHook"};
     ls_fast_clock_init();
     if (ls_watch_init() < 0)
         return NULL;
