@@ -427,3 +427,26 @@ class TestForkedChild:
         )
         assert result.returncode == 0, result.stderr.decode()
         assert float(result.stdout) == 1001.0, result.stderr.decode()
+
+
+def test_a_process_file_in_a_retired_directory_is_dropped_quietly(tmp_path: Path) -> None:
+    """A worker that outlives the command owning the shared directory (``loopscope run``
+    removes it once the command ends) stops writing without reporting a fault; a write that
+    fails while the directory is still there is reported."""
+    from loopscope._multiprocess import ProcessFiles
+
+    faults: list[str] = []
+    directory = tmp_path / "shared"
+    directory.mkdir()
+    files = ProcessFiles(list, str(directory), lambda what, exc: faults.append(what))
+    os.mkdir(files.path)  # the file's name taken by a directory: os.replace() fails
+    files.write()
+    assert faults == ["writing the multiprocess file"]
+    assert not files.stopped.is_set()
+    os.rmdir(files.path)
+    for leftover in directory.iterdir():
+        leftover.unlink()
+    directory.rmdir()
+    files.write()
+    assert faults == ["writing the multiprocess file"]
+    assert files.stopped.is_set()

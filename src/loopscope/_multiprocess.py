@@ -166,7 +166,13 @@ class ProcessFiles:
             try:
                 _write_json(self.path, {"pid": self.pid, "families": snapshot})
             except OSError as exc:
-                self.report_fault("writing the multiprocess file", exc)
+                if not os.path.isdir(self.directory):
+                    # Retired with the command that owned it (``loopscope run`` removes its
+                    # directory once the command ends; a worker can outlive it by a moment):
+                    # nobody reads it any more, so there is nothing to write, nor to report.
+                    self.stopped.set()
+                else:
+                    self.report_fault("writing the multiprocess file", exc)
             return snapshot
 
     def at_exit(self) -> None:
