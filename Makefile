@@ -9,6 +9,9 @@ METRICS_PORT ?= 9100
 # Interpreters the suite runs on: every Python from 3.10 to 3.14 found on the machine.
 TEST_PYTHONS ?= $(shell scripts/pythons.sh)
 PIP_FLAGS ?= --quiet --disable-pip-version-check
+# pytest processes per run of the suite (pytest-xdist; each test file stays in one of them;
+# 0 runs the suite in pytest's own process).
+TEST_WORKERS ?= 2
 
 .PHONY: demo test test-one bench bench-quick lint typecheck clean
 
@@ -31,9 +34,9 @@ test:
 test-one: $(VENV)/.installed
 	@echo "== tests on $$($(VENV)/bin/python --version), C accelerator"
 	@$(VENV)/bin/python -c 'import os, sys; from loopscope import _hotpath as h; c = h.twin is not h.pure; print("hot path:", "C" if c else "pure Python (C accelerator not built)"); sys.exit(0 if c or not os.environ.get("CI") else "CI: the C accelerator was not built")'
-	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 	@echo "== tests on $$($(VENV)/bin/python --version), pure Python (LOOPSCOPE_PURE_PYTHON=1)"
-	LOOPSCOPE_PURE_PYTHON=1 $(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+	LOOPSCOPE_PURE_PYTHON=1 $(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # Benchmarks (benchmarks/README.md): their own venv with the peers; prints one table.
 bench:

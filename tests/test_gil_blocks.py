@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import json
 import math
 import os
@@ -91,6 +92,20 @@ def _sized_inputs() -> None:
     """The inputs are sized before any loop runs: sizing them inside a measured step would
     make a block of its own, partly in Python code."""
     _inputs()
+
+
+@pytest.fixture(autouse=True)
+def _no_gc_callbacks() -> Iterator[None]:
+    """The garbage collector's callbacks that other tests of this process left (hypothesis
+    installs one) are set aside: a collection inside ``json.loads`` runs them in Python,
+    and a stack read then would name their line instead of the blocking call.  (The
+    collector calls the list ``gc.callbacks`` is, so it is emptied, not replaced.)"""
+    kept = list(gc.callbacks)
+    gc.callbacks.clear()
+    try:
+        yield
+    finally:
+        gc.callbacks[:] = kept + gc.callbacks
 
 
 def _calling_line(function: Callable[..., object], text: str) -> str:
