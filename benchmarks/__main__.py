@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import platform
 import shutil
@@ -378,31 +379,50 @@ def _pin(cpu: int) -> list[str]:
     return []
 
 
-def _wrk(port: int, seconds: int, connections: int) -> dict[str, Any]:
-    env = dict(os.environ)
-    proc = subprocess.run(
-        [
-            *_pin(1),
-            "wrk",
-            "-t1",
-            f"-c{connections}",
-            f"-d{seconds}s",
-            "--latency",
-            "-s",
-            str(HERE / "wrk_count.lua"),
-            f"http://127.0.0.1:{port}/",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=180,
-        check=False,
-    )
-    for line in proc.stdout.splitlines():
+def _wrk_command(port: int, seconds: int, connections: int) -> list[str]:
+    return [
+        *_pin(1),
+        "wrk",
+        "-t1",
+        f"-c{connections}",
+        f"-d{seconds}s",
+        "--latency",
+        "-s",
+        str(HERE / "wrk_count.lua"),
+        f"http://127.0.0.1:{port}/",
+    ]
+
+
+def _wrk_result(stdout: str, stderr: str) -> dict[str, Any]:
+    for line in stdout.splitlines():
         if line.startswith("WRKJSON "):
             result: dict[str, Any] = json.loads(line[len("WRKJSON ") :])
+            result["rps"] = result["requests"] / (result["duration_us"] / 1e6)
             return result
-    raise RuntimeError(f"wrk failed: {proc.stdout[-300:]} {proc.stderr[-300:]}")
+    raise RuntimeError(f"wrk failed: {stdout[-300:]} {stderr[-300:]}")
+
+
+def _wrk_together(ports: list[int], seconds: int, connections: int) -> list[dict[str, Any]]:
+    """One wrk per port, all running at once; their results in the order of ``ports``."""
+    procs = [
+        subprocess.Popen(
+            _wrk_command(port, seconds, connections),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for port in ports
+    ]
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=180))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return [_wrk_result(out, err) for out, err in outputs]
 
 
 def wl_exemplars(args: argparse.Namespace, report: Report) -> None:
@@ -454,12 +474,58 @@ def wl_exemplars(args: argparse.Namespace, report: Report) -> None:
                 )
 
 
+def _http_server(python: str, env: dict[str, str]) -> tuple[subprocess.Popen[str], int]:
+    """A server of benchmarks/http_server.py in alternate mode, on CPU 0, and its port."""
+    port = _free_port()
+    server = subprocess.Popen(
+        [*_pin(0), python, "-m", "benchmarks.http_server", str(port), "alternate"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
+    assert server.stdout is not None
+    if server.stdout.readline().strip() != "READY":
+        server.kill()
+        server.wait()
+        raise RuntimeError("server did not start")
+    return server, port
+
+
+def _switch(servers: list[subprocess.Popen[str]], variants: list[str]) -> None:
+    """Tell each server which variant to serve, and wait until they all do."""
+    for server, variant in zip(servers, variants, strict=True):
+        assert server.stdin is not None
+        server.stdin.write(variant + "\n")
+        server.stdin.flush()
+    for server, variant in zip(servers, variants, strict=True):
+        assert server.stdout is not None
+        if server.stdout.readline().strip() != "READY":
+            raise RuntimeError(f"server did not switch to {variant}")
+
+
+def _stop(server: subprocess.Popen[str]) -> None:
+    with contextlib.suppress(OSError):
+        server.stdin.close()  # type: ignore[union-attr]
+    try:
+        server.wait(10)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+
+
 def wl_http(args: argparse.Namespace, report: Report, traced: bool = False) -> None:
-    """One server process per round, switching between uninstrumented and instrumented
-    (benchmarks/http_server.py, alternate mode) between wrk runs: the ratio is taken pair
-    by pair within a process, because request rates of fresh server processes differed by
-    up to 40% from one another on this machine, which swamps a 2% budget.  ``traced``:
-    every request in an OpenTelemetry span (both variants)."""
+    """Two server processes per round (benchmarks/http_server.py, alternate mode) on the
+    same CPU, each under its own wrk at the same time: one serves instrumented and the
+    other not, then they swap.  A pair is those two runs; its ratio is the geometric mean
+    of the two runs' ratios (loopscope's request rate over the other's), so a difference
+    between the two processes cancels, and so does any change in the machine's speed,
+    which both servers meet at once.  (One server measured alone before the other, as
+    this workload did first, gave pair ratios from 0.73 to 1.59 on this machine: the
+    speed of its shared CPUs moves by a third within seconds.)  ``traced``: every
+    request in an OpenTelemetry span (both variants)."""
     if shutil.which("wrk") is None:
         report.add("3 HTTP (aiohttp, uvloop)", "uvloop", "-", "wrk not found", result="n/a")
         return
@@ -473,47 +539,38 @@ def wl_http(args: argparse.Namespace, report: Report, traced: bool = False) -> N
     if traced:
         env["BENCH_TRACE"] = "1"
     for r in range(args.rounds):
-        port = _free_port()
-        server = subprocess.Popen(
-            [*_pin(0), args.python, "-m", "benchmarks.http_server", str(port), "alternate"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-            env=env,
-            cwd=ROOT,
-        )
+        servers: list[subprocess.Popen[str]] = []
         try:
-            assert server.stdin is not None and server.stdout is not None
-            if server.stdout.readline().strip() != "READY":
-                raise RuntimeError("server did not start")
+            ports = []
+            for _ in range(2):
+                server, port = _http_server(args.python, env)
+                servers.append(server)
+                ports.append(port)
             for pair in range(pairs):
-                rps: dict[str, float] = {}
-                for variant in rotated(["none", "loopscope"], r + pair):
-                    server.stdin.write(variant + "\n")
-                    server.stdin.flush()
-                    if server.stdout.readline().strip() != "READY":
-                        raise RuntimeError(f"server did not switch to {variant}")
-                    _wrk(port, 1, connections)  # warm-up
-                    res = _wrk(port, seconds, connections)
-                    res["rps"] = rps[variant] = res["requests"] / (res["duration_us"] / 1e6)
-                    results[variant].append(res)
-                ratios.append(rps["loopscope"] / rps["none"])
+                run_ratios = []
+                for first in rotated(["loopscope", "none"], r + pair):
+                    variants = [first, "none" if first == "loopscope" else "loopscope"]
+                    _switch(servers, variants)
+                    _wrk_together(ports, 1, connections)  # warm-up
+                    together = _wrk_together(ports, seconds, connections)
+                    runs = dict(zip(variants, together, strict=True))
+                    for variant, res in runs.items():
+                        results[variant].append(res)
+                    run_ratios.append(runs["loopscope"]["rps"] / runs["none"]["rps"])
+                ratios.append(math.sqrt(run_ratios[0] * run_ratios[1]))
         except (RuntimeError, subprocess.TimeoutExpired, OSError) as exc:
             report.notes.append(f"http round {r}: {exc}")
         finally:
-            with contextlib.suppress(OSError):
-                server.stdin.close()  # type: ignore[union-attr]
-            try:
-                server.wait(10)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
+            for server in servers:
+                _stop(server)
     report.raw["http-traced" if traced else "http"] = {**results, "ratios": ratios}
     if not results["none"] or not results["loopscope"]:
         report.add("3 HTTP (aiohttp, uvloop)", "uvloop", "-", "failed (see notes)")
         return
-    label = f"3 HTTP aiohttp, wrk {seconds} s, {args.rounds}x{pairs} pairs, {connections} conn"
+    label = (
+        f"3 HTTP aiohttp, 2 servers crossed, wrk {seconds} s, {args.rounds}x{pairs} pairs, "
+        f"{connections} conn"
+    )
     if traced:
         label += ", a span per request"
 
