@@ -6,9 +6,10 @@ also ``--rounds R``, ``--connections C`` (default 32), ``--warmup``, ``--idle``,
 
 Why: workload 3 (``benchmarks/http_server.py``, aiohttp on uvloop) has a target of at most
 2% fewer requests per second with loopscope installed, but wall-clock wrk runs on a shared
-2-core machine move by up to 40% from run to run, far more than the budget.  The number of
-instructions the server executes per request does not depend on machine load, so it is
-counted here with valgrind's callgrind instead.
+2-core machine move by up to 40% from run to run, far more than the budget.  (Workload 3
+now cancels that by loading an instrumented and an uninstrumented server at once.)  The
+number of instructions the server executes per request does not depend on machine load,
+so it is counted here with valgrind's callgrind as well.
 
 How: each variant's server runs under callgrind with instrumentation off until it prints
 READY (``--instr-atstart=no``, so start-up is fast) and one output file per thread
