@@ -159,6 +159,19 @@ class Events(Instrument):
         assert len(slow) == 1, self.events
         return blocked, slow[0]
 
+    def summary(self) -> list[tuple[str, float, float, str | None]]:
+        """Each event's kind, step start, duration or time blocked, and location: what a
+        failure shows (the stacks are long)."""
+        return [
+            (
+                type(e).__name__,
+                e.started,
+                getattr(e, "duration", getattr(e, "blocked_for", 0.0)),
+                e.location,
+            )
+            for e in self.events
+        ]
+
     def slow_steps(self) -> list[SlowStep]:
         """The slow steps of the blockers (not any other step a busy machine made slow)."""
         return [
@@ -228,7 +241,7 @@ class TestGilHoldingCalls:
         for (name, (blocker, text)), slow in zip(CALLS.items(), slow_steps, strict=True):
             line = _calling_line(blocker, text)
             blocked, slow = events.of_step(slow.started)
-            assert blocked, f"{name}: no loop_blocked event ({slow})"
+            assert blocked, f"{name}: no loop_blocked event ({slow}); events: {events.summary()}"
             first = blocked[0]
             assert first.location == line, (name, first)
             assert first.blocked_for <= FIRST_REPORT_BOUND, (name, first.blocked_for)
@@ -283,6 +296,79 @@ class TestHandOver:
             (late[-1], round(1.02 * THRESHOLD, 3))
         ]
         assert blocked[0].thread == "loopscope-watchdog"
+
+    @pytest.mark.parametrize("next_step", ["began", "not yet"])
+    def test_handed_over_while_the_watchdog_looks(
+        self, loop_kind: str, events: Events, next_step: str
+    ) -> None:
+        """The watchdog passed its hand-overs, then lost the GIL before it read the loop's
+        step marker: meanwhile the step ended and handed its capture over.
+
+        - "began": the next step began too, and the watchdog took up that step's capture
+          while it ran; the hand-over is reported all the same, at the next check.
+        - "not yet": the marker the watchdog read was still the ended step's, so it took
+          up the capture as the running step's and reported it; the hand-over is not
+          reported a second time.
+
+        The watchdog's thread is stopped and its checks run in a step of the loop (which
+        has the reader's registration while it runs), with the GIL lost where it can be:
+        in the reader's ``captures()``, which releases it."""
+        from loopscope import _installation
+
+        installation = _installation.current()
+        assert installation is not None
+        watchdog = installation.watchdog
+        first = time.monotonic() - 2.0
+        second = first + 0.7
+        ended = _gilreader.Capture(
+            10**9, first, first + 1.02 * THRESHOLD, ["tests/test_gil_blocks.py:1 in ended"]
+        )
+        running = _gilreader.Capture(
+            10**9 + 1, second, second + 1.02 * THRESHOLD, ["tests/test_gil_blocks.py:2 in next"]
+        )
+
+        async def scenario() -> None:
+            probe = installation.probe_for(asyncio.get_running_loop())
+            assert probe is not None and probe.gil_handle >= 0
+            marks = probe.recorder
+            available = [ended]
+            watchdog_calls = []
+
+            def captures(handle: int, after: int) -> list[_gilreader.Capture]:
+                if not watchdog_calls:
+                    watchdog_calls.append(after)
+                    # The watchdog waits for the GIL: the loop thread ends the step...
+                    marks.current_start = 0.0
+                    probe.record_slow(None, None, first, 0.6)
+                    if next_step == "began":  # ...and the next begins and is read
+                        marks.current_start = second
+                        available[:] = [running]
+                return [c for c in available if c.seq > after]
+
+            watchdog.stop()
+            marks.current_start = second if next_step == "began" else first
+            original = _gilreader.captures
+            _gilreader.captures = captures
+            try:
+                watchdog.check(installation)
+                watchdog.check(installation)  # takes up the hand-over
+            finally:
+                _gilreader.captures = original
+            assert watchdog_calls
+
+        loop = make_loop(loop_kind)
+        try:
+            loop.run_until_complete(scenario())
+        finally:
+            loop.close()
+        blocked, slow = events.of_step(first)
+        assert slow.location == "tests/test_gil_blocks.py:1 in ended"
+        assert [(b.location, round(b.blocked_for, 3)) for b in blocked] == [
+            ("tests/test_gil_blocks.py:1 in ended", round(1.02 * THRESHOLD, 3))
+        ]
+        if next_step == "began":  # the next step's own capture was reported first
+            later = [e for e in events.events if isinstance(e, LoopBlocked) and e.started == second]
+            assert later[0].location == "tests/test_gil_blocks.py:2 in next", later
 
     def test_while_the_watchdog_starts(
         self, loop_kind: str, events: Events, monkeypatch: pytest.MonkeyPatch

@@ -65,6 +65,9 @@ STOP_POLL = 0.01
 #: A capture of a step that ended before the watchdog could report it is left to the
 #: step's own report (record_slow) for this long (seconds), then dropped.
 HANDOVER_AGE = 2.0
+#: How many of the latest captures the thread remembers having taken up: a hand-over is
+#: taken up at the next check, and a check takes up a few captures per loop.
+CONSIDERED = 256
 
 
 class _Tally:
@@ -112,6 +115,12 @@ class Watchdog:
         self.tallies: weakref.WeakKeyDictionary[LoopProbe, _Tally] = weakref.WeakKeyDictionary()
         #: Blocks of steps that ended before the thread could report them (hand_over).
         self.handed: deque[tuple[LoopProbe, _gilreader.Capture, object, object]] = deque()
+        #: The latest captures this thread took up while their step ran, or from a hand-over
+        #: (``Capture.seq``): a capture handed over after the thread saw it is not reported
+        #: twice.  Not the probe's ``gil_seen``: a later step's captures can move that past
+        #: a hand-over this thread has not taken up yet (it read the loop's step marker after
+        #: the step that handed it over had ended and the next had begun).
+        self.considered: deque[int] = deque(maxlen=CONSIDERED)
 
     def start(self) -> None:
         """Start the thread (again, after a fork)."""
@@ -207,8 +216,9 @@ class Watchdog:
         now = self.clock()
         while self.handed:
             probe, capture, callback, task = self.handed.popleft()
-            if capture.seq > probe.gil_seen:  # else reported while its step ran
-                probe.gil_seen = capture.seq
+            if capture.seq not in self.considered:  # else reported while its step ran
+                self.considered.append(capture.seq)
+                probe.gil_seen = max(probe.gil_seen, capture.seq)
                 self._report_capture(probe, capture, capture.step_start, callback, task)
         for probe in installation.live_probes():
             marks = probe.recorder  # where the hooks write the step markers
@@ -247,6 +257,7 @@ class Watchdog:
             )
             if running:
                 probe.gil_seen = capture.seq
+                self.considered.append(capture.seq)
                 stack = capture.stack
                 # A sample is taken at half the threshold, as sys._current_frames() would.
                 if capture.captured_at - start >= self.sample_after:
