@@ -65,6 +65,9 @@ STOP_POLL = 0.01
 #: A capture of a step that ended before the watchdog could report it is left to the
 #: step's own report (record_slow) for this long (seconds), then dropped.
 HANDOVER_AGE = 2.0
+#: Steps of one loop whose report schedules are kept: the running one's and those of
+#: steps that ended before their hand-over was taken up.
+KEPT_SCHEDULES = 4
 #: How many of the latest captures the thread remembers having taken up: a hand-over is
 #: taken up at the next check, and a check takes up a few captures per loop.
 CONSIDERED = 256
@@ -107,8 +110,9 @@ class Watchdog:
         self.clock = installation.clock
         self.stopped = threading.Event()
         self.thread: threading.Thread | None = None
-        # Per probe: (start of the step last reported, elapsed time of the next report).
-        self.next_report: weakref.WeakKeyDictionary[LoopProbe, tuple[float, float]] = (
+        # Per probe: the elapsed time of the next report of each step lately reported, by
+        # the step's start (the running one's, and an ended one's handed over meanwhile).
+        self.next_report: weakref.WeakKeyDictionary[LoopProbe, dict[float, float]] = (
             weakref.WeakKeyDictionary()
         )
         #: Per probe: the locations sampled in the step that runs now.
@@ -309,9 +313,10 @@ class Watchdog:
         location: str | None,
         task: object = None,
     ) -> None:
-        reported_start, due = self.next_report.get(probe, (0.0, 0.0))
-        if reported_start != start:
-            due = self.first_report
+        schedules = self.next_report.get(probe)
+        if schedules is None:
+            schedules = self.next_report[probe] = {}
+        due = schedules.get(start, self.first_report)
         if elapsed < due:
             return
         # The next report at the next age of the schedule (first_report, twice that, ...,
@@ -319,7 +324,9 @@ class Watchdog:
         # the GIL reader, reported once the GIL came back) does not bring the next one on.
         while due <= elapsed:
             due = min(due * 2, due + MAX_REPORT_INTERVAL)
-        self.next_report[probe] = (start, due)
+        schedules[start] = due
+        if len(schedules) > KEPT_SCHEDULES:
+            del schedules[min(schedules)]  # the earliest step's: it has long ended
         if task is None:
             owner = getattr(callback, "__self__", None)
             task = owner if isinstance(owner, TASK_TYPES) else None
