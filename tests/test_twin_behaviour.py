@@ -728,6 +728,45 @@ def test_slow_step(loop_kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
     same_on_both(on_each_twin(monkeypatch, scenario))
 
 
+def _cancels_itself_and_blocks(mine: list[asyncio.Handle | asyncio.TimerHandle]) -> None:
+    mine[0].cancel()
+    time.sleep(0.15)
+
+
+@pytest.mark.parametrize("scheduled", ["call_soon", "call_later"])
+def test_slow_callback_that_cancels_itself(
+    loop_kind: str, scheduled: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A slow callback that cancels its own handle while it runs (which clears the
+    handle's callback on asyncio's loop) is named in its slow_callback event and counted
+    by its location, as any other."""
+
+    async def main(session: Session) -> None:
+        loop = asyncio.get_running_loop()
+        mine: list[asyncio.Handle | asyncio.TimerHandle] = []
+        if scheduled == "call_soon":
+            mine.append(loop.call_soon(_cancels_itself_and_blocks, mine))
+        else:
+            mine.append(loop.call_later(0.001, _cancels_itself_and_blocks, mine))
+        await asyncio.sleep(0.3)
+        session.extra["cancelled"] = mine[0].cancelled()
+
+    def scenario() -> tuple[tuple[Any, ...], list[dict[str, Any]]]:
+        session, logs = run_scenario(loop_kind, main, slow_threshold=0.1)
+        assert session.extra["cancelled"] is True
+        slow = [e for e in step_events(logs) if e["event"] == "slow_callback"]
+        assert len(slow) == 1, slow
+        assert slow[0]["kind"] == "callback"
+        assert "_cancels_itself_and_blocks" in str(slow[0]["callback"]), slow[0]
+        assert str(slow[0]["location"]).endswith("in _cancels_itself_and_blocks"), slow[0]
+        figures: Figures = session.extra["final"]
+        assert figures.slow_callbacks == 1
+        assert figures.slow_locations == ((slow[0]["location"], 1),)
+        return figures.counts(), _distinct(slow)
+
+    same_on_both(on_each_twin(monkeypatch, scenario))
+
+
 def test_blocked_step(loop_kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A step blocking 0.45 s (threshold 0.1): loop_blocked events while it lasts (at 0.1,
     0.2 and 0.4 s, give or take the watchdog's wake-ups), then its slow_callback."""

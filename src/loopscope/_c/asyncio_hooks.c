@@ -297,7 +297,8 @@ static PyObject *run_handle(TimedRun *self, PyObject *handle) {
 }
 
 /* The hooks of timed_call() (timed.h) for TimedRun: the callback and the ready time are
- * the handle's (step->args[0]). */
+ * the handle's (step->args[0]).  The callback is read once, before the call: one that
+ * cancels its own handle clears the handle's _callback, and is still recorded as itself. */
 LS_ALWAYS_INLINE PyObject *handle_callback(TimedStep *step) {
     TimedRun *self = (TimedRun *)step->wrapper;
     return get_slot(step->args[0], self->cls, self->callback_offset, ls_str.callback);
@@ -305,14 +306,6 @@ LS_ALWAYS_INLINE PyObject *handle_callback(TimedStep *step) {
 
 LS_ALWAYS_INLINE PyObject *call_run_handle(TimedStep *step) {
     return run_handle((TimedRun *)step->wrapper, step->args[0]);
-}
-
-/* What is recorded is read from the handle after the call, as the pure path does: the
- * callback may have cancelled its own handle (which clears _callback). */
-LS_ALWAYS_INLINE int reread_callback(TimedStep *step) {
-    Py_CLEAR(step->callback);
-    step->callback = handle_callback(step);
-    return step->callback == NULL ? -1 : 0;
 }
 
 LS_ALWAYS_INLINE int record_run(TimedStep *step, double start, double end) {
@@ -339,7 +332,6 @@ static const TimedCall timed_run = {
     .callback = handle_callback,
     .call = call_run_handle,
     .record_raised = 0,
-    .after_call = reread_callback,
     .record = record_run,
     .raise_base_faults = 1,
 };

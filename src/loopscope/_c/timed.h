@@ -52,11 +52,6 @@ typedef struct {
      * whatever it raised; TimedRun records nothing (only SystemExit and KeyboardInterrupt
      * get out of its call: the others go to the loop's exception handler). */
     int record_raised;
-    /* Run between mark_end and the second clock read, when the step is recorded; NULL:
-     * nothing.  -1 with an exception set: a fault, nothing recorded.  (TimedRun: lets go
-     * of the callback and reads the handle's again, which the callback may have
-     * cancelled.) */
-    int (*after_call)(TimedStep *step);
     /* Record the step (record or record_io): 0, or -1 with an exception set. */
     int (*record)(TimedStep *step, double start, double end);
     /* Whether the step starts where the step before it ended, r->chain_end (not 0.0: a
@@ -106,8 +101,7 @@ LS_ALWAYS_INLINE PyObject *timed_call(TimedStep *step, const TimedCall *how) {
     mark_end(r); /* a marker left set: the watchdog would report an idle loop as blocked */
     int fault = 0;
     if (result != NULL || how->record_raised) {
-        fault = (how->after_call != NULL && how->after_call(step) < 0) ||
-                read_clock(r, &end) < 0 || how->record(step, start, end) < 0;
+        fault = read_clock(r, &end) < 0 || how->record(step, start, end) < 0;
         /* Not past a step at or over the floor: its record ran Python code (a slow-step
          * report, an exemplar) after the end was read. */
         if (how->may_chain != NULL && !fault && end - start < r->floor)

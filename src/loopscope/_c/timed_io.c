@@ -113,7 +113,6 @@ static const TimedCall timed_io = {
     .callback = wrapped_callback,
     .call = call_timed_io,
     .record_raised = 1,
-    .after_call = NULL,
     .record = record_timed_io,
     .raise_base_faults = 0,
 };

@@ -77,7 +77,6 @@ static const TimedCall timed_callback = {
     .callback = wrapped_callback,
     .call = call_timed_callback,
     .record_raised = 1,
-    .after_call = NULL,
     .record = record_timed_callback,
     .raise_base_faults = 0,
     .may_chain = timed_callback_chains,

@@ -68,7 +68,8 @@ def TimedRun(
 
         def run_io(handle: Any, /) -> None:
             start = clock()
-            recorder.current_callback = handle._callback
+            # read once: a callback that cancels its own handle clears handle._callback
+            callback = recorder.current_callback = handle._callback
             recorder.current_start = start
             try:
                 handle_run(handle)  # re-raises only SystemExit and KeyboardInterrupt
@@ -76,7 +77,7 @@ def TimedRun(
                 recorder.current_start = 0.0
                 recorder.current_callback = None  # do not keep the step alive
             try:
-                recorder.record_io(handle._callback, start, clock())
+                recorder.record_io(callback, start, clock())
             except Exception as exc:
                 recorder.probe.fault(exc)
 
@@ -86,7 +87,7 @@ def TimedRun(
 
     def run(handle: Any, /) -> None:
         start = clock()
-        recorder.current_callback = handle._callback
+        callback = recorder.current_callback = handle._callback  # read once, as in run_io
         recorder.current_start = start
         try:
             handle_run(handle)  # re-raises only SystemExit and KeyboardInterrupt
@@ -94,7 +95,7 @@ def TimedRun(
             recorder.current_start = 0.0
             recorder.current_callback = None  # do not keep the step alive
         try:
-            recorder.record(handle._callback, ready_of(handle), start, clock())
+            recorder.record(callback, ready_of(handle), start, clock())
         except Exception as exc:
             recorder.probe.fault(exc)
 
