@@ -7,6 +7,7 @@ import asyncio
 import gc
 import threading
 import tracemalloc
+import warnings
 import weakref
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -81,6 +82,46 @@ class TestManyRuns:
         assert growth < 256 * 1024, f"traced memory grew by {growth} bytes over 900 runs"
         # Every run creates the same tasks (main, its three, the runner's own): none lost.
         assert sample(registry, "asyncio_tasks_created_total", loop="MainThread") == 10 * first
+
+
+class TestUnclosedLoops:
+    """A loop dropped without close() lives exactly as long as it does without loopscope;
+    when it goes, its probe goes too and its figures stay with its label."""
+
+    @pytest.mark.parametrize("runs", [0, 1], ids=["never_ran", "ran"])
+    def test_dropped_without_close(
+        self, registry: CollectorRegistry, loop_kind: str, runs: int
+    ) -> None:
+        def alive_after_dropping() -> int:
+            refs: list[weakref.ref[asyncio.AbstractEventLoop]] = []
+            for _ in range(3):
+                loop = make_loop(loop_kind)
+                for _ in range(runs):
+                    loop.run_until_complete(asyncio.sleep(0))
+                refs.append(weakref.ref(loop))
+                del loop
+            gc.collect()
+            alive = [loop for loop in (r() for r in refs) if loop is not None]
+            for loop in alive:  # (uvloop keeps a loop that ran until it is closed)
+                loop.close()
+            return len(alive)
+
+        # Collected here only: a collection the watchdog's thread set off would run the
+        # loops' __del__ there, and a loop in its __del__ is alive for the collection here.
+        gc.disable()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ResourceWarning)  # "unclosed event loop"
+                bare = alive_after_dropping()
+                loopscope.install(registry=registry)
+                instrumented = alive_after_dropping()
+        finally:
+            gc.enable()
+        assert instrumented == bare
+        assert _installation_now().live_probes() == []
+        if runs and bare == 0:
+            # each loop's run made one task: the figures of the loops collected remain
+            assert sample(registry, "asyncio_tasks_created_total", loop="MainThread") == 3
 
 
 class TestThreads:

@@ -23,12 +23,13 @@ from __future__ import annotations
 import contextlib
 import select
 import selectors
+import weakref
 from asyncio import AbstractEventLoop, TimerHandle, events
 from collections.abc import Callable
 from typing import Any
 
 from . import _hotpath
-from ._probe import LoopProbe, restack
+from ._probe import LoopProbe, class_method, restack
 
 __all__ = ["AsyncioProbe"]
 
@@ -58,6 +59,14 @@ def _poller_types() -> list[tuple[object, type[Any]]]:
 
 
 _POLLER_TYPES = _poller_types()
+
+
+def _weakly_referable(obj: object) -> bool:
+    try:
+        weakref.ref(obj)
+    except TypeError:
+        return False
+    return True
 
 
 def _raw_poller(selector: object) -> Any:
@@ -114,7 +123,8 @@ class AsyncioProbe(LoopProbe):
         base: Any = loop
         ready = base._ready
         orig_call_at = loop.call_at
-        self.raw_call_at: Callable[..., TimerHandle] | None = orig_call_at
+        #: The class's call_at, called with the loop first (see schedule_raw).
+        self.raw_call_at: Callable[..., TimerHandle] | None = class_method(loop, "call_at")
 
         # call_soon and call_soon_threadsafe both end in _call_soon.
         def _call_soon(callback: Callable[..., object], args: Any, context: Any) -> Any:
@@ -144,9 +154,17 @@ class AsyncioProbe(LoopProbe):
                 self.patch(loop, name, _timed_io_registration(original, io_class))
         self.patch_lifecycle(loop)
 
-    #: The poller put in the selector's place, and the selector it was put in.
+    #: The poller put in the selector's place, and the selector it was put in (a weak
+    #: reference: the selector's keys refer to the loop's handles, and through them to the
+    #: loop, which a probe must not keep alive).
     timed_poller: Any = None
-    timed_selector: Any = None
+    timed_selector_ref: weakref.ref[Any] | None = None
+
+    def timed_selector(self) -> Any:
+        """The selector whose poller is timed, or None."""
+        ref = self.timed_selector_ref
+        return None if ref is None else ref()
+
     #: ``timed_poller.waited`` when busy time was last settled.
     waited_mark = 0.0
 
@@ -158,14 +176,14 @@ class AsyncioProbe(LoopProbe):
         poller = self.timed_poller
         if (
             poller is None
-            or selector is not self.timed_selector
+            or selector is not self.timed_selector()
             or getattr(selector, "_selector", None) is not poller
         ):
             self.untime_io_wait()
             raw = _raw_poller(selector)
-            if raw is not None:
+            if raw is not None and _weakly_referable(selector):
                 self.timed_poller = _hotpath.twin.TimedPoller(raw, self.recorder)
-                self.timed_selector = selector
+                self.timed_selector_ref = weakref.ref(selector)
                 selector._selector = self.timed_poller
         self.busy_from_callbacks = self.timed_poller is None
         self.recorder.busy_from_callbacks = self.busy_from_callbacks
@@ -175,9 +193,9 @@ class AsyncioProbe(LoopProbe):
     def untime_io_wait(self) -> None:
         """Give the selector its own poller back (unless it holds another by now)."""
         poller: Any = self.timed_poller
-        selector: Any = self.timed_selector
+        selector: Any = self.timed_selector()
         self.timed_poller = None
-        self.timed_selector = None
+        self.timed_selector_ref = None
         if poller is None:
             return
         raw = poller.poller
@@ -209,7 +227,7 @@ class AsyncioProbe(LoopProbe):
         self.untime_io_wait()
         self.untime_handles(loop)
         super().remove_hooks(loop)
-        self.raw_call_at = None  # bound to the loop: see LoopProbe.remove_hooks
+        self.raw_call_at = None  # the loop's own call_at is the class's again
 
     def untime_handles(self, loop: AbstractEventLoop) -> None:
         """Give the handles that outlive the hooks their own class back: the readers and
@@ -238,8 +256,9 @@ class AsyncioProbe(LoopProbe):
     ) -> TimerHandle:
         # The class's call_at, not the instance's: loopscope's timer is not measured.
         # (Once the hooks are removed, the instance's is the loop's own again.)
-        call_at = self.raw_call_at or loop.call_at
-        return call_at(loop.time() + delay, callback)
+        if self.raw_call_at is None:
+            return loop.call_at(loop.time() + delay, callback)
+        return self.raw_call_at(loop, loop.time() + delay, callback)
 
 
 def _timed_io_registration(

@@ -26,6 +26,7 @@ per uvloop task step on 3.12 and 3.13 than a descriptor that binds itself.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 from . import _hotpath
@@ -55,8 +56,15 @@ class OwnClass:
         own = type(base.__name__, (base,), namespace)
         loop.__class__ = own  # TypeError for a class that is not a heap type
         self.base: type[Any] | None = base
-        self.own: type[Any] | None = own
+        # Weakly: the class holds the hooks, which refer to the loop, and the probe that
+        # keeps this must not keep its loop alive.  The loop keeps its class.
+        self.own_ref: weakref.ref[type[Any]] | None = weakref.ref(own)
         self.names: list[str] = []
+
+    @property
+    def own(self) -> type[Any] | None:
+        """The subclass, while its loop lives and until :meth:`remove`."""
+        return None if self.own_ref is None else self.own_ref()
 
     def put(self, loop: object, name: str, value: object) -> None:
         """Make ``value`` what ``loop.name`` finds, as an attribute of the loop itself
@@ -74,7 +82,7 @@ class OwnClass:
         own, base = self.own, self.base
         if own is None or base is None:
             return
-        self.own = self.base = None
+        self.own_ref = self.base = None
         for name in self.names:
             if name in vars(own):
                 delattr(own, name)

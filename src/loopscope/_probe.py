@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from ._events import EventDispatch
     from ._options import Options
 
-__all__ = ["LoopProbe", "ProbeContext", "restack"]
+__all__ = ["LoopProbe", "ProbeContext", "class_method", "restack"]
 
 
 def restack(trace: Any, depth: int = 2, keep: int = 0) -> None:
@@ -74,6 +74,19 @@ class ProbeContext(Protocol):
 
 
 _MISSING = object()
+
+#: The attribute of a loop where :meth:`LoopProbe.patch` keeps what it put on the loop
+#: itself: name -> (what was there, what was put).  On the loop, not on the probe: what was
+#: put refers to the loop, and a probe must never keep its loop alive (the installation
+#: keeps the probe until the loop is closed or collected).
+_SAVED_ATTRS = "_loopscope_saved_attrs"
+
+
+def class_method(loop: AbstractEventLoop, name: str) -> Callable[..., Any]:
+    """The method ``name`` of the loop's class as it is now, to be called with the loop
+    first: a probe keeps this rather than the bound method, which would keep the loop."""
+    method: Callable[..., Any] = getattr(type(loop), name)
+    return method
 
 
 def _own_attribute(obj: object, name: str) -> object:
@@ -131,8 +144,6 @@ class LoopProbe:
         self.gil_handle = -1
         self.gil_seen = 0
         self.max_locations = options.max_locations
-        #: What :meth:`patch` put on the loop itself: name -> (what was there, what was put).
-        self._saved_attrs: dict[str, tuple[object, object]] = {}
         #: The loop's own class, where :meth:`patch` puts what it replaces (see
         #: ``_own_class``); None until the first patch, or when the loop can't take one.
         self._class: OwnClass | None = None
@@ -205,9 +216,14 @@ class LoopProbe:
         own = self._own_class(loop) if previous is _MISSING else None
         if own is not None:
             own.put(loop, name, replacement)
-        else:
-            self._saved_attrs[name] = (previous, replacement)
-            setattr(loop, name, replacement)
+            return
+        saved = _own_attribute(loop, _SAVED_ATTRS)
+        if saved is _MISSING:
+            saved = {}
+            setattr(loop, _SAVED_ATTRS, saved)
+        assert isinstance(saved, dict)
+        saved[name] = (previous, replacement)
+        setattr(loop, name, replacement)
 
     def _own_class(self, loop: AbstractEventLoop) -> OwnClass | None:
         if self._class is None and self.methods_on_own_class and not self._class_refused:
@@ -242,6 +258,15 @@ class LoopProbe:
                 probe.fault(exc)
 
         def close() -> None:
+            if probe.loop_ref() is None:
+                # The loop is being collected unclosed, and its __del__ closes it.  The
+                # hooks put it in a reference cycle, so the cyclic GC frees it together
+                # with what only it refers to, in no set order: its own close may find its
+                # self-pipe's sockets already finalized.  Without loopscope reference
+                # counting would have freed it first.  Its close as far as it goes, quietly.
+                with contextlib.suppress(Exception):
+                    orig_close()
+                return
             orig_close()
             if loop.is_closed() and probe.active:
                 try:
@@ -260,7 +285,10 @@ class LoopProbe:
         if self._class is not None:
             self._class.remove(loop)
             self._class = None
-        for name, (previous, replacement) in self._saved_attrs.items():
+        saved = _own_attribute(loop, _SAVED_ATTRS)
+        if not isinstance(saved, dict):
+            return
+        for name, (previous, replacement) in saved.items():
             if _own_attribute(loop, name) is not replacement:
                 continue  # set again since (another tool's wrapper): left as it is
             if previous is _MISSING:
@@ -268,7 +296,8 @@ class LoopProbe:
                     delattr(loop, name)
             else:
                 setattr(loop, name, previous)
-        self._saved_attrs.clear()
+        with contextlib.suppress(AttributeError):
+            delattr(loop, _SAVED_ATTRS)
 
     # --- hot path ------------------------------------------------------------------------
 

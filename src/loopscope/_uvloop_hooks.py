@@ -25,7 +25,7 @@ from types import MethodType
 from typing import Any
 
 from . import _hotpath
-from ._probe import LoopProbe, restack
+from ._probe import LoopProbe, class_method, restack
 from ._uvmetrics import idle_time_reader
 
 __all__ = ["UvloopProbe"]
@@ -145,7 +145,8 @@ class UvloopProbe(LoopProbe):
         orig_call_soon = loop.call_soon
         orig_call_soon_threadsafe = loop.call_soon_threadsafe
         orig_call_later = loop.call_later
-        self.raw_call_later: Callable[..., TimerHandle] | None = orig_call_later
+        #: The class's call_later, called with the loop first (see schedule_raw).
+        self.raw_call_later: Callable[..., TimerHandle] | None = class_method(loop, "call_later")
 
         # What the hot path's Intercept falls back to for calls of another shape.
         # (Each drops its own frame from the stack that debug mode keeps.)
@@ -189,7 +190,7 @@ class UvloopProbe(LoopProbe):
 
     def remove_hooks(self, loop: AbstractEventLoop) -> None:
         super().remove_hooks(loop)
-        self.raw_call_later = None  # bound to the loop: see LoopProbe.remove_hooks
+        self.raw_call_later = None  # the loop's own call_later is the class's again
 
     def on_run_start(self, loop: AbstractEventLoop) -> None:
         super().on_run_start(loop)
@@ -241,5 +242,6 @@ class UvloopProbe(LoopProbe):
         self, loop: AbstractEventLoop, delay: float, callback: Callable[[], None]
     ) -> TimerHandle:
         # Once the hooks are removed, the loop's call_later is its own again.
-        call_later = self.raw_call_later or loop.call_later
-        return call_later(delay, callback)
+        if self.raw_call_later is None:
+            return loop.call_later(delay, callback)
+        return self.raw_call_later(loop, delay, callback)
