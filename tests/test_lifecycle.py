@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import subprocess
+import sys
 import threading
 import tracemalloc
 import warnings
@@ -122,6 +124,52 @@ class TestUnclosedLoops:
         if runs and bare == 0:
             # each loop's run made one task: the figures of the loops collected remain
             assert sample(registry, "asyncio_tasks_created_total", loop="MainThread") == 3
+
+    def test_collected_while_loopscope_holds_its_lock(self, loop_kind: str) -> None:
+        """The collector can run inside any allocation, loopscope's own locked sections
+        included, and free a loop there: its figures are folded after the section, with no
+        deadlock.  (In a child process, which a deadlock would hang.)"""
+        # uvloop keeps a loop that ran: that one never runs, and has no figures to keep.
+        runs, tasks = (1, 1.0) if loop_kind == "asyncio" else (0, 0.0)
+        result = subprocess.run(
+            [sys.executable, "-c", _COLLECTED_IN_LOCK, loop_kind, str(runs)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.split() == ["collected", "probes=0", f"tasks={tasks}"]
+
+
+_COLLECTED_IN_LOCK = """
+import asyncio, gc, sys, warnings, weakref
+from prometheus_client import CollectorRegistry
+import loopscope
+from loopscope import _installation
+
+warnings.simplefilter("ignore", ResourceWarning)  # "unclosed event loop"
+kind, runs = sys.argv[1], int(sys.argv[2])
+registry = CollectorRegistry()
+loopscope.install(registry=registry)
+installation = _installation.current()
+gc.disable()
+if kind == "uvloop":
+    import uvloop
+    loop = uvloop.new_event_loop()
+else:
+    loop = asyncio.new_event_loop()
+for _ in range(runs):
+    loop.run_until_complete(asyncio.sleep(0))
+ref = weakref.ref(loop)
+del loop
+with installation.book.lock:
+    gc.collect()  # frees the loop, whose probe's callback runs here, under the lock
+print("collected" if ref() is None else "alive")
+print(f"probes={len(installation.live_probes())}")
+tasks = registry.get_sample_value("asyncio_tasks_created_total", {"loop": "MainThread"})
+print(f"tasks={tasks}")
+"""
 
 
 class TestThreads:

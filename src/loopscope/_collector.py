@@ -61,7 +61,7 @@ class LoopCollector(Collector):
     def read(self) -> Figures:
         """The figures of this process now (the OpenTelemetry export reads them too)."""
         book = self.book
-        with book.lock:
+        with book.locked():
             loops = {label: s.snapshot(book.max_locations) for label, s in book.series.items()}
             implementations = {label: set(s.implementations) for label, s in book.series.items()}
         alive: dict[str, int] = {}

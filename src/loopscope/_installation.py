@@ -508,7 +508,7 @@ class Installation:
         """A child whose parent's figures are in the parent's file starts from zero; the
         loops alive at the fork count into fresh figures."""
         book = self.book
-        with book.lock:
+        with book.locked():
             for series in book.series.values():
                 series.retired = LoopStats()
                 for key in list(series.live):

@@ -10,6 +10,7 @@ slow step and the fault switch.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import sys
 import threading
 import time
@@ -75,6 +76,9 @@ class ProbeContext(Protocol):
 
 _MISSING = object()
 
+#: Each probe's key in the installation's book.
+_keys = itertools.count(1)
+
 #: The attribute of a loop where :meth:`LoopProbe.patch` keeps what it put on the loop
 #: itself: name -> (what was there, what was put).  On the loop, not on the probe: what was
 #: put refers to the loop, and a probe must never keep its loop alive (the installation
@@ -123,7 +127,7 @@ class LoopProbe:
         options = installation.options
         self.installation = installation
         self.loop_ref: weakref.ref[AbstractEventLoop] = weakref.ref(loop, self._loop_collected)
-        self.key = id(self)
+        self.key = next(_keys)  # not id(self): a figure folded later must find its own
         self.clock: Callable[[], float] = installation.clock
         self.threshold = options.slow_threshold
         self.lag_interval = options.lag_interval
@@ -191,6 +195,8 @@ class LoopProbe:
 
     def _loop_collected(self, _ref: object) -> None:
         # The loop was garbage-collected without close(): keep its figures, drop the probe.
+        # This runs wherever the collector runs (any thread, any allocation, loopscope's
+        # own locked sections included): nothing here waits for a lock.
         self._gil_unregister()
         self.active = False
         self._detach()

@@ -8,6 +8,9 @@ count is derived from them at scrape time, so an exposition is always self-consi
 from __future__ import annotations
 
 import threading
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -182,10 +185,20 @@ class SeriesBook:
         self.max_locations = max_locations
         self.lock = threading.Lock()
         self.series: dict[str, LabelSeries] = {}
+        #: Loops detached and not folded yet: (label, key), folded under the lock.
+        self.detached: deque[tuple[str, int]] = deque()
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the lock, with every loop detached so far folded into its series: what
+        reads or changes the series does it this way."""
+        with self.lock:
+            self._fold_detached()
+            yield
 
     def attach(self, label: str, implementation: str, key: int) -> tuple[str, LoopStats]:
         """Register a loop under ``label``; return the label it got and the stats it writes."""
-        with self.lock:
+        with self.locked():
             if label not in self.series and len(self.series) >= self.max_labels:
                 label = OVERFLOW_LABEL
             series = self.series.get(label)
@@ -197,8 +210,21 @@ class SeriesBook:
             return label, stats
 
     def detach(self, label: str, key: int) -> None:
-        """Fold a finished loop's figures into its series and forget the loop."""
-        with self.lock:
+        """Fold a finished loop's figures into its series and forget the loop: now if the
+        lock is free, else at the lock's next use.  Never waits, so that it can be called
+        from anywhere, a weak reference's callback included: the garbage collector runs
+        those wherever it runs, in any thread, also inside a section holding the lock."""
+        self.detached.append((label, key))
+        if self.lock.acquire(blocking=False):
+            try:
+                self._fold_detached()
+            finally:
+                self.lock.release()
+
+    def _fold_detached(self) -> None:
+        """Fold the loops detached so far (with the lock held)."""
+        while self.detached:
+            label, key = self.detached.popleft()
             series = self.series.get(label)
             if series is not None and key in series.live:
                 stats = series.live.pop(key)
