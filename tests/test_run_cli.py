@@ -251,8 +251,36 @@ class TestHarmless:
         assert done.stdout == "42\n"
         assert done.stderr.count("loopscope: this process is not instrumented") == 1
 
+    def test_command_whose_python_cannot_import_loopscope(self, tmp_path: Path) -> None:
+        """The command itself, when its Python cannot import loopscope, says so in one
+        line naming that Python and why, and runs uninstrumented; the Python processes it
+        starts that cannot import loopscope either start silently."""
+        broken = tmp_path / "shadow" / "loopscope"
+        broken.mkdir(parents=True)
+        (broken / "__init__.py").write_text("raise ImportError('not here')\n")
+        shadow = str(broken.parent)
+        # The launcher finds its own loopscope; the command's Python finds the shadow first.
+        launcher = (
+            "import sys; sys.path.remove(SHADOW); from loopscope._run import main; "
+            "sys.exit(main(sys.argv[1:]))"
+        ).replace("SHADOW", repr(shadow))
+        child = "import subprocess, sys; subprocess.run([sys.executable, '-c', 'print(2)'])"
+        done = subprocess.run(
+            [sys.executable, "-c", launcher, "run", "--", sys.executable, "-c",
+             f"print(1); {child}"],
+            cwd=tmp_path, env=launcher_env({"PYTHONPATH": shadow}), capture_output=True,
+            text=True, timeout=60,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert done.stdout == "1\n2\n"
+        lines = done.stderr.splitlines()
+        assert len(lines) == 1, done.stderr
+        assert lines[0].startswith(f"loopscope run: this Python ({sys.executable}) cannot ")
+        assert "ImportError: not here" in lines[0]
+
     def test_interpreter_without_loopscope(self, tmp_path: Path) -> None:
-        """An interpreter that cannot import loopscope starts silently."""
+        """Another interpreter than the command's that cannot import loopscope starts
+        silently."""
         broken = tmp_path / "shadow" / "loopscope"
         broken.mkdir(parents=True)
         (broken / "__init__.py").write_text("raise ImportError('not here')\n")

@@ -25,8 +25,9 @@ a uvicorn supervisor), with the merged figures of every process: when the comman
 serve it, it says so in one line and runs uninstrumented.  Its other Python processes skip
 the port quietly.
 
-A process that cannot be instrumented (another interpreter without loopscope, a bad
-variable) prints one line on stderr and runs unchanged.
+A process that cannot be instrumented prints one line on stderr and runs unchanged: one
+whose variables are bad, and the command itself when its interpreter cannot import
+loopscope (the other interpreters it starts that cannot import it start silently).
 """
 
 from __future__ import annotations
