@@ -584,6 +584,41 @@ def test_endless_call_reported_on_stderr(loop_kind: str) -> None:
     assert any(f"<string>:{line} in endless" in text for text in report[2:])
 
 
+@pytest.mark.parametrize("stderr_reports", [True, False])
+def test_stderr_reports_option(loop_kind: str, stderr_reports: bool) -> None:
+    """stderr_reports=False keeps the reader's own reports off stderr while such a call
+    lasts; its loop_blocked events still come once the call returns."""
+    subject = "a" + _inputs()[0]  # about twice BLOCK
+    script = _script(
+        f"""
+        import re, time
+        import loopscope
+        from loopscope._instrument import Instrument
+        from tests.conftest import make_loop
+        blocked = []
+        class Events(Instrument):
+            def loop_blocked(self, event):
+                blocked.append(event)
+        loopscope.install(slow_threshold=0.1, loop_blocked_after=0.1, events="logging",
+                          stderr_reports={stderr_reports!r}, instruments=(Events(),))
+        async def block():
+            re.match(r"(a+)+$", {subject!r})  # blocks
+        make_loop({loop_kind!r}).run_until_complete(block())
+        deadline = time.monotonic() + 10  # reported once the call returned
+        while not blocked and time.monotonic() < deadline:
+            time.sleep(0.01)
+        print(len(blocked))
+        """
+    )
+    out = _run_script(script)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout) >= 1, out.stderr
+    reports = [line for line in out.stderr.splitlines() if line.startswith("loopscope: loop ")]
+    assert bool(reports) is stderr_reports, out.stderr
+    # the events themselves go through logging, to stderr, either way
+    assert "loop MainThread blocked " in out.stderr, out.stderr
+
+
 def test_reader_never_reads_a_moving_stack_into_a_crash() -> None:
     """Stacks read again and again while the loop thread runs Python code (calls,
     generators, exec'd code, exceptions: frames made and freed all the time) never crash

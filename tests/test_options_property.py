@@ -143,6 +143,10 @@ INVALID: dict[str, tuple[st.SearchStrategy[Any], st.SearchStrategy[str] | None]]
     "loop_blocked_after": _seconds(3600.0),
     "log_stack": _choices({"application", "full", "none"}),
     "import_events": _choices({"once", "all", "off"}),
+    "stderr_reports": (
+        st.one_of(_choices(_SWITCH)[1], st.integers(), st.none(), st.floats()),
+        _choices(_SWITCH)[1],
+    ),
     "events_endpoint": (
         st.one_of(_choices(_SWITCH)[1], st.integers(), st.none(), st.floats()),
         _choices(_SWITCH)[1],

@@ -333,6 +333,7 @@ BAD_VALUES = {
     "--log-stack": "some",
     "--import-events": "twice",
     "--events-endpoint": "maybe",
+    "--stderr-reports": "sometimes",
     "--max-loop-labels": "0",
     "--max-locations": "many",
     "--max-executor-labels": "10001",

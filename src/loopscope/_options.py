@@ -153,6 +153,16 @@ class Options:
             group=_EVENTS,
         ),
     )
+    stderr_reports: bool = field(
+        default=True,
+        metadata=_about(
+            "while a call that holds the GIL blocks a loop, write its reports to stderr "
+            "(no Python code, logging included, can run meanwhile): true or false; off "
+            "too when events is off. The events still come once the call returns",
+            metavar="BOOL",
+            group=_EVENTS,
+        ),
+    )
     events_endpoint: bool = field(
         default=True,
         metadata=_about(
@@ -493,6 +503,7 @@ _PARSERS: dict[str, Callable[[str, object], Any]] = {
     "loop_blocked_after": _parse_seconds,
     "log_stack": lambda name, raw: _parse_choice(name, raw, ("application", "full", "none")),
     "import_events": lambda name, raw: _parse_choice(name, raw, ("once", "all", "off")),
+    "stderr_reports": _parse_switch,
     "events_endpoint": _parse_switch,
     "instruments": _parse_instruments,
     "max_loop_labels": _parse_label_cap,

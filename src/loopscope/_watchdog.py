@@ -131,8 +131,11 @@ class Watchdog:
         self.stopped.clear()
         installation = self.installation_ref()
         if installation is not None:
+            options = installation.options
             _gilreader.configure(
-                self.first_report, installation.options.events != "off", library_rules()
+                self.first_report,
+                options.stderr_reports and options.events != "off",
+                library_rules(),
             )
         # The new thread wants the GIL until its first wait: a loop thread that starts a
         # call holding the GIL meanwhile is read all the same.
