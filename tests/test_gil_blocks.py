@@ -521,6 +521,18 @@ class TestRegistration:
         assert seen == [1, 0, 1, 0]
 
 
+#: The start of a script that collects its loop_blocked events in ``blocked`` (install
+#: loopscope with ``instruments=(Events(),)``).
+_BLOCKED_EVENTS = """import loopscope
+from loopscope._instrument import Instrument
+from tests.conftest import make_loop
+blocked = []
+class Events(Instrument):
+    def loop_blocked(self, event):
+        blocked.append(event)
+"""
+
+
 def _script(body: str) -> str:
     return textwrap.dedent(body)
 
@@ -589,16 +601,9 @@ def test_stderr_reports_option(loop_kind: str, stderr_reports: bool) -> None:
     """stderr_reports=False keeps the reader's own reports off stderr while such a call
     lasts; its loop_blocked events still come once the call returns."""
     subject = "a" + _inputs()[0]  # about twice BLOCK
-    script = _script(
+    script = _BLOCKED_EVENTS + _script(
         f"""
         import re, time
-        import loopscope
-        from loopscope._instrument import Instrument
-        from tests.conftest import make_loop
-        blocked = []
-        class Events(Instrument):
-            def loop_blocked(self, event):
-                blocked.append(event)
         loopscope.install(slow_threshold=0.1, loop_blocked_after=0.1, events="logging",
                           stderr_reports={stderr_reports!r}, instruments=(Events(),))
         async def block():
@@ -676,17 +681,10 @@ def test_reader_never_reads_a_moving_stack_into_a_crash() -> None:
 def test_after_fork(loop_kind: str) -> None:
     """A child made by os.fork() starts with no registration of the parent's, and its own
     loop's GIL-holding block is reported while it lasts, at the calling line."""
-    script = _script(
+    script = _BLOCKED_EVENTS + _script(
         f"""
         import asyncio, os, re, sys, time
-        import loopscope
         from loopscope import _gilreader
-        from loopscope._instrument import Instrument
-        from tests.conftest import make_loop
-        blocked = []
-        class Events(Instrument):
-            def loop_blocked(self, event):
-                blocked.append(event)
         loopscope.install(slow_threshold=0.1, loop_blocked_after=0.1, events="off",
                           instruments=(Events(),))
         async def parent_side():
