@@ -61,12 +61,12 @@ def _poller_types() -> list[tuple[object, type[Any]]]:
 _POLLER_TYPES = _poller_types()
 
 
-def _weakly_referable(obj: object) -> bool:
+def _weak_ref(obj: object) -> weakref.ref[Any] | None:
+    """A weak reference to ``obj``, or None for an object that takes none."""
     try:
-        weakref.ref(obj)
+        return weakref.ref(obj)
     except TypeError:
-        return False
-    return True
+        return None
 
 
 def _raw_poller(selector: object) -> Any:
@@ -181,9 +181,10 @@ class AsyncioProbe(LoopProbe):
         ):
             self.untime_io_wait()
             raw = _raw_poller(selector)
-            if raw is not None and _weakly_referable(selector):
+            selector_ref = _weak_ref(selector) if raw is not None else None
+            if selector_ref is not None:
                 self.timed_poller = _hotpath.twin.TimedPoller(raw, self.recorder)
-                self.timed_selector_ref = weakref.ref(selector)
+                self.timed_selector_ref = selector_ref
                 selector._selector = self.timed_poller
         self.busy_from_callbacks = self.timed_poller is None
         self.recorder.busy_from_callbacks = self.busy_from_callbacks
