@@ -20,7 +20,6 @@ import math
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -367,12 +366,6 @@ def wl_callbacks(args: argparse.Namespace, report: Report) -> None:
             paired_rows(args, report, loop, storm, chains, n, label, None)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _pin(cpu: int) -> list[str]:
     if shutil.which("taskset") and (os.cpu_count() or 1) >= 2:
         return ["taskset", "-c", str(cpu)]
@@ -476,9 +469,8 @@ def wl_exemplars(args: argparse.Namespace, report: Report) -> None:
 
 def _http_server(python: str, env: dict[str, str]) -> tuple[subprocess.Popen[str], int]:
     """A server of benchmarks/http_server.py in alternate mode, on CPU 0, and its port."""
-    port = _free_port()
     server = subprocess.Popen(
-        [*_pin(0), python, "-m", "benchmarks.http_server", str(port), "alternate"],
+        [*_pin(0), python, "-m", "benchmarks.http_server", "0", "alternate"],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
@@ -487,11 +479,12 @@ def _http_server(python: str, env: dict[str, str]) -> tuple[subprocess.Popen[str
         cwd=ROOT,
     )
     assert server.stdout is not None
-    if server.stdout.readline().strip() != "READY":
+    line = server.stdout.readline()
+    if not line.startswith("READY "):
         server.kill()
         server.wait()
         raise RuntimeError("server did not start")
-    return server, port
+    return server, int(line.split()[1])
 
 
 def _switch(servers: list[subprocess.Popen[str]], variants: list[str]) -> None:
@@ -502,7 +495,7 @@ def _switch(servers: list[subprocess.Popen[str]], variants: list[str]) -> None:
         server.stdin.flush()
     for server, variant in zip(servers, variants, strict=True):
         assert server.stdout is not None
-        if server.stdout.readline().strip() != "READY":
+        if not server.stdout.readline().startswith("READY "):
             raise RuntimeError(f"server did not switch to {variant}")
 
 

@@ -58,7 +58,6 @@ import platform
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -122,12 +121,6 @@ class VariantResult:
 def default_python() -> str:
     venv = HERE / ".venv" / "bin" / "python"
     return str(venv) if venv.exists() else sys.executable
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def server_env(python: str, extra: dict[str, str]) -> dict[str, str]:
@@ -251,13 +244,14 @@ class LoadGenerator:
             conn.close()
 
 
-def wait_ready(proc: subprocess.Popen[str], timeout: float) -> None:
+def wait_ready(proc: subprocess.Popen[str], timeout: float) -> int:
+    """The port the server listens on, once it says ``READY <port>``."""
     assert proc.stdout is not None
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
-        if line.strip() == "READY":
-            return
+        if line.startswith("READY "):
+            return int(line.split()[1])
         if not line and proc.poll() is not None:
             break
     raise RuntimeError(f"server did not print READY (exit code {proc.poll()})")
@@ -269,7 +263,6 @@ def measure(python: str, variant: str, args: argparse.Namespace, workdir: Path) 
     result = VariantResult(variant, describe_path(python, env) if mode != "none" else "-")
     out = workdir / variant
     out.mkdir(parents=True)
-    port = free_port()
     cmd = [
         *no_aslr(),
         "valgrind",
@@ -281,13 +274,13 @@ def measure(python: str, variant: str, args: argparse.Namespace, workdir: Path) 
         python,
         "-m",
         "benchmarks.http_server",
-        str(port),
+        "0",
         mode,
     ]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
     load: LoadGenerator | None = None
     try:
-        wait_ready(proc, timeout=300)
+        port = wait_ready(proc, timeout=300)
         control(proc.pid, "-i", "on")
         load = LoadGenerator(port, args.connections)
         load.send(args.warmup)

@@ -1,13 +1,17 @@
 """The HTTP service of workload 3: aiohttp on uvloop, with loopscope installed or not.
 
-``python -m benchmarks.http_server PORT {none,loopscope}``; prints READY when listening.
+``python -m benchmarks.http_server PORT {none,loopscope}``; prints ``READY <port>`` when
+listening.  PORT 0 takes a port the system chooses (the one ``READY`` names), so a caller
+never has to find a free port and hope nothing takes it before the server binds it.
 With ``BENCH_TRACE=1`` in its environment, every request runs in an OpenTelemetry span.
 
 ``python -m benchmarks.http_server PORT alternate`` serves uninstrumented first and then
 reads ``none`` or ``loopscope`` lines on its standard input: each closes the listening site,
 installs or uninstalls loopscope from inside the running loop (which instruments or restores
 that loop), opens a new site on the same port (so every connection after the switch gets the
-protocol of the variant now in force) and prints READY again.  Both variants are then
+protocol of the variant now in force; both sites set SO_REUSEPORT, so the new one listens
+before the old one closes and the port is never free for another process to take) and
+prints ``READY <port>`` again.  Both variants are then
 measured in one process, whose memory layout no longer tells them apart.
 """
 
@@ -48,11 +52,12 @@ def install() -> None:
     loopscope.install(registry=CollectorRegistry())
 
 
-async def open_site(runner: web.AppRunner, port: int) -> web.TCPSite:
-    site = web.TCPSite(runner, "127.0.0.1", port, backlog=1024)
+async def open_site(runner: web.AppRunner, port: int) -> tuple[web.TCPSite, int]:
+    """A started site on ``port`` (0: any free one) and the port it listens on."""
+    site = web.TCPSite(runner, "127.0.0.1", port, backlog=1024, reuse_port=True)
     await site.start()
-    print("READY", flush=True)
-    return site
+    bound = int(runner.addresses[0][1])  # every site of the runner listens on one port
+    return site, bound
 
 
 async def serve(port: int, alternate: bool) -> None:
@@ -61,7 +66,8 @@ async def serve(port: int, alternate: bool) -> None:
     app.router.add_get("/", traced(hello) if os.environ.get("BENCH_TRACE") == "1" else hello)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = await open_site(runner, port)
+    site, port = await open_site(runner, port)
+    print(f"READY {port}", flush=True)
     if not alternate:
         await asyncio.Event().wait()
     import loopscope
@@ -72,12 +78,14 @@ async def serve(port: int, alternate: bool) -> None:
         variant = line.strip()
         if not variant:
             return  # standard input closed: the benchmark is done
-        await site.stop()
         if variant == "loopscope":
             install()
         else:
             loopscope.uninstall()
-        site = await open_site(runner, port)
+        old = site
+        site, _ = await open_site(runner, port)
+        await old.stop()
+        print(f"READY {port}", flush=True)
 
 
 def main() -> None:

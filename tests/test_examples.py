@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from .ports import free_port
 from .test_export import METRIC_NAMES
-from .test_workers import Samples, free_port, parse, stop_process, value
+from .test_workers import Samples, parse, stop_process, value
 
 ROOT = Path(__file__).resolve().parent.parent
 MAIN = {"loop": "MainThread"}

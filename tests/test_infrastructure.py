@@ -26,6 +26,8 @@ from prometheus_client.parser import text_string_to_metric_families
 import loopscope
 from loopscope._infrastructure import created_by_server_infrastructure, creator_module
 
+from .ports import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # What gunicorn.ctl.server does: asyncio.run() in a thread it starts (see _run_loop there).
@@ -263,13 +265,6 @@ class TestInstallation:
             assert installed.probe_for(loop) is not None
         finally:
             loop.close()
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def loop_labels(text: str) -> set[str]:

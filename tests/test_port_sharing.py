@@ -28,7 +28,8 @@ import loopscope
 from loopscope import _installation, _port_sharing
 
 from .conftest import make_loop, sample
-from .test_workers import free_port, parse, value
+from .ports import free_port
+from .test_workers import parse, value
 
 ROOT = Path(__file__).resolve().parent.parent
 

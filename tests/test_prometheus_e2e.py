@@ -23,7 +23,6 @@ import math
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -37,6 +36,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+
+from .ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES_DIR = ROOT / "prometheus" / "rules"
@@ -67,13 +68,6 @@ QUERIES_DEADLINE_S = 150.0
 STARTUP_TIMEOUT_S = 30.0
 
 T = TypeVar("T")
-
-
-def free_port() -> int:
-    """A TCP port on the loopback interface that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def http_get(url: str, timeout: float = 5.0) -> bytes:

@@ -168,7 +168,7 @@ class TestRun:
         """The first process serves the port; a child Python (running both loops) skips it
         quietly and its figures are in what the first one serves; the temporary
         directory of the run is removed at exit."""
-        from .test_workers import free_port
+        from .ports import free_port
 
         port = free_port()
         script = tmp_path / "parent.py"

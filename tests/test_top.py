@@ -8,7 +8,6 @@ import base64
 import collections
 import http.server
 import io
-import socket
 import sys
 import threading
 import time
@@ -26,6 +25,7 @@ from loopscope._top_figures import Endpoint, default_url, normalize_url, quantil
 from loopscope._top_format import sparkline
 from loopscope._top_session import TopSession
 
+from .ports import free_port
 from .test_endpoint_security import Pki
 
 Run = Callable[[Callable[[], Awaitable[Any]]], Any]
@@ -49,12 +49,6 @@ async def _block() -> None:
 async def _some_work() -> None:
     for _ in range(3):
         await asyncio.sleep(0)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class _Foreign(http.server.BaseHTTPRequestHandler):
@@ -94,7 +88,7 @@ class TestErrors:
 
     def test_refused(self, capsys: pytest.CaptureFixture[str]) -> None:
         """Nothing listening: connection refused, status 1."""
-        status, _out, err = _top(capsys, f"127.0.0.1:{_free_port()}")
+        status, _out, err = _top(capsys, f"127.0.0.1:{free_port()}")
         assert status == 1 and "connection refused" in err and err.count("\n") == 1
 
     def test_not_loopscope(self, capsys: pytest.CaptureFixture[str], foreign_port: int) -> None:

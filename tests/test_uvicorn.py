@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,17 +13,13 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from .ports import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 LOOP_FACTORIES = {
     "asyncio": "loopscope:new_event_loop",
     "uvloop": "loopscope:new_uvloop_event_loop",
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _get(url: str, deadline: float) -> bytes:
@@ -41,7 +36,7 @@ def _get(url: str, deadline: float) -> bytes:
 @pytest.fixture(name="uvicorn_server")
 def fixture_uvicorn_server(loop_kind: str) -> Iterator[tuple[int, int]]:
     """uvicorn on loopback with loopscope's factory for the loop under test."""
-    http_port, metrics_port = _free_port(), _free_port()
+    http_port, metrics_port = free_port(), free_port()
     env = dict(os.environ, LOOPSCOPE_PORT=str(metrics_port), LOOPSCOPE_SLOW_THRESHOLD="0.1")
     process = subprocess.Popen(
         [

@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -32,16 +31,11 @@ from prometheus_client.parser import text_string_to_metric_families
 import loopscope
 from loopscope import _port_sharing
 
+from .ports import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 WORKERS = 4
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def http_get(url: str, deadline: float) -> bytes:
