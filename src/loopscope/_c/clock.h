@@ -67,10 +67,10 @@ LS_HIDDEN double ls_fast_clock_anchor(uint64_t tsc); /* clock.c: the slow path *
 /* time.monotonic(), as a double. */
 static inline double native_now(void) {
 #if FAST_CLOCK
-    if (ls_fast_clock.enabled) {
+    if (LS_LIKELY(ls_fast_clock.enabled)) {
         uint64_t tsc = __rdtsc();
         uint64_t ticks = tsc - ls_fast_clock.anchor_tsc;
-        if (ticks < ls_fast_clock.horizon) {
+        if (LS_LIKELY(ticks < ls_fast_clock.horizon)) {
             /* ticks < horizon, about a second's worth: converted as a signed number,
              * one instruction where the unsigned conversion takes several */
             double now = ls_fast_clock.anchor_sec + (double)(int64_t)ticks * ls_fast_clock.scale;

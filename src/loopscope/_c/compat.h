@@ -26,6 +26,17 @@
 #define LS_ALWAYS_INLINE static inline
 #endif
 
+/* Branches of the per-callback path that are taken rarely (faults, errors) or almost
+ * always: the compiler lays the common path out as straight-line code and moves the rare
+ * one aside, so that a step runs through fewer instruction-cache lines. */
+#if defined(__GNUC__) || defined(__clang__)
+#define LS_LIKELY(x) __builtin_expect(!!(x), 1)
+#define LS_UNLIKELY(x) __builtin_expect(!!(x), 0)
+#else
+#define LS_LIKELY(x) (x)
+#define LS_UNLIKELY(x) (x)
+#endif
+
 /* A hot function's rare path, kept out of it so that its common path needs no stack frame
  * (a tail call). */
 #if defined(__GNUC__) || defined(__clang__)

@@ -175,7 +175,7 @@ LS_HIDDEN int ls_recorder_init(PyObject *bounds);
 
 /* The clock as a C double; -1 with an exception set on failure. */
 static inline int read_clock(Recorder *r, double *out) {
-    if (r->native_clock) {
+    if (LS_LIKELY(r->native_clock)) {
         *out = native_now();
         return 0;
     }

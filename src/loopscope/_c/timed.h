@@ -74,7 +74,7 @@ LS_ALWAYS_INLINE PyObject *timed_call(TimedStep *step, const TimedCall *how) {
     r->chain_end = 0.0; /* something measured runs: the next step can't take its start */
     if (timed && how->may_chain != NULL && chain_end != 0.0 && how->may_chain(step, chain_end))
         start = chain_end;
-    else if (timed && read_clock(r, &start) < 0) {
+    else if (timed && LS_UNLIKELY(read_clock(r, &start) < 0)) {
         if (how->clock_fault == CLOCK_FAULT_RAISES)
             return NULL;
         ls_report_fault(r);
@@ -84,7 +84,7 @@ LS_ALWAYS_INLINE PyObject *timed_call(TimedStep *step, const TimedCall *how) {
             timed = 0;
     }
     step->callback = how->callback(step);
-    if (step->callback == NULL)
+    if (LS_UNLIKELY(step->callback == NULL))
         return NULL;
     if (!timed) {
         PyObject *result = how->call(step);
@@ -96,7 +96,7 @@ LS_ALWAYS_INLINE PyObject *timed_call(TimedStep *step, const TimedCall *how) {
     PyObject *result = how->call(step);
     /* finally: (the callback's exception, if any, is kept aside and restored) */
     saved_exc saved = {0};
-    if (result == NULL)
+    if (LS_UNLIKELY(result == NULL))
         exc_save(&saved);
     mark_end(r); /* a marker left set: the watchdog would report an idle loop as blocked */
     int fault = 0;
@@ -108,7 +108,7 @@ LS_ALWAYS_INLINE PyObject *timed_call(TimedStep *step, const TimedCall *how) {
             r->chain_end = end;
     }
     Py_CLEAR(step->callback);
-    if (fault) {
+    if (LS_UNLIKELY(fault)) {
         if (how->raise_base_faults && result != NULL &&
             !PyErr_ExceptionMatches(PyExc_Exception)) {
             Py_DECREF(result);
@@ -116,7 +116,7 @@ LS_ALWAYS_INLINE PyObject *timed_call(TimedStep *step, const TimedCall *how) {
         }
         ls_report_fault(r);
     }
-    if (result == NULL)
+    if (LS_UNLIKELY(result == NULL))
         exc_restore(&saved);
     return result;
 }

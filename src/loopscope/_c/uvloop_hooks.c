@@ -45,7 +45,7 @@ static inline PyObject *call_callback(PyObject *callback, PyObject *const *args,
     if (PyVectorcall_NARGS(nargsf) == 0 && kwnames == NULL && call != NULL &&
         PyVectorcall_Function(callback) == NULL) {
         PyObject *result = call(callback, ls_empty_tuple, NULL);
-        if (result == NULL && !PyErr_Occurred())
+        if (LS_UNLIKELY(result == NULL) && !PyErr_Occurred())
             PyErr_SetString(PyExc_SystemError, "a callback returned NULL without an exception");
         return result;
     }
@@ -120,7 +120,7 @@ static inline int tc_may_keep(void) {
 static TimedCallback *TimedCallback_create(PyObject *callback, Recorder *recorder, double ready) {
     TimedCallback *self;
 #if TC_FREELIST > 0
-    if (tc_free_count > 0) {
+    if (LS_LIKELY(tc_free_count > 0)) {
         self = tc_free[--tc_free_count]; /* tracked, and the list's reference is now ours */
         self->callback = Py_NewRef(callback);
         self->recorder = (Recorder *)Py_NewRef((PyObject *)recorder);
@@ -154,7 +154,7 @@ static PyObject *TimedCallback_new(PyTypeObject *Py_UNUSED(type), PyObject *args
 
 static void TimedCallback_dealloc(TimedCallback *self) {
 #if TC_FREELIST > 0
-    if (Py_IS_TYPE(self, &ls_TimedCallback_Type) && tc_may_keep()) {
+    if (LS_LIKELY(Py_IS_TYPE(self, &ls_TimedCallback_Type) && tc_may_keep())) {
         /* The list's reference first: clearing the fields can run any code, the collector
          * included, which must not find a tracked object without references. */
         Py_SET_REFCNT(self, 1);
@@ -276,10 +276,10 @@ static inline PyObject *intercept_soon(Intercept *self, PyObject *const *args,
                                        Py_ssize_t nargs, PyObject *kwnames) {
     PyObject *stack[5]; /* stack[0] is free for the callee (PY_VECTORCALL_ARGUMENTS_OFFSET) */
     double ready;
-    if (read_clock(self->recorder, &ready) < 0)
+    if (LS_UNLIKELY(read_clock(self->recorder, &ready) < 0))
         return NULL;
     PyObject *wrapped = (PyObject *)TimedCallback_create(args[0], self->recorder, ready);
-    if (wrapped == NULL)
+    if (LS_UNLIKELY(wrapped == NULL))
         return NULL;
     Py_ssize_t given = nargs + (kwnames != NULL); /* callback, argument, context */
     stack[1] = self->bound;
@@ -297,9 +297,10 @@ static PyObject *Intercept_vectorcall(PyObject *op, PyObject *const *args, size_
                                       PyObject *kwnames) {
     Intercept *self = (Intercept *)op;
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
-    if (self->kind == KIND_SOON && (nargs == 1 || nargs == 2) && self->bound != NULL &&
-        (kwnames == NULL ||
-         (PyTuple_GET_SIZE(kwnames) == 1 && is_context(PyTuple_GET_ITEM(kwnames, 0)))))
+    if (LS_LIKELY(self->kind == KIND_SOON && (nargs == 1 || nargs == 2) &&
+                  self->bound != NULL &&
+                  (kwnames == NULL || (PyTuple_GET_SIZE(kwnames) == 1 &&
+                                       is_context(PyTuple_GET_ITEM(kwnames, 0))))))
         return intercept_soon(self, args, nargs, kwnames);
     Py_ssize_t nkw = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
     Py_ssize_t cb_index = self->kind == KIND_SOON ? 0 : 1;
