@@ -2,7 +2,7 @@
 
 ``python -m benchmarks.http_icount [--requests N] [--python PATH]`` (from the checkout root;
 also ``--rounds R``, ``--connections C`` (default 32), ``--warmup``, ``--idle``,
-``--variants``, ``--keep DIR``)
+``--variants``, ``--keep DIR``, ``--caches``)
 
 Why: workload 3 (``benchmarks/http_server.py``, aiohttp on uvloop) has a target of at most
 2% fewer requests per second with loopscope installed, but wall-clock wrk runs on a shared
@@ -26,6 +26,13 @@ thread: the service installs with the default port=None).  ``it/req`` is loop it
 (calls of libuv's ``uv__io_poll``) per request: with few connections the batching of
 requests per iteration depends on timing and moves the count by up to ~4% (1 connection);
 with 32, as wrk in workload 3, the server is saturated and N and 2N agree to ~0.1-0.2%.
+
+``--caches`` also simulates the processor's first-level caches and branch predictors
+(callgrind's ``--cache-sim=yes --branch-sim=yes``, about twice as slow) and prints, per
+request on the loop thread, the instruction-cache misses (I1mr), data-cache read and write
+misses (D1mr, D1mw) and mispredicted conditional and indirect branches (Bcm, Bim).  The
+simulation models a 32 KiB 8-way L1 of each kind, not this processor's exact caches: its
+figures say where added time can come from that the instruction count does not show.
 
 Variants: ``none``; ``loopscope`` (defaults, C path when the accelerator loads);
 ``quiet``, the same with the lag heartbeat every 60 s and the watchdog every 900 s instead
@@ -93,6 +100,8 @@ class Interval:
     threads: dict[int, int]
     iterations: int  # calls of uv__io_poll in the loop thread
     speedups_seen: bool  # code of loopscope's C accelerator ran on the loop thread
+    #: every event callgrind counted on the loop thread (Ir only, unless --caches)
+    loop_events: dict[str, int] = field(default_factory=dict)
 
     @property
     def loop(self) -> int:
@@ -189,20 +198,28 @@ def read_dump(directory: Path, pid: int, number: int) -> Interval:
     threads: dict[int, int] = {}
     iterations = 0
     seen = False
+    loop_events: dict[str, int] = {}
     for path in directory.glob(f"cg.{pid}.{number}-*"):
         match = DUMP_RE.search(path.name)
         text = path.read_text()
-        summary = re.search(r"^summary: (\d+)$", text, re.MULTILINE)
-        if match is None or summary is None:
+        events = re.search(r"^events: (.+)$", text, re.MULTILINE)
+        summary = re.search(r"^summary: (\d+(?: \d+)*)$", text, re.MULTILINE)
+        if match is None or summary is None or events is None:
             raise RuntimeError(f"unreadable callgrind dump {path}")
+        names, values = events.group(1).split(), [int(v) for v in summary.group(1).split()]
+        if len(values) > len(names):
+            raise RuntimeError(f"unreadable callgrind dump {path}")
+        # callgrind leaves out a line's trailing zeros
+        counts = dict(zip(names, values + [0] * (len(names) - len(values)), strict=True))
         thread = int(match.group(2))
-        threads[thread] = int(summary.group(1))
+        threads[thread] = counts["Ir"]
         if thread == 1:
+            loop_events = counts
             iterations = count_calls(text, POLL_FN)
             seen = re.search(r"^c?ob=.*/loopscope/_speedups", text, re.MULTILINE) is not None
     if not threads:
         raise RuntimeError(f"callgrind wrote no dump {number} in {directory}")
-    return Interval(0, 0.0, threads, iterations, seen)
+    return Interval(0, 0.0, threads, iterations, seen, loop_events)
 
 
 class LoadGenerator:
@@ -269,6 +286,7 @@ def measure(python: str, variant: str, args: argparse.Namespace, workdir: Path) 
         "--tool=callgrind",
         "--instr-atstart=no",
         "--separate-threads=yes",
+        *(["--cache-sim=yes", "--branch-sim=yes"] if args.caches else []),
         f"--callgrind-out-file={out}/cg.%p",
         f"--log-file={out}/valgrind.%p.log",
         python,
@@ -372,6 +390,37 @@ def print_added(results: list[VariantResult]) -> None:
         )
 
 
+#: The simulated events --caches prints, and what each is.
+CACHE_EVENTS = {
+    "I1mr": "instruction-cache misses",
+    "D1mr": "data-cache read misses",
+    "D1mw": "data-cache write misses",
+    "Bcm": "mispredicted conditional branches",
+    "Bim": "mispredicted indirect branches",
+}
+
+
+def print_caches(results: list[VariantResult]) -> None:
+    """Per request on the loop thread: the simulated misses, and what each variant adds."""
+    if not all(iv.loop_events.keys() >= CACHE_EVENTS.keys() for r in results for iv in busy(r)):
+        return
+    base = next((r for r in results if r.variant == "none"), None)
+    print("simulated caches and branch predictors, per request on the loop thread (2N):")
+    print("  " + "  ".join(f"{name}: {what}" for name, what in CACHE_EVENTS.items()))
+    print(f"  {'variant':<10}" + "".join(f"{name:>18}" for name in CACHE_EVENTS))
+    for res in results:
+        last = busy(res)[-1]
+        cells = []
+        for name in CACHE_EVENTS:
+            value = last.loop_events[name] / last.requests
+            cell = f"{value:,.0f}"
+            if base is not None and res is not base:
+                base_last = busy(base)[-1]
+                cell += f" ({pct(value, base_last.loop_events[name] / base_last.requests)})"
+            cells.append(f"{cell:>18}")
+        print(f"  {res.variant:<10}" + "".join(cells))
+
+
 def print_time_driven(results: list[VariantResult]) -> None:
     """What the default variant adds over ``quiet`` per second of wall time, under load."""
     by_name = {r.variant: r for r in results}
@@ -434,6 +483,8 @@ def print_table(results: list[VariantResult]) -> None:
     print_added(results)
     print()
     print_time_driven(results)
+    print()
+    print_caches(results)
 
 
 def main() -> None:
@@ -448,6 +499,11 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=1, help="fresh server processes per variant")
     parser.add_argument("--keep", metavar="DIR", help="keep the callgrind files under DIR")
+    parser.add_argument(
+        "--caches",
+        action="store_true",
+        help="also simulate the L1 caches and branch predictors (about twice as slow)",
+    )
     args = parser.parse_args()
     for tool in ("valgrind", "callgrind_control"):
         if shutil.which(tool) is None:

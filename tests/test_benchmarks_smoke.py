@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -45,7 +46,8 @@ def test_quick_mode_prints_the_table() -> None:
 
 @pytest.mark.skipif(shutil.which("valgrind") is None, reason="needs valgrind (CI installs it)")
 def test_instructions_per_request_runs() -> None:
-    """benchmarks/http_icount.py runs its callgrind measurement to its table."""
+    """benchmarks/http_icount.py runs its callgrind measurement to its table, with the
+    simulated caches' table too."""
     out = _run_benchmark(
         "benchmarks.http_icount",
         "--requests",
@@ -58,6 +60,9 @@ def test_instructions_per_request_runs() -> None:
         "4",
         "--variants",
         "none,loopscope",
+        "--caches",
     )
     assert "loop Ir/req" in out and "linearity" in out, out
     assert "added per request vs none" in out and "loopscope" in out, out
+    caches = out.split("simulated caches and branch predictors")[-1]
+    assert re.search(r"^  loopscope +[\d,]+ \([+-]\d+\.\d+%\)", caches, re.MULTILINE), out
