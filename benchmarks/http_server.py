@@ -6,13 +6,13 @@ never has to find a free port and hope nothing takes it before the server binds 
 With ``BENCH_TRACE=1`` in its environment, every request runs in an OpenTelemetry span.
 
 ``python -m benchmarks.http_server PORT alternate`` serves uninstrumented first and then
-reads ``none`` or ``loopscope`` lines on its standard input: each closes the listening site,
-installs or uninstalls loopscope from inside the running loop (which instruments or restores
-that loop), opens a new site on the same port (so every connection after the switch gets the
-protocol of the variant now in force; both sites set SO_REUSEPORT, so the new one listens
-before the old one closes and the port is never free for another process to take) and
-prints ``READY <port>`` again.  Both variants are then
-measured in one process, whose memory layout no longer tells them apart.
+reads ``none`` or ``loopscope`` lines on its standard input: each installs or uninstalls
+loopscope from inside the running loop (which instruments or restores that loop), opens a
+new site on the same port (so every connection after the switch gets the protocol of the
+variant now in force), closes the old one and prints ``READY <port>`` again.  Both sites
+set SO_REUSEPORT, so the new one listens before the old one closes and the port is never
+free for another process to take.  Both variants are then measured in one process, whose
+memory layout no longer tells them apart.
 """
 
 from __future__ import annotations
