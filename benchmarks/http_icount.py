@@ -30,8 +30,9 @@ with 32, as wrk in workload 3, the server is saturated and N and 2N agree to ~0.
 ``--caches`` also simulates the processor's first-level caches and branch predictors
 (callgrind's ``--cache-sim=yes --branch-sim=yes``, about twice as slow) and prints, per
 request on the loop thread, the instruction-cache misses (I1mr), data-cache read and write
-misses (D1mr, D1mw) and mispredicted conditional and indirect branches (Bcm, Bim).  The
-simulation models a 32 KiB 8-way L1 of each kind, not this processor's exact caches: its
+misses (D1mr, D1mw) and mispredicted conditional and indirect branches (Bcm, Bim).
+callgrind takes the caches' sizes from the processor (32 KiB, 8-way, 64-byte lines on the
+development machine) but simulates them simply, not as the processor runs them: its
 figures say where added time can come from that the instruction count does not show.
 
 Variants: ``none``; ``loopscope`` (defaults, C path when the accelerator loads);
